@@ -1,0 +1,51 @@
+"""keras_elbo: variational inference as drop-in Keras 3 layers.
+
+The KL term of the ELBO is added by `KLRegularizer` through `add_loss`; a
+reconstruction loss from `keras_elbo.losses` given to `compile` closes the
+ELBO, and `model.fit` trains it. Every loss is in nats per example: summed
+over event dimensions, averaged over the batch.
+"""
+
+from keras_elbo.divergence import KLRegularizer
+from keras_elbo.losses import BernoulliNLL, GaussianNLL, bernoulli_nll, gaussian_nll
+from keras_elbo.posteriors import GaussianPosterior
+from keras_elbo.priors import MixturePrior, NormalPrior, Prior
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BernoulliNLL",
+    "GaussianNLL",
+    "GaussianPosterior",
+    "KLRegularizer",
+    "MixturePrior",
+    "NormalPrior",
+    "Prior",
+    "__version__",
+    "bernoulli_nll",
+    "custom_objects",
+    "gaussian_nll",
+]
+
+_SERIALIZABLE = (
+    BernoulliNLL,
+    GaussianNLL,
+    GaussianPosterior,
+    KLRegularizer,
+    MixturePrior,
+    NormalPrior,
+)
+
+
+def custom_objects():
+    """The dict to pass to `keras.saving.load_model(..., custom_objects=...)`.
+
+    Every class is also registered with Keras under the package name
+    `keras_elbo`, so after `import keras_elbo` a model loads without it too.
+
+    Example:
+
+    >>> sorted(custom_objects())[:2]
+    ['BernoulliNLL', 'GaussianNLL']
+    """
+    return {cls.__name__: cls for cls in _SERIALIZABLE}

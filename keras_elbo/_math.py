@@ -1,0 +1,60 @@
+"""Private numerical helpers shared by the layers: scale floors, seeds, checks."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def positive_scale(raw, min_scale):
+    """Maps an unconstrained tensor to a scale: `softplus(raw) + min_scale`.
+
+    The floor keeps log-densities finite when an encoder drives a scale to zero.
+    """
+    return tf.nn.softplus(raw) + min_scale
+
+
+def inverse_positive_scale(scale, min_scale):
+    """The `raw` value for which `positive_scale(raw, min_scale) == scale`."""
+    y = float(scale) - float(min_scale)
+    if y <= 0:
+        raise ValueError(f"scale={scale} must exceed min_scale={min_scale}.")
+    # softplus^{-1}(y) = log(expm1(y)), written stably for large y.
+    return float(y + np.log(-np.expm1(-y)))
+
+
+def tfp_seed(seed_generator):
+    """Draws a stateless TFP seed (shape [2], int32) from a Keras SeedGenerator.
+
+    `SeedGenerator.next()` returns int64; TFP's stateless samplers want int32.
+    """
+    return tf.cast(seed_generator.next(), tf.int32)
+
+
+def check_finite(tensor, layer_name, what):
+    """Raises `InvalidArgumentError` at run time if `tensor` has NaN or Inf.
+
+    The message names the layer and the parameters, so a bad input batch or a
+    diverged encoder stops `fit` with a readable error instead of a NaN loss.
+    """
+    return tf.debugging.check_numerics(
+        tensor,
+        f"Layer '{layer_name}' received non-finite {what} (NaN or Inf). Check "
+        "the layer's input for NaN/Inf values and the learning rate for "
+        "divergence",
+    )
+
+
+def sum_event_dims(values):
+    """Sums a per-element tensor over every axis but the first (the batch)."""
+    rank = len(values.shape)
+    if rank <= 1:
+        return values
+    return keras.ops.sum(values, axis=tuple(range(1, rank)))
+
+
+def invalid_argument(name, expected, value):
+    """The ValueError every constructor raises for a bad argument."""
+    return ValueError(
+        f"Invalid value received for argument `{name}`. Expected {expected}. "
+        f"Received: {name}={value!r}"
+    )

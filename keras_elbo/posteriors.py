@@ -1,0 +1,169 @@
+"""Posterior layers: project features to q(z|x), sample it, hand it to the KL."""
+
+import keras
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from keras_elbo import _math
+from keras_elbo._base import ParentLayer
+from keras_elbo.divergence import KLRegularizer
+
+tfd = tfp.distributions
+
+COVARIANCES = ("diag", "full")
+INFERENCE_OUTPUTS = ("sample", "mean")
+
+
+@keras.saving.register_keras_serializable(package="keras_elbo")
+class GaussianPosterior(ParentLayer):
+    """A Gaussian q(z|x) whose parameters are a dense projection of the input.
+
+    The encoder head of a VAE. The layer maps its input to the location and
+    scale of q(z|x), draws one reparameterised sample z (so gradients flow
+    through it), passes `z` and q to its `kl_regularizer` (which adds the KL
+    to the model's loss), and returns `z` as a plain tensor of shape
+    `(batch, latent_dim)`.
+
+    - `covariance="diag"`: q is `tfd.MultivariateNormalDiag`; the scale of
+      each dimension is `softplus(raw) + min_scale`.
+    - `covariance="full"`: q is `tfd.MultivariateNormalTriL`; the lower
+      triangular scale has diagonal `softplus(raw) + min_scale` and free
+      entries below it (`latent_dim * (latent_dim + 1) / 2` parameters).
+
+    In training the layer returns a sample. Outside training (`predict`,
+    `evaluate`, `training=False`) it returns what `inference` says: a sample
+    (the default, so that `evaluate` reports an unbiased estimate of the
+    ELBO) or the posterior mean (deterministic codes and reconstructions).
+    The KL is added in both cases, from a sample.
+
+    Args:
+        latent_dim: size of z, a positive integer.
+        covariance: `"diag"` or `"full"`. Defaults to `"diag"`.
+        kl_regularizer: a `KLRegularizer`, or `None` for no KL term (an
+            autoencoder with noisy codes). Defaults to `None`.
+        min_scale: positive floor of the posterior's scales. Defaults to
+            `1e-4`.
+        inference: what the layer returns outside training, `"sample"` or
+            `"mean"`. Defaults to `"sample"`.
+        seed: seed of the layer's samples. Defaults to `None`.
+        kernel_initializer: initializer of the projection's kernel.
+            Defaults to `"glorot_uniform"`.
+
+    Call arguments:
+        inputs: features of shape `(batch, features)`.
+        training: whether the call is in training mode.
+
+    Returns:
+        A tensor of shape `(batch, latent_dim)`: a sample of q(z|x), or its
+        mean outside training when `inference="mean"`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> x = keras.Input((8,))
+    >>> z = GaussianPosterior(2, kl_regularizer=KLRegularizer(), seed=0)(x)
+    >>> encoder = keras.Model(x, z)
+    >>> tuple(encoder(np.zeros((3, 8), "float32")).shape)
+    (3, 2)
+    >>> len(encoder.losses)
+    1
+
+    Reference: Kingma & Welling, 2014, "Auto-encoding variational Bayes".
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        covariance: str = "diag",
+        kl_regularizer: KLRegularizer | None = None,
+        min_scale: float = 1e-4,
+        inference: str = "sample",
+        seed: int | None = None,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+            raise _math.invalid_argument("latent_dim", "a positive integer", latent_dim)
+        if covariance not in COVARIANCES:
+            raise _math.invalid_argument("covariance", f"one of {COVARIANCES}", covariance)
+        if kl_regularizer is not None and not isinstance(kl_regularizer, KLRegularizer):
+            raise _math.invalid_argument(
+                "kl_regularizer", "None or a keras_elbo.KLRegularizer", kl_regularizer
+            )
+        if not (isinstance(min_scale, int | float) and min_scale > 0):
+            raise _math.invalid_argument("min_scale", "a positive number", min_scale)
+        if inference not in INFERENCE_OUTPUTS:
+            raise _math.invalid_argument("inference", f"one of {INFERENCE_OUTPUTS}", inference)
+        self.latent_dim = latent_dim
+        self.covariance = covariance
+        self.kl_regularizer = kl_regularizer
+        self.min_scale = float(min_scale)
+        self.inference = inference
+        self.seed = seed
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        d = latent_dim
+        num_params = 2 * d if covariance == "diag" else d + d * (d + 1) // 2
+        self.projection = keras.layers.Dense(
+            num_params,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="projection",
+        )
+
+    def build(self, input_shape):
+        if input_shape[-1] is None:
+            raise ValueError(
+                f"GaussianPosterior '{self.name}' needs a known last input dimension; "
+                f"received input_shape={input_shape}."
+            )
+        self.projection.build(input_shape)
+        self.built = True
+
+    def distribution(self, inputs):
+        """q(z|x) for a batch of inputs, as a TFP distribution (float32)."""
+        params = tf.cast(self.projection(inputs), tf.float32)
+        params = _math.check_finite(params, self.name, "posterior parameters")
+        d = self.latent_dim
+        loc, raw = params[..., :d], params[..., d:]
+        if self.covariance == "diag":
+            return tfd.MultivariateNormalDiag(
+                loc=loc, scale_diag=_math.positive_scale(raw, self.min_scale)
+            )
+        tril = tfp.math.fill_triangular(raw)
+        diag = _math.positive_scale(tf.linalg.diag_part(tril), self.min_scale)
+        return tfd.MultivariateNormalTriL(loc=loc, scale_tril=tf.linalg.set_diag(tril, diag))
+
+    def call(self, inputs, training=None):
+        q = self.distribution(inputs)
+        z = q.sample(seed=_math.tfp_seed(self.seed_generator))
+        if self.kl_regularizer is not None:
+            z = self.kl_regularizer(z, posterior=q)
+        if not training and self.inference == "mean":
+            z = q.mean()
+        return tf.cast(z, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.latent_dim,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "latent_dim": self.latent_dim,
+                "covariance": self.covariance,
+                "kl_regularizer": keras.saving.serialize_keras_object(self.kl_regularizer),
+                "min_scale": self.min_scale,
+                "inference": self.inference,
+                "seed": self.seed,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["kl_regularizer"] = keras.saving.deserialize_keras_object(config["kl_regularizer"])
+        return cls(**config)
