@@ -6,6 +6,8 @@ ELBO, and `model.fit` trains it. Every loss is in nats per example: summed
 over event dimensions, averaged over the batch.
 """
 
+import keras
+
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.losses import BernoulliNLL, GaussianNLL, bernoulli_nll, gaussian_nll
 from keras_elbo.posteriors import GaussianPosterior
@@ -45,7 +47,9 @@ def custom_objects():
 
     Example:
 
-    >>> sorted(custom_objects())[:2]
-    ['BernoulliNLL', 'GaussianNLL']
+    >>> custom_objects()["keras_elbo>GaussianPosterior"].__name__
+    'GaussianPosterior'
     """
-    return {cls.__name__: cls for cls in _SERIALIZABLE}
+    # Keys are the registered names (`package>Class`), which is what a saved
+    # `.keras` config records and what `load_model` looks up.
+    return {keras.saving.get_registered_name(cls): cls for cls in _SERIALIZABLE}

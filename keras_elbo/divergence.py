@@ -216,9 +216,6 @@ class KLRegularizer(keras.layers.Layer):
                     "latent_dim."
                 )
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
         if isinstance(self.prior, tfd.Distribution):
             raise ValueError(

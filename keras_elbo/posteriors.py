@@ -144,9 +144,6 @@ class GaussianPosterior(ParentLayer):
             z = q.mean()
         return tf.cast(z, self.compute_dtype)
 
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:-1]) + (self.latent_dim,)
-
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -1,0 +1,218 @@
+"""KLRegularizer: closed forms, Monte Carlo accuracy, mode choice, errors."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+import keras_elbo as ke
+from tests import _helpers as h
+
+tfd = tfp.distributions
+
+RNG = np.random.default_rng(0)
+LOC = RNG.normal(size=(5, 4)).astype("float32")
+SCALE = np.exp(RNG.normal(scale=0.5, size=(5, 4))).astype("float32")
+
+
+def diag_posterior(loc=LOC, scale=SCALE):
+    return tfd.MultivariateNormalDiag(loc=loc, scale_diag=scale)
+
+
+def random_tril(batch, d, rng):
+    tril = np.tril(rng.normal(scale=0.3, size=(batch, d, d)))
+    idx = np.arange(d)
+    tril[:, idx, idx] = np.exp(rng.normal(scale=0.3, size=(batch, d)))
+    return tril.astype("float32")
+
+
+def mixture_prior(d=4, k=3, seed=1):
+    prior = ke.MixturePrior(d, num_components=k, seed=seed)
+    rng = np.random.default_rng(seed)
+    prior.logits.assign(rng.normal(size=k).astype("float32"))
+    prior.raw_scale.assign(rng.normal(scale=0.5, size=(k, d)).astype("float32"))
+    return prior
+
+
+def added_loss(reg, posterior, sample=None):
+    sample = posterior.sample(seed=(1, 2)) if sample is None else sample
+    reg(sample, posterior=posterior)
+    assert len(reg.losses) == 1
+    return float(reg.losses[0])
+
+
+class TestAnalytic:
+    def test_diag_equals_numpy_closed_form(self):
+        reg = ke.KLRegularizer(mode="analytic")
+        expected = h.kl_diag_normal(LOC, SCALE).mean()
+        np.testing.assert_allclose(added_loss(reg, diag_posterior()), expected, rtol=1e-5)
+
+    def test_full_covariance_equals_numpy_trace_and_slogdet(self):
+        tril = random_tril(5, 4, np.random.default_rng(3))
+        q = tfd.MultivariateNormalTriL(loc=LOC, scale_tril=tril)
+        reg = ke.KLRegularizer(mode="analytic")
+        expected = h.kl_full_normal(LOC, tril).mean()
+        np.testing.assert_allclose(added_loss(reg, q), expected, rtol=1e-5)
+
+    def test_normal_prior_layer_of_other_scale(self):
+        reg = ke.KLRegularizer(prior=ke.NormalPrior(4, loc=0.5, scale=2.0), mode="analytic")
+        expected = h.kl_diag_normal(LOC, SCALE, prior_loc=0.5, prior_scale=2.0).mean()
+        np.testing.assert_allclose(added_loss(reg, diag_posterior()), expected, rtol=1e-5)
+
+    def test_independent_normal_posterior_gets_independent_default_prior(self):
+        # A user's own posterior layer may build Independent(Normal): the
+        # default prior must match its type so that the closed form is found.
+        q = tfd.Independent(tfd.Normal(LOC, SCALE), reinterpreted_batch_ndims=1)
+        reg = ke.KLRegularizer(mode="analytic")
+        expected = h.kl_diag_normal(LOC, SCALE).mean()
+        np.testing.assert_allclose(added_loss(reg, q), expected, rtol=1e-5)
+
+    def test_mixture_prior_raises_clear_error(self):
+        reg = ke.KLRegularizer(prior=mixture_prior(), mode="analytic")
+        with pytest.raises(ValueError, match="mode='mc'") as err:
+            added_loss(reg, diag_posterior())
+        assert "MultivariateNormalDiag" in str(err.value)
+        assert "MixtureSameFamily" in str(err.value)
+
+
+class TestMonteCarlo:
+    def test_agrees_with_closed_form_within_standard_error(self):
+        n = 4000
+        reg = ke.KLRegularizer(mode="mc", num_samples=n, seed=7)
+        estimate = added_loss(reg, diag_posterior())
+        # Standard error of the batch-mean of n-sample means, from the
+        # log-ratio's spread measured in NumPy on independent draws.
+        eps = np.random.default_rng(11).normal(size=(n, *LOC.shape))
+        z = LOC + SCALE * eps
+        log_ratio = h.diag_normal_logpdf(z, LOC, SCALE) - h.diag_normal_logpdf(z, 0.0, 1.0)
+        std_err = log_ratio.mean(axis=1).std() / np.sqrt(n)
+        expected = h.kl_diag_normal(LOC, SCALE).mean()
+        assert abs(estimate - expected) < 4 * std_err, (estimate, expected, std_err)
+
+    def test_gradient_agrees_with_closed_form_gradient(self):
+        # KL[N(m, s**2) || N(0, 1)] per dimension has d/dm = m and
+        # d/ds = s - 1/s. The reparameterised per-sample gradients are
+        # z = m + s*e (std s) and -1/s + z*e (std sqrt(m**2 + 2 s**2)).
+        n = 4000
+        loc = tf.Variable(LOC[:1])
+        scale = tf.Variable(SCALE[:1])
+        reg = ke.KLRegularizer(mode="mc", num_samples=n, seed=3)
+        with tf.GradientTape() as tape:
+            q = tfd.MultivariateNormalDiag(loc=loc, scale_diag=scale)
+            reg(q.sample(seed=(0, 1)), posterior=q)
+            kl = reg.losses[0]
+        g_loc, g_scale = (g.numpy() for g in tape.gradient(kl, [loc, scale]))
+        m, s = LOC[:1].astype(np.float64), SCALE[:1].astype(np.float64)
+        assert np.all(np.abs(g_loc - m) < 4 * s / np.sqrt(n))
+        assert np.all(np.abs(g_scale - (s - 1 / s)) < 4 * np.sqrt(m**2 + 2 * s**2) / np.sqrt(n))
+
+    def test_single_sample_reuses_the_given_sample(self):
+        q = diag_posterior()
+        z = q.sample(seed=(4, 5))
+        reg = ke.KLRegularizer(mode="mc", num_samples=1)
+        expected = np.mean(h.diag_normal_logpdf(z, LOC, SCALE) - h.diag_normal_logpdf(z, 0, 1))
+        np.testing.assert_allclose(added_loss(reg, q, sample=z), expected, rtol=1e-5)
+
+    def test_mixture_prior_matches_numpy_logsumexp_reference(self):
+        prior = mixture_prior()
+        n = 4000
+        reg = ke.KLRegularizer(prior=prior, mode="auto", num_samples=n, seed=5)
+        estimate = added_loss(reg, diag_posterior())
+        eps = np.random.default_rng(12).normal(size=(n, *LOC.shape))
+        z = LOC + SCALE * eps
+        scales = h.softplus(prior.raw_scale.numpy()) + prior.min_scale
+        log_ratio = h.diag_normal_logpdf(z, LOC, SCALE) - h.mixture_logpdf(
+            z, prior.logits.numpy(), prior.loc.numpy(), scales
+        )
+        std_err = log_ratio.mean(axis=1).std() / np.sqrt(n)
+        # The reference's own Monte Carlo error adds the same variance again.
+        tol = 4 * np.sqrt(2) * std_err
+        assert abs(estimate - log_ratio.mean()) < tol, (estimate, log_ratio.mean(), tol)
+
+
+class TestAuto:
+    def test_uses_closed_form_for_normal_prior(self):
+        # Exact to float precision, and the same on every call: no sampling.
+        reg = ke.KLRegularizer(mode="auto", num_samples=1)
+        first = added_loss(reg, diag_posterior())
+        second = added_loss(reg, diag_posterior())
+        expected = h.kl_diag_normal(LOC, SCALE).mean()
+        np.testing.assert_allclose([first, second], [expected, expected], rtol=1e-5)
+
+    def test_uses_monte_carlo_for_mixture_prior(self):
+        reg = ke.KLRegularizer(prior=mixture_prior(), mode="auto", num_samples=2, seed=0)
+        q = diag_posterior()
+        values = {added_loss(reg, q) for _ in range(3)}
+        assert len(values) == 3  # fresh samples each call
+
+
+class TestWeight:
+    def test_weight_scales_added_loss(self):
+        expected = h.kl_diag_normal(LOC, SCALE).mean()
+        reg = ke.KLRegularizer(weight=2.5)
+        np.testing.assert_allclose(added_loss(reg, diag_posterior()), 2.5 * expected, rtol=1e-5)
+        reg.kl_weight.assign(0.25)
+        np.testing.assert_allclose(added_loss(reg, diag_posterior()), 0.25 * expected, rtol=1e-5)
+
+    def test_kl_weight_is_a_non_trainable_variable(self):
+        reg = ke.KLRegularizer(weight=0.5)
+        added_loss(reg, diag_posterior())
+        assert reg.kl_weight in reg.non_trainable_weights
+        assert not reg.trainable_weights
+
+
+class TestErrors:
+    @pytest.mark.parametrize(
+        "kwargs, argument",
+        [
+            ({"mode": "exact"}, "mode"),
+            ({"num_samples": 0}, "num_samples"),
+            ({"num_samples": 2.5}, "num_samples"),
+            ({"num_samples": True}, "num_samples"),
+            ({"weight": -1.0}, "weight"),
+            ({"weight": "1"}, "weight"),
+            ({"prior": "normal"}, "prior"),
+        ],
+        ids=lambda v: str(v),
+    )
+    def test_bad_argument_names_it(self, kwargs, argument):
+        with pytest.raises(ValueError, match=f"`{argument}`"):
+            ke.KLRegularizer(**kwargs)
+
+    def test_prior_of_other_size_is_rejected_at_model_construction(self):
+        x = keras.Input((6,))
+        reg = ke.KLRegularizer(prior=ke.MixturePrior(3, num_components=2))
+        with pytest.raises(ValueError, match=r"event shape \(3,\).*\(4,\).*latent_dim"):
+            ke.GaussianPosterior(4, kl_regularizer=reg)(x)
+
+    def test_call_without_posterior_distribution(self):
+        with pytest.raises(TypeError, match="posterior=q"):
+            ke.KLRegularizer()(tf.zeros((2, 3)))
+
+    def test_tfp_prior_trains_but_save_names_the_layer_to_use(self, tmp_path):
+        prior = tfd.MultivariateNormalDiag(loc=tf.zeros(2), scale_diag=2.0 * tf.ones(2))
+        x = keras.Input((3,))
+        z = ke.GaussianPosterior(2, kl_regularizer=ke.KLRegularizer(prior=prior), seed=0)(x)
+        model = keras.Model(x, keras.layers.Dense(3)(z))
+        model.compile("adam", ke.GaussianNLL())
+        data = np.random.default_rng(0).normal(size=(32, 3)).astype("float32")
+        history = model.fit(data, data, epochs=1, verbose=0)
+        assert np.isfinite(history.history["loss"][0])
+        with pytest.raises(ValueError, match="NormalPrior.*MixturePrior"):
+            model.save(tmp_path / "model.keras")
+
+
+class TestSerialization:
+    def test_config_round_trip_with_mixture_prior(self):
+        reg = ke.KLRegularizer(
+            prior=ke.MixturePrior(4, num_components=3, seed=2),
+            mode="mc",
+            num_samples=8,
+            weight=0.5,
+            seed=3,
+            metric_name="kl_top",
+        )
+        clone = h.config_round_trip(reg)
+        assert isinstance(clone.prior, ke.MixturePrior)
+        assert clone.prior.num_components == 3

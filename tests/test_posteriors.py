@@ -1,0 +1,157 @@
+"""GaussianPosterior: parameters, sampling statistics, inference output, errors."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_elbo as ke
+from tests import _helpers as h
+
+X = np.random.default_rng(0).normal(size=(3, 5)).astype("float32")
+
+
+def built_posterior(latent_dim=4, **kwargs):
+    layer = ke.GaussianPosterior(latent_dim, **kwargs)
+    layer.build(X.shape)
+    return layer
+
+
+def numpy_params(layer, x):
+    kernel, bias = (w.numpy().astype(np.float64) for w in layer.projection.weights)
+    params = x.astype(np.float64) @ kernel + bias
+    return params[:, : layer.latent_dim], params[:, layer.latent_dim :]
+
+
+class TestParameters:
+    def test_diag_loc_and_scale_match_numpy_projection(self):
+        layer = built_posterior(min_scale=1e-3)
+        q = layer.distribution(X)
+        loc, raw = numpy_params(layer, X)
+        np.testing.assert_allclose(q.mean(), loc, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(q.stddev(), h.softplus(raw) + 1e-3, rtol=1e-5)
+
+    def test_full_covariance_is_lower_triangular_with_floored_diagonal(self):
+        d = 4
+        layer = built_posterior(d, covariance="full", min_scale=0.01)
+        assert layer.projection.units == d + d * (d + 1) // 2
+        q = layer.distribution(X)
+        tril = q.scale.to_dense().numpy()
+        np.testing.assert_array_equal(np.triu(tril, k=1), 0.0)
+        assert np.all(np.diagonal(tril, axis1=-2, axis2=-1) > 0.01)
+        np.testing.assert_allclose(
+            q.covariance(), tril @ np.swapaxes(tril, -1, -2), rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(q.mean(), numpy_params(layer, X)[0], rtol=1e-5, atol=1e-6)
+
+    @pytest.mark.parametrize("covariance", ["diag", "full"])
+    def test_added_kl_matches_numpy_closed_form(self, covariance):
+        reg = ke.KLRegularizer(mode="analytic")
+        layer = built_posterior(covariance=covariance, kl_regularizer=reg)
+        layer(X)
+        q = layer.distribution(X)
+        expected = h.kl_full_normal(q.mean(), q.scale.to_dense()).mean()
+        np.testing.assert_allclose(float(layer.losses[0]), expected, rtol=1e-5)
+
+
+class TestSampling:
+    @pytest.mark.parametrize("covariance", ["diag", "full"])
+    def test_sample_moments_match_distribution(self, covariance):
+        n = 20000
+        layer = built_posterior(2, covariance=covariance, seed=1)
+        x = np.repeat(X[:1], n, axis=0)
+        z = layer(x, training=True).numpy().astype(np.float64)
+        q = layer.distribution(X[:1])
+        loc, cov = q.mean().numpy()[0], q.covariance().numpy()[0]
+        std = np.sqrt(np.diag(cov))
+        assert np.all(np.abs(z.mean(0) - loc) < 4 * std / np.sqrt(n))
+        # The sample standard deviation has standard error std / sqrt(2 n).
+        assert np.all(np.abs(z.std(0) - std) < 4 * std / np.sqrt(2 * n))
+
+    def test_sample_is_reparameterised(self):
+        layer = built_posterior()
+        with tf.GradientTape() as tape:
+            z = layer(X, training=True)
+            target = tf.reduce_sum(z**2)
+        grads = tape.gradient(target, layer.trainable_weights)
+        assert all(g is not None and np.any(g.numpy() != 0) for g in grads)
+
+    def test_same_seed_same_samples(self):
+        a, b = built_posterior(seed=3), built_posterior(seed=3)
+        b.set_weights(a.get_weights())
+        np.testing.assert_array_equal(a(X, training=True), b(X, training=True))
+        assert not np.array_equal(a(X, training=True), a(X, training=True))
+
+
+class TestInference:
+    def test_mean_at_inference(self):
+        layer = built_posterior(inference="mean")
+        np.testing.assert_allclose(layer(X, training=False), numpy_params(layer, X)[0], atol=1e-5)
+        assert not np.allclose(layer(X, training=True), layer(X, training=False))
+
+    def test_sample_at_inference_by_default(self):
+        layer = built_posterior()
+        assert not np.array_equal(layer(X, training=False), layer(X, training=False))
+
+    def test_kl_added_at_inference_too(self):
+        layer = built_posterior(inference="mean", kl_regularizer=ke.KLRegularizer())
+        layer(X, training=False)
+        assert len(layer.losses) == 1
+
+
+class TestErrors:
+    @pytest.mark.parametrize(
+        "kwargs, argument",
+        [
+            ({"latent_dim": 0}, "latent_dim"),
+            ({"latent_dim": 2.0}, "latent_dim"),
+            ({"latent_dim": True}, "latent_dim"),
+            ({"latent_dim": 2, "covariance": "banded"}, "covariance"),
+            ({"latent_dim": 2, "min_scale": 0.0}, "min_scale"),
+            ({"latent_dim": 2, "inference": "mode"}, "inference"),
+            ({"latent_dim": 2, "kl_regularizer": "kl"}, "kl_regularizer"),
+        ],
+        ids=lambda v: str(v),
+    )
+    def test_bad_argument_names_it(self, kwargs, argument):
+        with pytest.raises(ValueError, match=f"`{argument}`"):
+            ke.GaussianPosterior(**kwargs)
+
+    def test_non_finite_input_raises_naming_the_layer(self):
+        layer = built_posterior(name="encoder_q")
+        bad = X.copy()
+        bad[1, 2] = np.nan
+        with pytest.raises(tf.errors.InvalidArgumentError, match="encoder_q.*non-finite"):
+            layer(bad)
+
+    def test_non_finite_batch_stops_fit_before_weights_change(self):
+        x = keras.Input((5,))
+        z = ke.GaussianPosterior(2, kl_regularizer=ke.KLRegularizer(), name="q")(x)
+        model = keras.Model(x, keras.layers.Dense(5)(z))
+        model.compile("adam", ke.GaussianNLL())
+        before = [w.copy() for w in model.get_weights()]
+        bad = np.repeat(X, 4, axis=0)
+        bad[0, 0] = np.inf
+        with pytest.raises(tf.errors.InvalidArgumentError, match="'q'.*non-finite"):
+            model.fit(bad, bad, epochs=1, batch_size=12, verbose=0)
+        for b, a in zip(before, model.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+    def test_analytic_with_mixture_prior_fails_at_model_construction(self):
+        reg = ke.KLRegularizer(prior=ke.MixturePrior(2, num_components=3), mode="analytic")
+        with pytest.raises(ValueError, match="mode='mc'"):
+            ke.GaussianPosterior(2, kl_regularizer=reg)(keras.Input((5,)))
+
+
+def test_config_round_trip():
+    layer = ke.GaussianPosterior(
+        3,
+        covariance="full",
+        kl_regularizer=ke.KLRegularizer(prior=ke.NormalPrior(3, scale=2.0), mode="mc"),
+        min_scale=1e-3,
+        inference="mean",
+        seed=4,
+        kernel_initializer="he_normal",
+    )
+    clone = h.config_round_trip(layer)
+    assert clone.kl_regularizer.prior.scale == 2.0
