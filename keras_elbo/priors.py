@@ -151,7 +151,9 @@ class MixturePrior(Prior):
                 "init_scale", f"a number greater than min_scale={min_scale}", init_scale
             )
         if not init_loc_stddev >= 0:
-            raise _math.invalid_argument("init_loc_stddev", "a non-negative number", init_loc_stddev)
+            raise _math.invalid_argument(
+                "init_loc_stddev", "a non-negative number", init_loc_stddev
+            )
         self.latent_dim = latent_dim
         self.num_components = num_components
         self.min_scale = float(min_scale)
@@ -167,7 +169,9 @@ class MixturePrior(Prior):
         self.logits = self.add_weight(shape=(k,), initializer="zeros", name="logits")
         self.loc = self.add_weight(
             shape=(k, d),
-            initializer=keras.initializers.RandomNormal(stddev=self.init_loc_stddev, seed=self.seed),
+            initializer=keras.initializers.RandomNormal(
+                stddev=self.init_loc_stddev, seed=self.seed
+            ),
             name="loc",
         )
         self.raw_scale = self.add_weight(

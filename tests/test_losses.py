@@ -28,7 +28,9 @@ class TestBernoulliNLL:
         x = (RNG.random(shape) < 0.3).astype("float32")
         logits = RNG.normal(scale=3.0, size=shape).astype("float32")
         expected = bernoulli_nll_numpy(x, logits)
-        np.testing.assert_allclose(ke.bernoulli_nll(x, logits, from_logits=True), expected, rtol=1e-5)
+        np.testing.assert_allclose(
+            ke.bernoulli_nll(x, logits, from_logits=True), expected, rtol=1e-5
+        )
         loss = ke.BernoulliNLL(from_logits=True)
         np.testing.assert_allclose(float(loss(x, logits)), expected.mean(), rtol=1e-5)
 
@@ -66,13 +68,17 @@ class TestGaussianNLL:
         y_pred = RNG.normal(size=(5, 12)).astype("float32")
         scale = h.softplus(y_pred[:, 6:].astype(np.float64)) + 1e-3
         expected = -h.diag_normal_logpdf(x, y_pred[:, :6], scale)
-        np.testing.assert_allclose(ke.GaussianNLL(scale=None)(x, y_pred), expected.mean(), rtol=1e-5)
+        np.testing.assert_allclose(
+            ke.GaussianNLL(scale=None)(x, y_pred), expected.mean(), rtol=1e-5
+        )
 
     def test_learned_scale_needs_twice_the_outputs(self):
         with pytest.raises(ValueError, match="twice"):
             ke.GaussianNLL(scale=None)(np.zeros((2, 3)), np.zeros((2, 3)))
 
-    @pytest.mark.parametrize("kwargs, argument", [({"scale": 0.0}, "scale"), ({"min_scale": -1.0}, "min_scale")])
+    @pytest.mark.parametrize(
+        "kwargs, argument", [({"scale": 0.0}, "scale"), ({"min_scale": -1.0}, "min_scale")]
+    )
     def test_bad_argument_names_it(self, kwargs, argument):
         with pytest.raises(ValueError, match=f"`{argument}`"):
             ke.GaussianNLL(**kwargs)

@@ -80,21 +80,23 @@ class TestELBO:
         # is exactly the difference of weight times the logged KL.
         model = compile_vae(make_vae(prior=ke.MixturePrior(LATENT, 4, seed=0), mode="mc"))
         regularizer = model.layers[2].kl_regularizer
-        seed_states = [g.state.numpy() for g in (model.layers[2].seed_generator,
-                                                 regularizer.seed_generator)]
+        seed_states = [
+            g.state.numpy() for g in (model.layers[2].seed_generator, regularizer.seed_generator)
+        ]
 
         def evaluate(weight):
             regularizer.kl_weight.assign(weight)
-            for g, s in zip((model.layers[2].seed_generator, regularizer.seed_generator),
-                            seed_states, strict=True):
+            for g, s in zip(
+                (model.layers[2].seed_generator, regularizer.seed_generator),
+                seed_states,
+                strict=True,
+            ):
                 g.state.assign(s)
             return model.evaluate(DATA, DATA, batch_size=128, return_dict=True, verbose=0)
 
         at_one, at_three = evaluate(1.0), evaluate(3.0)
         np.testing.assert_allclose(at_one["kl"], at_three["kl"], rtol=1e-6)
-        np.testing.assert_allclose(
-            at_three["loss"] - at_one["loss"], 2.0 * at_one["kl"], rtol=1e-4
-        )
+        np.testing.assert_allclose(at_three["loss"] - at_one["loss"], 2.0 * at_one["kl"], rtol=1e-4)
 
 
 MODELS = {
@@ -127,8 +129,9 @@ class TestSaveLoad:
         for a, b in zip(model.weights, loaded.weights, strict=True):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
         # inference="mean": predictions are deterministic and must agree.
-        np.testing.assert_allclose(model.predict(DATA, verbose=0),
-                                   loaded.predict(DATA, verbose=0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            model.predict(DATA, verbose=0), loaded.predict(DATA, verbose=0), rtol=1e-5, atol=1e-5
+        )
         assert type(loaded.loss) is type(model.loss)
         # The loaded model trains on.
         loaded.fit(DATA, DATA, epochs=1, batch_size=32, verbose=0)
