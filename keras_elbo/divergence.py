@@ -9,13 +9,27 @@ from keras_elbo.priors import Prior
 
 tfd = tfp.distributions
 
-MODES = ("auto", "analytic", "mc")
+MODES = ("auto", "analytic", "mc", "mc_entropy")
+_DIAGONAL_SCALES = (
+    tf.linalg.LinearOperatorDiag,
+    tf.linalg.LinearOperatorIdentity,
+    tf.linalg.LinearOperatorScaledIdentity,
+)
 
 
 def has_closed_form_kl(q, p):
     """Whether TFP has a KL registered between the types of `q` and `p`."""
     try:
         tfd.kl_divergence(q, p)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def has_closed_form_entropy(q):
+    """Whether the distribution `q` implements `entropy()`."""
+    try:
+        q.entropy()
     except NotImplementedError:
         return False
     return True
@@ -37,18 +51,58 @@ def standard_normal_like(q):
     return tfd.Independent(normal, reinterpreted_batch_ndims=len(event_shape))
 
 
-def monte_carlo_kl(q, p, num_samples, seed, sample=None):
-    """Monte Carlo KL[q || p]: the mean of `log q(z) - log p(z)` over samples.
+def diagonal_normal_marginals(dist):
+    """The `tfd.Normal` of the dimensions of a factorised Gaussian, else None.
 
-    Draws `num_samples` reparameterised samples in one vectorised call; with
-    `num_samples=1` and a `sample` already drawn from q, reuses that sample.
-    Returns a tensor of q's batch shape.
+    Covers `MultivariateNormalDiag` (and the identity-scale normal) and
+    `Independent(Normal)` with one event axis: the distributions whose KL is a
+    sum over latent dimensions, as free bits needs.
     """
-    if num_samples == 1 and sample is not None:
-        z = tf.cast(sample, q.dtype)[tf.newaxis]
-    else:
-        z = q.sample(num_samples, seed=seed)
-    return tf.reduce_mean(q.log_prob(z) - p.log_prob(z), axis=0)
+    if isinstance(dist, tfd.Independent) and isinstance(dist.distribution, tfd.Normal):
+        return dist.distribution if len(dist.event_shape) == 1 else None
+    if isinstance(dist, tfd.MultivariateNormalLinearOperator) and isinstance(
+        dist.scale, _DIAGONAL_SCALES
+    ):
+        return tfd.Normal(dist.mean(), dist.stddev())
+    return None
+
+
+def stop_parameter_gradients(dist):
+    """`dist` with every parameter behind `tf.stop_gradient`."""
+    return tf.nest.map_structure(tf.stop_gradient, dist, expand_composites=True)
+
+
+def kl_estimate(q, p, method, samples=None, path_derivative=False):
+    """KL[q || p] by one of three estimators, with q's batch shape.
+
+    Works alike on joint distributions and on elementwise ones (`tfd.Normal`
+    marginals, giving a KL per latent dimension).
+
+    Formula:
+
+    ```python
+    analytic:   kl = KL[q || p]                       # TFP's closed form
+    mc:         kl = mean_s(log q(z_s) - log p(z_s))
+    mc_entropy: kl = -H[q] - mean_s(log p(z_s))       # exact entropy
+    ```
+
+    Args:
+        q, p: the posterior and the prior (TFP distributions).
+        method: `"analytic"`, `"mc"` or `"mc_entropy"`.
+        samples: reparameterised samples of q, shape `(num_samples, *batch)`
+            plus q's event shape; unused by `"analytic"`.
+        path_derivative: in `"mc"`, evaluate log q with its parameters behind
+            `stop_gradient`: the gradient keeps only the path through z
+            ("sticking the landing", Roeder et al., 2017). The value is
+            unchanged.
+    """
+    if method == "analytic":
+        return tfd.kl_divergence(q, p)
+    cross_entropy = -tf.reduce_mean(p.log_prob(samples), axis=0)
+    if method == "mc_entropy":
+        return cross_entropy - q.entropy()
+    q_density = stop_parameter_gradients(q) if path_derivative else q
+    return tf.reduce_mean(q_density.log_prob(samples), axis=0) + cross_entropy
 
 
 @keras.saving.register_keras_serializable(package="keras_elbo")
@@ -65,7 +119,7 @@ class KLRegularizer(keras.layers.Layer):
 
     The unweighted KL is logged as the metric `metric_name` (default `"kl"`) in
     `fit` and `evaluate`. The weight is held in the non-trainable variable
-    `kl_weight`, which a callback may change during training (KL annealing).
+    `kl_weight`, which a callback may change during training (`KLAnnealing`).
 
     Modes:
 
@@ -74,15 +128,39 @@ class KLRegularizer(keras.layers.Layer):
     - `"mc"`: `mean(log q(z_s) - log p(z_s))` over `num_samples`
       reparameterised samples z_s of q, drawn in one vectorised call; with
       `num_samples=1` it reuses the sample `z` it is given.
+    - `"mc_entropy"`: `-H[q] - mean(log p(z_s))`, the entropy of q exact and
+      only the cross-entropy sampled; for posteriors with a closed-form
+      entropy (Gaussian, diagonal or full). With a posterior narrower than
+      the prior, as in a trained VAE, most of the variance of `"mc"` comes
+      from `log q(z_s)`, which this removes. Measured in
+      `tests/test_divergence.py` (4-d diagonal Gaussian q of scales 0.1 to
+      0.5, 5-component mixture prior, 1 sample, 300 draws): the variance of
+      the estimate is 4.4 times lower than `"mc"`'s. Its gradient is the
+      same as `"mc"`'s, sample by sample: for a location-scale q the
+      reparameterised gradient of log q(z) is already exact. Near the prior
+      (scales about 1) the value's variance is higher instead (0.13 times
+      `"mc"`'s).
     - `"auto"`: the closed form where one is registered for the pair of
-      distribution types, else `"mc"`. Decided once per pair of types, when
-      the layer first sees them (model construction), not at each step.
+      distribution types, else `"mc_entropy"` where q has a closed-form
+      entropy, else `"mc"`. Decided once per pair of types, when the layer
+      first sees them (model construction), not at each step.
+
+    Free bits (Kingma et al., 2016): with `free_bits=lam > 0`, the loss holds
+    `sum_j max(lam, kl_j)` instead of the KL, with `kl_j` the batch-averaged KL
+    of latent dimension j: a dimension whose KL is below `lam` nats gets no
+    gradient pushing it further towards the prior, which counters posterior
+    collapse. This needs a KL that is a sum over dimensions (a diagonal
+    Gaussian posterior and a factorised prior); otherwise the whole KL is
+    clamped at `lam * latent_dim`. The logged `kl` metric stays the true KL,
+    so with free bits `loss` is an upper bound of the negative ELBO, not the
+    negative ELBO itself.
 
     Formula:
 
     ```python
-    kl = mean_over_batch(sum_over_latent_dims(KL[q(z|x) || p(z)]))
-    loss += kl_weight * kl
+    kl_j = mean_over_batch(KL_j[q(z|x) || p(z)])        # per latent dim j
+    kl = sum_j(kl_j)                                    # logged metric
+    loss += kl_weight * sum_j(max(free_bits, kl_j))     # kl when free_bits=0
     ```
 
     Args:
@@ -91,11 +169,22 @@ class KLRegularizer(keras.layers.Layer):
             a subclass of `Prior`) trains with the model and saves with it. A
             TFP distribution object also trains, but cannot be saved:
             `model.save` raises an error that names the layer to use instead.
-        mode: `"auto"`, `"analytic"` or `"mc"`. Defaults to `"auto"`.
+        mode: `"auto"`, `"analytic"`, `"mc"` or `"mc_entropy"`. Defaults to
+            `"auto"`.
         num_samples: Monte Carlo samples per example, a positive integer.
             Defaults to `1`.
         weight: non-negative multiplier of the KL in the loss (beta of a
             beta-VAE). Defaults to `1.0`.
+        free_bits: non-negative nats per latent dimension below which the KL
+            is not penalised. Defaults to `0.0` (off).
+        path_derivative: use the path-derivative gradient ("sticking the
+            landing", Roeder et al., 2017) where log q(z) is sampled: log q is
+            evaluated with its parameters behind `stop_gradient`. Same value;
+            the gradient is exactly zero when q equals p, and its variance is
+            lower near the prior (17 times in the test above, scales about 1)
+            but higher for a narrow posterior (100 times, scales 0.1 to 0.5).
+            With `mode="auto"` it selects `"mc"` where there is no closed
+            form, instead of `"mc_entropy"`. Defaults to `False`.
         seed: seed of the Monte Carlo samples. Defaults to `None`.
         metric_name: name of the logged KL metric; give each regularizer of a
             model its own. Defaults to `"kl"`.
@@ -126,6 +215,8 @@ class KLRegularizer(keras.layers.Layer):
         mode: str = "auto",
         num_samples: int = 1,
         weight: float = 1.0,
+        free_bits: float = 0.0,
+        path_derivative: bool = False,
         seed: int | None = None,
         metric_name: str = "kl",
         **kwargs,
@@ -139,6 +230,10 @@ class KLRegularizer(keras.layers.Layer):
             raise _math.invalid_argument("num_samples", "a positive integer", num_samples)
         if not (isinstance(weight, int | float) and weight >= 0):
             raise _math.invalid_argument("weight", "a non-negative number", weight)
+        if not (isinstance(free_bits, int | float) and free_bits >= 0):
+            raise _math.invalid_argument("free_bits", "a non-negative number", free_bits)
+        if not isinstance(path_derivative, bool):
+            raise _math.invalid_argument("path_derivative", "True or False", path_derivative)
         if prior is not None and not isinstance(prior, Prior | tfd.Distribution):
             raise _math.invalid_argument(
                 "prior",
@@ -149,11 +244,13 @@ class KLRegularizer(keras.layers.Layer):
         self.mode = mode
         self.num_samples = num_samples
         self.weight = float(weight)
+        self.free_bits = float(free_bits)
+        self.path_derivative = path_derivative
         self.seed = seed
         self.metric_name = metric_name
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.kl_metric = keras.metrics.Mean(name=metric_name)
-        self._closed_form = {}  # (type(q), type(p)) -> bool, filled on first sight
+        self._methods = {}  # (type(q), type(p)) -> estimator, chosen on first sight
 
     def build(self, input_shape=None):
         self.kl_weight = self.add_weight(
@@ -172,15 +269,16 @@ class KLRegularizer(keras.layers.Layer):
             return self.prior.distribution()
         return self.prior
 
+    def method(self, posterior, prior):
+        """The estimator `mode` resolves to for this pair of distributions."""
+        key = (type(posterior), type(prior))
+        if key not in self._methods:
+            self._methods[key] = self._resolve_method(posterior, prior)
+        return self._methods[key]
+
     def kl_divergence(self, posterior, sample=None):
         """KL[q || p] per example (a tensor of q's batch shape), by `mode`."""
-        prior = self.prior_distribution(posterior)
-        self._check_event_shapes(posterior, prior)
-        if self._use_closed_form(posterior, prior):
-            return tfd.kl_divergence(posterior, prior)
-        return monte_carlo_kl(
-            posterior, prior, self.num_samples, _math.tfp_seed(self.seed_generator), sample
-        )
+        return tf.reduce_sum(self._kl_terms(posterior, sample, per_dimension=False), axis=-1)
 
     def call(self, z, posterior=None):
         if not isinstance(posterior, tfd.Distribution):
@@ -188,23 +286,57 @@ class KLRegularizer(keras.layers.Layer):
                 "KLRegularizer must be called as `kl_regularizer(z, posterior=q)` "
                 f"with q a TFP distribution. Received: posterior={posterior!r}"
             )
-        kl = tf.reduce_mean(self.kl_divergence(posterior, sample=z))
-        self.add_loss(tf.cast(self.kl_weight, kl.dtype) * kl)
+        terms = self._kl_terms(posterior, z, per_dimension=self.free_bits > 0)
+        batch_axes = list(range(len(terms.shape) - 1))
+        terms = tf.reduce_mean(terms, axis=batch_axes)  # one KL per term
+        kl = tf.reduce_sum(terms)
+        objective = kl
+        if self.free_bits > 0:
+            # One term per latent dimension, or one for the whole KL.
+            dims_per_term = posterior.event_shape.num_elements() // terms.shape[-1]
+            objective = tf.reduce_sum(tf.maximum(terms, self.free_bits * dims_per_term))
+        self.add_loss(tf.cast(self.kl_weight, objective.dtype) * objective)
         self.kl_metric.update_state(kl)
         return z
 
-    def _use_closed_form(self, q, p):
-        key = (type(q), type(p))
-        if key not in self._closed_form:
-            self._closed_form[key] = self.mode != "mc" and has_closed_form_kl(q, p)
-            if self.mode == "analytic" and not self._closed_form[key]:
-                raise ValueError(
-                    "KLRegularizer(mode='analytic'): TFP has no closed-form KL "
-                    f"between {type(q).__name__} (posterior) and {type(p).__name__} "
-                    "(prior). Use mode='mc' for a Monte Carlo estimate, or "
-                    "mode='auto' to use the closed form where one exists."
-                )
-        return self._closed_form[key]
+    def _kl_terms(self, q, sample, per_dimension):
+        """KL per example, shape `(*batch, terms)`: one term per latent
+        dimension when `per_dimension` and the KL factorises, else one."""
+        p = self.prior_distribution(q)
+        self._check_event_shapes(q, p)
+        method = self.method(q, p)
+        samples = None
+        if method != "analytic":
+            if self.num_samples == 1 and sample is not None:
+                samples = tf.cast(sample, q.dtype)[tf.newaxis]
+            else:
+                samples = q.sample(self.num_samples, seed=_math.tfp_seed(self.seed_generator))
+        if per_dimension:
+            q_dims, p_dims = diagonal_normal_marginals(q), diagonal_normal_marginals(p)
+            if q_dims is not None and p_dims is not None:
+                return kl_estimate(q_dims, p_dims, method, samples, self.path_derivative)
+        return kl_estimate(q, p, method, samples, self.path_derivative)[..., tf.newaxis]
+
+    def _resolve_method(self, q, p):
+        closed_form = self.mode in ("auto", "analytic") and has_closed_form_kl(q, p)
+        if closed_form:
+            return "analytic"
+        if self.mode == "analytic":
+            raise ValueError(
+                "KLRegularizer(mode='analytic'): TFP has no closed-form KL "
+                f"between {type(q).__name__} (posterior) and {type(p).__name__} "
+                "(prior). Use mode='mc' for a Monte Carlo estimate, or "
+                "mode='auto' to use the closed form where one exists."
+            )
+        entropy = self.mode in ("auto", "mc_entropy") and has_closed_form_entropy(q)
+        if entropy and not (self.mode == "auto" and self.path_derivative):
+            return "mc_entropy"
+        if self.mode == "mc_entropy":
+            raise ValueError(
+                f"KLRegularizer(mode='mc_entropy'): the posterior {type(q).__name__} "
+                "has no closed-form entropy. Use mode='mc', or mode='auto'."
+            )
+        return "mc"
 
     def _check_event_shapes(self, q, p):
         if q.event_shape.is_fully_defined() and p.event_shape.is_fully_defined():
@@ -233,6 +365,8 @@ class KLRegularizer(keras.layers.Layer):
                 "mode": self.mode,
                 "num_samples": self.num_samples,
                 "weight": self.weight,
+                "free_bits": self.free_bits,
+                "path_derivative": self.path_derivative,
                 "seed": self.seed,
                 "metric_name": self.metric_name,
             }

@@ -216,3 +216,132 @@ class TestSerialization:
         clone = h.config_round_trip(reg)
         assert isinstance(clone.prior, ke.MixturePrior)
         assert clone.prior.num_components == 3
+
+
+NARROW = (np.array([0.5, -0.3, 0.2, 1.0]), np.linspace(0.1, 0.5, 4))  # a trained VAE's q
+NEAR_PRIOR = (np.array([0.1, -0.1, 0.05, 0.0]), np.linspace(0.9, 1.1, 4))
+
+
+def one_sample_estimates(mode, regime, path_derivative=False, repeats=300):
+    """One-sample KL estimates against a mixture prior and their gradients
+    with respect to q's location and scale: `repeats` independent copies of
+    one posterior in a batch, so that one call gives every estimate."""
+    loc = tf.Variable(np.tile(regime[0], (repeats, 1)).astype("float32"))
+    scale = tf.Variable(np.tile(regime[1], (repeats, 1)).astype("float32"))
+    prior = ke.MixturePrior(4, num_components=5, init_loc_stddev=0.3, seed=1)
+    reg = ke.KLRegularizer(prior=prior, mode=mode, path_derivative=path_derivative)
+    with tf.GradientTape() as tape:
+        q = tfd.MultivariateNormalDiag(loc=loc, scale_diag=scale)
+        values = reg.kl_divergence(q, sample=q.sample(seed=(7, 0)))
+        total = tf.reduce_sum(values)  # rows are independent: per-row gradients
+    grads = tf.concat(tape.gradient(total, [loc, scale]), axis=-1)
+    return values.numpy().astype(np.float64), grads.numpy().astype(np.float64)
+
+
+def variance_ratio(a, b):
+    """var(a) / var(b), summed over columns for gradients."""
+    return np.var(a, axis=0, ddof=1).sum() / np.var(b, axis=0, ddof=1).sum()
+
+
+class TestVarianceReduction:
+    # With 300 samples each, the F-test's 1% point for a ratio of two
+    # variances is about 1.31: a ratio above 2 (or below 0.5) is no chance.
+
+    def test_mc_entropy_lowers_value_variance_for_narrow_posterior(self):
+        v_mc, _ = one_sample_estimates("mc", NARROW)
+        v_ent, _ = one_sample_estimates("mc_entropy", NARROW)
+        assert variance_ratio(v_mc, v_ent) > 2  # measured 4.4
+        # Both unbiased: their means agree within four standard errors.
+        assert abs(v_mc.mean() - v_ent.mean()) < 4 * np.sqrt((v_mc.var() + v_ent.var()) / len(v_mc))
+
+    @pytest.mark.parametrize("regime", [NARROW, NEAR_PRIOR], ids=["narrow", "near-prior"])
+    def test_mc_entropy_gradient_equals_mc_gradient_sample_by_sample(self, regime):
+        # For a location-scale q, log q(loc + scale * e) = -e**2/2 - log(scale)
+        # - const: its reparameterised gradient is already exact, so replacing
+        # it by the entropy changes the value's variance, not the gradient's.
+        _, g_mc = one_sample_estimates("mc", regime)
+        _, g_ent = one_sample_estimates("mc_entropy", regime)
+        np.testing.assert_allclose(g_mc, g_ent, rtol=1e-4, atol=1e-4)
+
+    def test_path_derivative_lowers_gradient_variance_near_prior(self):
+        v_mc, g_mc = one_sample_estimates("mc", NEAR_PRIOR)
+        v_stl, g_stl = one_sample_estimates("mc", NEAR_PRIOR, path_derivative=True)
+        np.testing.assert_allclose(v_mc, v_stl, rtol=1e-6)  # same value
+        assert variance_ratio(g_mc, g_stl) > 2  # measured 17
+
+    def test_path_derivative_raises_gradient_variance_for_narrow_posterior(self):
+        # The documented trade-off: far from the prior, dropping the score
+        # term leaves the path term's noise uncancelled.
+        _, g_mc = one_sample_estimates("mc", NARROW)
+        _, g_stl = one_sample_estimates("mc", NARROW, path_derivative=True)
+        assert variance_ratio(g_mc, g_stl) < 0.5  # measured 0.01
+
+
+class TestFreeBits:
+    def test_loss_clamps_each_dimension_and_metric_stays_true_kl(self):
+        lam = 0.5
+        per_dim = h.kl_diag_normal(LOC[..., None], SCALE[..., None]).mean(axis=0)  # (4,)
+        assert np.any(per_dim < lam) and np.any(per_dim > lam)  # both cases occur
+        reg = ke.KLRegularizer(free_bits=lam, mode="analytic")
+        loss = added_loss(reg, diag_posterior())
+        np.testing.assert_allclose(loss, np.maximum(per_dim, lam).sum(), rtol=1e-5)
+        np.testing.assert_allclose(reg.kl_metric.result(), per_dim.sum(), rtol=1e-5)
+
+    def test_clamped_dimensions_get_no_gradient(self):
+        lam = 0.5
+        per_dim = h.kl_diag_normal(LOC[..., None], SCALE[..., None]).mean(axis=0)
+        loc, scale = tf.Variable(LOC), tf.Variable(SCALE)
+        reg = ke.KLRegularizer(free_bits=lam, mode="analytic")
+        with tf.GradientTape() as tape:
+            q = tfd.MultivariateNormalDiag(loc=loc, scale_diag=scale)
+            reg(q.sample(seed=(0, 0)), posterior=q)
+            loss = reg.losses[0]
+        g_loc = tape.gradient(loss, loc).numpy()
+        np.testing.assert_array_equal(g_loc[:, per_dim < lam], 0.0)
+        assert np.all(np.abs(g_loc[:, per_dim > lam]).sum(axis=0) > 0)
+
+    def test_monte_carlo_per_dimension_matches_numpy(self):
+        q = diag_posterior()
+        z = q.sample(seed=(3, 3))
+        reg = ke.KLRegularizer(free_bits=0.3, mode="mc")
+        per_dim = (
+            h.diag_normal_logpdf(z.numpy()[..., None], LOC[..., None], SCALE[..., None])
+            - h.diag_normal_logpdf(z.numpy()[..., None], 0.0, 1.0)
+        ).mean(axis=0)
+        loss = added_loss(reg, q, sample=z)
+        np.testing.assert_allclose(loss, np.maximum(per_dim, 0.3).sum(), rtol=1e-5, atol=1e-6)
+
+    def test_non_factorised_kl_is_clamped_as_a_whole(self):
+        tril = random_tril(5, 4, np.random.default_rng(3))
+        q = tfd.MultivariateNormalTriL(loc=LOC, scale_tril=tril)
+        kl = h.kl_full_normal(LOC, tril).mean()
+        for lam, expected in ((0.1, kl), (kl, 4 * kl)):  # threshold lam * latent_dim
+            reg = ke.KLRegularizer(free_bits=float(lam), mode="analytic")
+            np.testing.assert_allclose(added_loss(reg, q), max(expected, 4 * lam), rtol=1e-5)
+
+
+class TestNewArgumentErrors:
+    @pytest.mark.parametrize(
+        "kwargs, argument",
+        [({"free_bits": -0.1}, "free_bits"), ({"path_derivative": 1}, "path_derivative")],
+        ids=lambda v: str(v),
+    )
+    def test_bad_argument_names_it(self, kwargs, argument):
+        with pytest.raises(ValueError, match=f"`{argument}`"):
+            ke.KLRegularizer(**kwargs)
+
+    def test_mc_entropy_needs_a_closed_form_entropy(self):
+        q = tfd.MixtureSameFamily(
+            tfd.Categorical(logits=tf.zeros((5, 2))),
+            tfd.MultivariateNormalDiag(loc=tf.zeros((5, 2, 4))),
+        )
+        with pytest.raises(ValueError, match="no closed-form entropy.*mode='mc'"):
+            added_loss(ke.KLRegularizer(mode="mc_entropy"), q)
+
+    def test_auto_prefers_mc_entropy_unless_path_derivative(self):
+        prior = mixture_prior()
+        q = diag_posterior()
+        assert ke.KLRegularizer(prior=prior).method(q, prior.distribution()) == "mc_entropy"
+        stl = ke.KLRegularizer(prior=prior, path_derivative=True)
+        assert stl.method(q, prior.distribution()) == "mc"
+        assert ke.KLRegularizer().method(q, tfd.MultivariateNormalDiag(tf.zeros(4))) == "analytic"
