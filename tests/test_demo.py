@@ -1,0 +1,106 @@
+import math
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_elbo as ke
+from keras_elbo import datasets, demo
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("reconstructions.png", "samples.png", "curves.png")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One short demo run on the digits, shared by the tests of this module."""
+    output = tmp_path_factory.mktemp("demo")
+    result = demo.main(["--epochs", "2", "--output", str(output), "--verbose", "0"])
+    return output, result
+
+
+class TestMain:
+    @pytest.mark.parametrize("name", PLOTS)
+    def test_writes_png(self, run, name):
+        output, _ = run
+        data = (output / name).read_bytes()
+        assert data.startswith(PNG_MAGIC)
+        assert len(data) > 1000
+
+    def test_saves_model(self, run):
+        output, result = run
+        assert result["model_path"] == os.path.join(output, "vae.keras")
+        assert (output / "vae.keras").stat().st_size > 0
+
+    def test_numbers(self, run):
+        _, result = run
+        history = result["history"]
+        assert set(history) == {"loss", "kl", "val_loss", "val_kl"}
+        assert all(len(values) == 2 for values in history.values())
+        assert math.isfinite(result["test_elbo"]) and result["test_elbo"] < 0
+        assert math.isfinite(result["reloaded_test_elbo"])
+        assert result["test_elbo"] == -history["val_loss"][-1]
+        assert result["test_kl"] == history["val_kl"][-1] >= 0
+
+    def test_reloaded_elbo_matches(self, run):
+        # Every evaluation draws new z, so the two numbers differ by Monte
+        # Carlo noise: size it from repeated evaluations of the saved model.
+        _, result = run
+        model = keras.saving.load_model(result["model_path"], custom_objects=ke.custom_objects())
+        _, x_test = datasets.load_digits(seed=0)
+        losses = [model.evaluate(x_test, x_test, batch_size=64, verbose=0)[0] for _ in range(10)]
+        std = np.std(losses, ddof=1)
+        # Two independent draws: the difference has std sqrt(2) * std.
+        tolerance = 5 * math.sqrt(2) * std
+        assert abs(result["reloaded_test_elbo"] - result["test_elbo"]) < tolerance
+        assert abs(np.mean(losses) + result["test_elbo"]) < tolerance
+
+
+class TestCommandLine:
+    def test_help(self, capsys):
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main(["--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        for flag in ("--data", "--epochs", "--prior", "--kl-mode", "--output"):
+            assert flag in text
+
+    def test_analytic_mixture_is_a_usage_error(self, capsys):
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main(["--prior", "mixture", "--kl-mode", "analytic"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--kl-mode analytic" in err and "Traceback" not in err
+
+    @pytest.mark.parametrize(
+        "argv", [["--epochs", "0"], ["--prior", "laplace"]], ids=["epochs", "prior"]
+    )
+    def test_invalid_flags(self, argv):
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main(argv)
+        assert exit_info.value.code == 2
+
+    def test_missing_data_file(self, tmp_path, capsys):
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main(["--data", str(tmp_path / "absent.npz")])
+        assert exit_info.value.code == 2
+        assert "absent.npz" in capsys.readouterr().err
+
+    def test_subprocess(self, tmp_path):
+        command = [sys.executable, "-m", "keras_elbo.demo", "--epochs", "1", "--verbose", "0"]
+        completed = subprocess.run(
+            [*command, "--output", str(tmp_path)], capture_output=True, text=True, timeout=300
+        )
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        assert "epoch 1/1" in completed.stdout
+        assert (tmp_path / "vae.keras").exists()
+
+
+def test_build_vae_with_normal_prior():
+    vae = demo.build_vae(16, latent_dim=3, hidden=8, prior="normal", seed=0)
+    assert vae.get_layer("posterior").kl_regularizer.prior is None
+    assert tuple(vae(np.zeros((2, 16), "float32")).shape) == (2, 16)
+    assert len(vae.losses) == 1
