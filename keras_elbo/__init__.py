@@ -9,6 +9,7 @@ over event dimensions, averaged over the batch.
 import keras
 
 from keras_elbo.divergence import KLRegularizer
+from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
 from keras_elbo.losses import BernoulliNLL, GaussianNLL, bernoulli_nll, gaussian_nll
 from keras_elbo.posteriors import GaussianPosterior
 from keras_elbo.priors import MixturePrior, NormalPrior, Prior
@@ -26,7 +27,9 @@ __all__ = [
     "__version__",
     "bernoulli_nll",
     "custom_objects",
+    "evaluate_elbo",
     "gaussian_nll",
+    "importance_weighted_log_likelihood",
 ]
 
 _SERIALIZABLE = (
