@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 
 def positive_scale(raw, min_scale):
@@ -22,12 +23,15 @@ def inverse_positive_scale(scale, min_scale):
     return float(y + np.log(-np.expm1(-y)))
 
 
-def tfp_seed(seed_generator):
+def tfp_seed(seed_generator, salt):
     """Draws a stateless TFP seed (shape [2], int32) from a Keras SeedGenerator.
 
     `SeedGenerator.next()` returns int64; TFP's stateless samplers want int32.
+    The salt (the drawing layer's class name) decorrelates layers built with
+    the same integer seed: a posterior and its regularizer given `seed=1`
+    would otherwise draw the same noise.
     """
-    return tf.cast(seed_generator.next(), tf.int32)
+    return tfp.random.sanitize_seed(tf.cast(seed_generator.next(), tf.int32), salt=salt)
 
 
 def check_finite(tensor, layer_name, what):

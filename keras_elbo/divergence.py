@@ -276,6 +276,18 @@ class KLRegularizer(keras.layers.Layer):
             self._methods[key] = self._resolve_method(posterior, prior)
         return self._methods[key]
 
+    def check_posterior(self, posterior):
+        """Raises `ValueError` now if this regularizer cannot handle `posterior`.
+
+        Posterior layers call it from `build` with an example distribution:
+        a prior whose event shape differs from the posterior's, or a `mode`
+        with no estimator for the pair (`"analytic"` without a closed form),
+        then fails at model construction with a message naming the fix.
+        """
+        prior = self.prior_distribution(posterior)
+        self._check_event_shapes(posterior, prior)
+        self.method(posterior, prior)
+
     def kl_divergence(self, posterior, sample=None):
         """KL[q || p] per example (a tensor of q's batch shape), by `mode`."""
         return tf.reduce_sum(self._kl_terms(posterior, sample, per_dimension=False), axis=-1)
@@ -296,7 +308,10 @@ class KLRegularizer(keras.layers.Layer):
             dims_per_term = posterior.event_shape.num_elements() // terms.shape[-1]
             objective = tf.reduce_sum(tf.maximum(terms, self.free_bits * dims_per_term))
         self.add_loss(tf.cast(self.kl_weight, objective.dtype) * objective)
-        self.kl_metric.update_state(kl)
+        # Weighted by batch size, as Keras weights `loss`, so that a short
+        # last batch does not skew the epoch's average.
+        batch_size = tf.reduce_prod(posterior.batch_shape_tensor())
+        self.kl_metric.update_state(kl, sample_weight=tf.cast(batch_size, kl.dtype))
         return z
 
     def _kl_terms(self, q, sample, per_dimension):
@@ -310,7 +325,9 @@ class KLRegularizer(keras.layers.Layer):
             if self.num_samples == 1 and sample is not None:
                 samples = tf.cast(sample, q.dtype)[tf.newaxis]
             else:
-                samples = q.sample(self.num_samples, seed=_math.tfp_seed(self.seed_generator))
+                samples = q.sample(
+                    self.num_samples, seed=_math.tfp_seed(self.seed_generator, "KLRegularizer")
+                )
         if per_dimension:
             q_dims, p_dims = diagonal_normal_marginals(q), diagonal_normal_marginals(p)
             if q_dims is not None and p_dims is not None:

@@ -119,12 +119,20 @@ class GaussianPosterior(ParentLayer):
                 f"received input_shape={input_shape}."
             )
         self.projection.build(input_shape)
+        if self.kl_regularizer is not None:
+            # Fail now, with the regularizer's own message, if it cannot handle
+            # this posterior (a prior of another size, an impossible mode),
+            # rather than from inside Keras's symbolic call.
+            example = self._from_params(tf.zeros([1, self.projection.units]))
+            self.kl_regularizer.check_posterior(example)
         self.built = True
 
     def distribution(self, inputs):
         """q(z|x) for a batch of inputs, as a TFP distribution (float32)."""
         params = tf.cast(self.projection(inputs), tf.float32)
-        params = _math.check_finite(params, self.name, "posterior parameters")
+        return self._from_params(_math.check_finite(params, self.name, "posterior parameters"))
+
+    def _from_params(self, params):
         d = self.latent_dim
         loc, raw = params[..., :d], params[..., d:]
         if self.covariance == "diag":
@@ -137,7 +145,7 @@ class GaussianPosterior(ParentLayer):
 
     def call(self, inputs, training=None):
         q = self.distribution(inputs)
-        z = q.sample(seed=_math.tfp_seed(self.seed_generator))
+        z = q.sample(seed=_math.tfp_seed(self.seed_generator, "GaussianPosterior"))
         if self.kl_regularizer is not None:
             z = self.kl_regularizer(z, posterior=q)
         if not training and self.inference == "mean":

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_elbo as ke
+from keras_elbo import _math
 from tests import _helpers as h
 
 X = np.random.default_rng(0).normal(size=(3, 5)).astype("float32")
@@ -75,6 +76,17 @@ class TestSampling:
             target = tf.reduce_sum(z**2)
         grads = tape.gradient(target, layer.trainable_weights)
         assert all(g is not None and np.any(g.numpy() != 0) for g in grads)
+
+    def test_layers_with_same_seed_draw_different_noise(self):
+        # A posterior and its regularizer given the same integer seed share a
+        # SeedGenerator stream; the per-layer salt must still separate them.
+        raw = [keras.random.SeedGenerator(1).next().numpy() for _ in range(2)]
+        np.testing.assert_array_equal(raw[0], raw[1])
+        salted = [
+            _math.tfp_seed(keras.random.SeedGenerator(1), salt).numpy()
+            for salt in ("GaussianPosterior", "KLRegularizer")
+        ]
+        assert not np.array_equal(salted[0], salted[1])
 
     def test_same_seed_same_samples(self):
         a, b = built_posterior(seed=3), built_posterior(seed=3)
