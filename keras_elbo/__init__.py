@@ -8,6 +8,7 @@ over event dimensions, averaged over the batch.
 
 import keras
 
+from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
 from keras_elbo.losses import BernoulliNLL, GaussianNLL, bernoulli_nll, gaussian_nll
@@ -18,9 +19,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BernoulliNLL",
+    "CyclicalAnnealing",
     "GaussianNLL",
     "GaussianPosterior",
+    "KLAnnealing",
     "KLRegularizer",
+    "LinearWarmup",
     "MixturePrior",
     "NormalPrior",
     "Prior",

@@ -1,0 +1,318 @@
+"""KL annealing: schedules of the KL weight and the callback that applies them."""
+
+import math
+import numbers
+from collections.abc import Callable
+
+import keras
+
+from keras_elbo import _math
+from keras_elbo.divergence import KLRegularizer
+
+UNITS = ("epoch", "step")
+
+
+def _is_number(value) -> bool:
+    """A finite real number, not a bool (`True` would silently mean 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_endpoints(start, end):
+    for name, value in (("start", start), ("end", end)):
+        if not (_is_number(value) and value >= 0):
+            raise _math.invalid_argument(name, "a finite, non-negative number", value)
+
+
+class _Schedule:
+    """Base of the schedules: `from_config` and a `repr` built from `get_config`."""
+
+    def get_config(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class LinearWarmup(_Schedule):
+    """A KL weight that rises linearly from `start` to `end`, then holds `end`.
+
+    The KL warm-up of Bowman et al. (2016): with the KL switched off at first,
+    the decoder learns to use the code before the KL pulls the posterior
+    towards the prior, which counters posterior collapse. Give it to
+    `KLAnnealing`; `progress` is in epochs or steps, as the callback's `unit`.
+
+    Formula:
+
+    ```python
+    weight = start + (end - start) * min(progress / duration, 1.0)
+    ```
+
+    Args:
+        duration: length of the rise, in units of progress; a positive number.
+        start: weight at progress 0, a non-negative number. Defaults to `0.0`.
+        end: weight from progress `duration` on, a non-negative number.
+            Defaults to `1.0`.
+
+    Example:
+
+    >>> schedule = LinearWarmup(4)
+    >>> [schedule(p) for p in (0, 1, 2, 4, 10)]
+    [0.0, 0.25, 0.5, 1.0, 1.0]
+    >>> LinearWarmup(10, start=0.1)
+    LinearWarmup(duration=10.0, start=0.1, end=1.0)
+
+    Reference: Bowman et al., 2016, "Generating sentences from a continuous
+    space".
+    """
+
+    def __init__(self, duration: float, start: float = 0.0, end: float = 1.0):
+        if not (_is_number(duration) and duration > 0):
+            raise _math.invalid_argument("duration", "a finite, positive number", duration)
+        _check_endpoints(start, end)
+        self.duration = float(duration)
+        self.start = float(start)
+        self.end = float(end)
+
+    def __call__(self, progress: float) -> float:
+        fraction = min(max(progress / self.duration, 0.0), 1.0)
+        return self.start + (self.end - self.start) * fraction
+
+    def get_config(self) -> dict:
+        return {"duration": self.duration, "start": self.start, "end": self.end}
+
+
+class CyclicalAnnealing(_Schedule):
+    """A KL weight that repeats a linear rise and a plateau, cycle after cycle.
+
+    Each cycle lasts `period` units of progress: over its first `ratio *
+    period` the weight rises linearly from `start` to `end`, then it holds
+    `end` to the end of the cycle. After `num_cycles` cycles (when given) the
+    weight holds `end` for good. Restarting the rise lets a code that the
+    decoder learned to use in one cycle be refined, rather than collapsed, in
+    the next.
+
+    Formula:
+
+    ```python
+    cycle, phase = divmod(progress, period)
+    if num_cycles is not None and cycle >= num_cycles:
+        weight = end
+    else:
+        weight = start + (end - start) * min(phase / (ratio * period), 1.0)
+    ```
+
+    Args:
+        period: length of one cycle, in units of progress; a positive number.
+        num_cycles: number of cycles before the weight holds `end`, a positive
+            integer, or `None` to cycle forever. Defaults to `None`.
+        ratio: fraction of each cycle spent rising, in (0, 1]. Defaults to
+            `0.5`.
+        start: weight at the start of each cycle, a non-negative number.
+            Defaults to `0.0`.
+        end: weight at the top of each cycle, a non-negative number. Defaults
+            to `1.0`.
+
+    Example:
+
+    >>> schedule = CyclicalAnnealing(period=4, num_cycles=2, ratio=0.5)
+    >>> [schedule(p) for p in range(10)]
+    [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0]
+
+    Reference: Fu et al., 2019, "Cyclical annealing schedule: a simple approach
+    to mitigating KL vanishing".
+    """
+
+    def __init__(
+        self,
+        period: float,
+        num_cycles: int | None = None,
+        ratio: float = 0.5,
+        start: float = 0.0,
+        end: float = 1.0,
+    ):
+        if not (_is_number(period) and period > 0):
+            raise _math.invalid_argument("period", "a finite, positive number", period)
+        if num_cycles is not None and (
+            isinstance(num_cycles, bool) or not isinstance(num_cycles, int) or num_cycles < 1
+        ):
+            raise _math.invalid_argument("num_cycles", "None or a positive integer", num_cycles)
+        if not (_is_number(ratio) and 0 < ratio <= 1):
+            raise _math.invalid_argument("ratio", "a number in (0, 1]", ratio)
+        _check_endpoints(start, end)
+        self.period = float(period)
+        self.num_cycles = num_cycles
+        self.ratio = float(ratio)
+        self.start = float(start)
+        self.end = float(end)
+
+    def __call__(self, progress: float) -> float:
+        cycle, phase = divmod(max(progress, 0.0), self.period)
+        if self.num_cycles is not None and cycle >= self.num_cycles:
+            return self.end
+        fraction = min(phase / (self.ratio * self.period), 1.0)
+        return self.start + (self.end - self.start) * fraction
+
+    def get_config(self) -> dict:
+        return {
+            "period": self.period,
+            "num_cycles": self.num_cycles,
+            "ratio": self.ratio,
+            "start": self.start,
+            "end": self.end,
+        }
+
+
+def _find_kl_regularizers(model: keras.layers.Layer) -> list[KLRegularizer]:
+    """Every `KLRegularizer` in `model`, at any depth, each once, in layer order."""
+    # `_flatten_layers` is private but has been stable across Keras 3: it walks
+    # sublayers held as attributes (a posterior's regularizer) and nested
+    # models, and skips a layer it has already seen (shared layers).
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if isinstance(layer, KLRegularizer)
+    ]
+
+
+class KLAnnealing(keras.callbacks.Callback):
+    """Sets the KL weight of every `KLRegularizer` of a model by a schedule.
+
+    Before each training batch, the callback evaluates `schedule(progress)`
+    and assigns the result to the `kl_weight` variable of each `KLRegularizer`
+    of the model, at any depth (inside posterior layers and nested models);
+    it finds them itself when training begins. The weight in effect at the
+    end of each epoch is added to the epoch's logs as `kl_weight`, so it is
+    shown by the progress bar and recorded in `history.history["kl_weight"]`.
+    Callbacks listed before this one in `fit(callbacks=...)` (a `CSVLogger`,
+    say) do not see it. Validation, `evaluate` and `predict` use the weight
+    last set. The weight is a variable of the model and is saved with it; a
+    reloaded model trained with a new `KLAnnealing` follows that schedule
+    from its start (pass `initial_epoch` to `fit` to resume one in epochs).
+
+    Units of progress:
+
+    - `"epoch"`: the epoch index plus the fraction of the epoch done,
+      `epoch + batch / steps`, when the number of steps per epoch is known,
+      else the epoch index alone. The index is the one Keras counts: it starts
+      again from `initial_epoch` (default 0) at each `fit` call.
+    - `"step"`: the number of training steps this callback has seen. The count
+      goes on across `fit` calls with the same callback; use a new
+      `KLAnnealing` to start again from 0.
+
+    With `steps_per_execution > 1`, Keras runs several steps per call, and the
+    weight is set once per call, from its first step.
+
+    Formula:
+
+    ```python
+    progress = epoch + batch / steps_per_epoch     # unit="epoch"
+    progress = steps_seen_so_far                   # unit="step"
+    kl_weight = schedule(progress)                 # each batch
+    ```
+
+    Args:
+        schedule: a callable from progress (a float) to the KL weight (a
+            finite, non-negative number), such as `LinearWarmup` or
+            `CyclicalAnnealing`.
+        unit: unit of progress, `"epoch"` or `"step"`. Defaults to `"epoch"`.
+        verbose: `1` prints the weight at the end of each epoch (epochs
+            numbered from 1, as in the progress bar), `0` is silent. Defaults
+            to `0`.
+
+    Example:
+
+    >>> KLAnnealing(LinearWarmup(10), unit="epoch").schedule(2.5)
+    0.25
+
+    ```python
+    model.fit(x, x, epochs=20, callbacks=[KLAnnealing(LinearWarmup(10))])
+    ```
+
+    Raises:
+        ValueError: when training begins, if the model has no `KLRegularizer`;
+            during training, if the schedule returns a value that is not a
+            finite, non-negative number.
+    """
+
+    def __init__(self, schedule: Callable[[float], float], unit: str = "epoch", verbose: int = 0):
+        super().__init__()
+        if not callable(schedule):
+            raise _math.invalid_argument(
+                "schedule", "a callable from progress to weight, e.g. LinearWarmup(10)", schedule
+            )
+        if unit not in UNITS:
+            raise _math.invalid_argument("unit", f"one of {UNITS}", unit)
+        if verbose not in (0, 1):
+            raise _math.invalid_argument("verbose", "0 or 1", verbose)
+        self.schedule = schedule
+        self.unit = unit
+        self.verbose = verbose
+        self.regularizers = []  # found when training begins
+        self._epoch = 0
+        self._steps_done = 0  # steps of the epochs already over, across fit calls
+        self._epoch_steps = 0  # steps of the current epoch
+        self._weight = None  # last weight set
+
+    def on_train_begin(self, logs=None):
+        # Searched at each fit: the callback may be reused with another model.
+        self.regularizers = _find_kl_regularizers(self.model)
+        if not self.regularizers:
+            raise ValueError(
+                f"KLAnnealing found no KLRegularizer in model '{self.model.name}'. "
+                "Give a posterior layer a `kl_regularizer=keras_elbo.KLRegularizer()`, "
+                "or remove the callback."
+            )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._epoch_steps = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # `batch` is the index of the execution's first step in the epoch.
+        self._epoch_steps = batch + (getattr(self.model, "steps_per_execution", 1) or 1)
+        if self.unit == "step":
+            progress = float(self._steps_done + batch)
+        else:
+            steps = self.params.get("steps") if self.params else None
+            progress = self._epoch + (batch / steps if steps else 0.0)
+        self._set_weight(self._weight_at(progress))
+
+    def on_epoch_end(self, epoch, logs=None):
+        steps = self.params.get("steps") if self.params else None
+        # The last execution of an epoch may run fewer steps than it asked for.
+        self._steps_done += min(self._epoch_steps, steps) if steps else self._epoch_steps
+        weight = self._weight
+        if weight is None:  # no batch ran: report the weight as it is
+            first = self.regularizers[0]
+            weight = float(first.kl_weight.numpy()) if first.built else first.weight
+        if logs is not None:
+            # The same dict goes on to History and the progress bar.
+            logs["kl_weight"] = weight
+        if self.verbose:
+            print(f"KLAnnealing: epoch {epoch + 1} kl_weight={weight:.4f}")
+
+    def _weight_at(self, progress):
+        value = self.schedule(progress)
+        try:
+            weight = float(value)
+        except (TypeError, ValueError):
+            weight = math.nan
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(
+                f"KLAnnealing: the schedule {self.schedule!r} returned {value!r} at "
+                f"progress={progress:g} ({self.unit}s). A KL weight must be a finite, "
+                "non-negative number."
+            )
+        return weight
+
+    def _set_weight(self, weight):
+        for regularizer in self.regularizers:
+            # A regularizer that was never called has no variable, and no loss.
+            if regularizer.built:
+                regularizer.kl_weight.assign(weight)
+        self._weight = weight

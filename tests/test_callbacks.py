@@ -1,0 +1,368 @@
+"""KL annealing: schedule values, and the callback driving `kl_weight` in `fit`."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_elbo as ke
+from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
+
+PIXELS, LATENT = 16, 2
+DATA = (np.random.default_rng(0).random((64, PIXELS)) < 0.3).astype("float32")
+BATCH = 16  # 64 examples -> 4 steps per epoch
+
+
+def posterior(metric_name="kl", latent_dim=LATENT):
+    regularizer = ke.KLRegularizer(metric_name=metric_name, seed=1)
+    return ke.GaussianPosterior(latent_dim, kl_regularizer=regularizer, seed=2)
+
+
+def make_vae(**compile_kwargs):
+    keras.utils.set_random_seed(0)
+    x = keras.Input((PIXELS,))
+    z = posterior()(keras.layers.Dense(8, activation="relu")(x))
+    return compile_vae(keras.Model(x, keras.layers.Dense(PIXELS)(z)), **compile_kwargs)
+
+
+def compile_vae(model, jit_compile=False, steps_per_execution=1):
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=ke.BernoulliNLL(from_logits=True),
+        jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
+    )
+    return model
+
+
+def regularizers_of(model):
+    return [layer for layer in model._flatten_layers() if isinstance(layer, ke.KLRegularizer)]
+
+
+class WeightRecorder(keras.callbacks.Callback):
+    """Records, after each training batch, the `kl_weight` of each regularizer."""
+
+    def __init__(self, regularizers):
+        super().__init__()
+        self.regularizers = regularizers
+        self.weights = []  # one row per batch, one column per regularizer
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.weights.append([float(r.kl_weight.numpy()) for r in self.regularizers])
+
+
+def fit(model, annealing, epochs=2, data=None, **kwargs):
+    """Fits with `annealing`; returns the history and the weights per batch."""
+    recorder = WeightRecorder(regularizers_of(model))
+    history = model.fit(
+        DATA if data is None else data,
+        None if data is not None else DATA,
+        epochs=epochs,
+        batch_size=None if data is not None else BATCH,
+        shuffle=False,
+        verbose=0,
+        callbacks=[annealing, recorder],
+        **kwargs,
+    )
+    return history.history, np.array(recorder.weights)
+
+
+def linear_reference(progress, duration, start=0.0, end=1.0):
+    return start + (end - start) * np.clip(np.asarray(progress, np.float64) / duration, 0.0, 1.0)
+
+
+def cyclical_reference(progress, period, num_cycles=None, ratio=0.5, start=0.0, end=1.0):
+    progress = np.asarray(progress, np.float64)
+    cycle, phase = np.floor(progress / period), np.mod(progress, period)
+    weight = start + (end - start) * np.minimum(phase / (ratio * period), 1.0)
+    if num_cycles is not None:
+        weight = np.where(cycle >= num_cycles, end, weight)
+    return weight
+
+
+PROGRESS = np.linspace(0.0, 13.0, 105)  # steps of 0.125, exact in binary
+
+
+class TestLinearWarmup:
+    @pytest.mark.parametrize(
+        "kwargs",
+        [
+            {"duration": 4},
+            {"duration": 0.5},
+            {"duration": 10, "start": 0.2},
+            {"duration": 3, "start": 0.1, "end": 2.0},
+            {"duration": 6, "start": 1.0, "end": 0.25},
+        ],
+        ids=["unit", "short", "from-0.2", "to-2", "decreasing"],
+    )
+    def test_values_match_numpy(self, kwargs):
+        schedule = LinearWarmup(**kwargs)
+        values = [schedule(p) for p in PROGRESS]
+        np.testing.assert_allclose(values, linear_reference(PROGRESS, **kwargs), rtol=1e-12)
+
+    def test_holds_end_and_returns_floats(self):
+        schedule = LinearWarmup(2, start=0.5, end=1.5)
+        assert schedule(0) == 0.5 and schedule(1) == 1.0 and schedule(2) == schedule(1e9) == 1.5
+        assert isinstance(schedule(1), float)
+
+    @pytest.mark.parametrize(
+        "kwargs, name",
+        [
+            ({"duration": 0}, "duration"),
+            ({"duration": -1}, "duration"),
+            ({"duration": math.inf}, "duration"),
+            ({"duration": True}, "duration"),
+            ({"duration": "10"}, "duration"),
+            ({"duration": 4, "start": -0.1}, "start"),
+            ({"duration": 4, "end": math.nan}, "end"),
+        ],
+        ids=["zero", "negative", "inf", "bool", "string", "negative-start", "nan-end"],
+    )
+    def test_invalid_arguments(self, kwargs, name):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            LinearWarmup(**kwargs)
+
+    def test_config_and_repr(self):
+        schedule = LinearWarmup(10, start=0.1)
+        assert schedule.get_config() == {"duration": 10.0, "start": 0.1, "end": 1.0}
+        assert LinearWarmup.from_config(schedule.get_config()).get_config() == (
+            schedule.get_config()
+        )
+        assert repr(schedule) == "LinearWarmup(duration=10.0, start=0.1, end=1.0)"
+
+
+class TestCyclicalAnnealing:
+    @pytest.mark.parametrize(
+        "kwargs",
+        [
+            {"period": 4},
+            {"period": 4, "ratio": 1.0},
+            {"period": 2.5, "ratio": 0.2},
+            {"period": 4, "num_cycles": 2},
+            {"period": 3, "num_cycles": 1, "ratio": 0.75},
+            {"period": 4, "start": 0.1, "end": 0.6},
+            {"period": 5, "num_cycles": 2, "start": 0.3, "end": 2.0},
+        ],
+        ids=[
+            "default",
+            "ratio-1",
+            "ratio-0.2",
+            "two-cycles",
+            "one-cycle",
+            "start-end",
+            "cycles-start-end",
+        ],
+    )
+    def test_values_match_numpy(self, kwargs):
+        schedule = CyclicalAnnealing(**kwargs)
+        values = [schedule(p) for p in PROGRESS]
+        np.testing.assert_allclose(values, cyclical_reference(PROGRESS, **kwargs), rtol=1e-12)
+
+    def test_restarts_each_cycle_then_holds_end(self):
+        schedule = CyclicalAnnealing(period=4, num_cycles=2, ratio=0.5)
+        values = [schedule(p) for p in range(10)]
+        assert values == [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0]
+
+    @pytest.mark.parametrize(
+        "kwargs, name",
+        [
+            ({"period": 0}, "period"),
+            ({"period": -2}, "period"),
+            ({"period": 4, "num_cycles": 0}, "num_cycles"),
+            ({"period": 4, "num_cycles": 2.0}, "num_cycles"),
+            ({"period": 4, "num_cycles": True}, "num_cycles"),
+            ({"period": 4, "ratio": 0}, "ratio"),
+            ({"period": 4, "ratio": 1.5}, "ratio"),
+            ({"period": 4, "start": -1}, "start"),
+            ({"period": 4, "end": -1}, "end"),
+        ],
+        ids=[
+            "zero-period",
+            "negative-period",
+            "zero-cycles",
+            "float-cycles",
+            "bool-cycles",
+            "zero-ratio",
+            "ratio-above-1",
+            "negative-start",
+            "negative-end",
+        ],
+    )
+    def test_invalid_arguments(self, kwargs, name):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            CyclicalAnnealing(**kwargs)
+
+    def test_config_and_repr(self):
+        schedule = CyclicalAnnealing(8, num_cycles=3, ratio=0.25)
+        config = schedule.get_config()
+        assert config == {"period": 8.0, "num_cycles": 3, "ratio": 0.25, "start": 0.0, "end": 1.0}
+        assert CyclicalAnnealing.from_config(config).get_config() == config
+        assert repr(schedule) == (
+            "CyclicalAnnealing(period=8.0, num_cycles=3, ratio=0.25, start=0.0, end=1.0)"
+        )
+
+
+class TestKLAnnealingArguments:
+    @pytest.mark.parametrize(
+        "kwargs, name",
+        [
+            ({"schedule": 0.5}, "schedule"),
+            ({"schedule": LinearWarmup(4), "unit": "batch"}, "unit"),
+            ({"schedule": LinearWarmup(4), "verbose": 2}, "verbose"),
+        ],
+        ids=["not-callable", "unit", "verbose"],
+    )
+    def test_invalid_arguments(self, kwargs, name):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            KLAnnealing(**kwargs)
+
+    def test_model_without_regularizer_raises(self):
+        x = keras.Input((PIXELS,))
+        model = keras.Model(x, keras.layers.Dense(PIXELS)(x), name="plain")
+        model.compile(optimizer="adam", loss="mse")
+        with pytest.raises(ValueError, match="KLAnnealing found no KLRegularizer in model 'plain'"):
+            model.fit(DATA, DATA, epochs=1, verbose=0, callbacks=[KLAnnealing(LinearWarmup(4))])
+
+
+class TestKLAnnealingFit:
+    @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+    def test_step_unit_follows_schedule_each_batch(self, jit_compile):
+        model = make_vae(jit_compile=jit_compile)
+        schedule = LinearWarmup(4)
+        history, weights = fit(model, KLAnnealing(schedule, unit="step"))
+        expected = linear_reference(np.arange(8), 4)  # 2 epochs x 4 steps
+        np.testing.assert_allclose(weights[:, 0], expected, rtol=1e-6)
+        # Weights at epoch ends: those of the last batch of each epoch.
+        np.testing.assert_allclose(history["kl_weight"], expected[[3, 7]], rtol=1e-6)
+        assert sorted(history) == ["kl", "kl_weight", "loss"]
+
+    def test_epoch_unit_uses_fractional_epochs(self):
+        model = make_vae()
+        history, weights = fit(model, KLAnnealing(LinearWarmup(1.5), unit="epoch"), epochs=3)
+        progress = np.arange(12) / 4  # epoch + batch / 4
+        expected = linear_reference(progress, 1.5)
+        np.testing.assert_allclose(weights[:, 0], expected, rtol=1e-6)
+        np.testing.assert_allclose(history["kl_weight"], expected[[3, 7, 11]], rtol=1e-6)
+
+    def test_steps_per_execution_sets_weight_once_per_execution(self):
+        # Two steps per call to the train function: the weight is set from
+        # the first step of each call, and the count still advances by 4 per
+        # epoch.
+        model = make_vae(steps_per_execution=2)
+        history, weights = fit(model, KLAnnealing(LinearWarmup(8), unit="step"))
+        expected = linear_reference([0, 2, 4, 6], 8)
+        np.testing.assert_allclose(weights[:, 0], expected, rtol=1e-6)
+        np.testing.assert_allclose(history["kl_weight"], expected[[1, 3]], rtol=1e-6)
+
+    # Keras warns when a dataset of unknown length runs out, as it must here.
+    @pytest.mark.filterwarnings("ignore:Your input ran out of data")
+    def test_epoch_unit_with_unknown_epoch_length_uses_whole_epochs(self):
+        # `filter` hides the dataset's length: Keras does not know the steps.
+        data = tf.data.Dataset.from_tensor_slices((DATA, DATA)).filter(lambda x, y: True)
+        data = data.batch(BATCH)
+        assert data.cardinality().numpy() == tf.data.UNKNOWN_CARDINALITY
+        model = make_vae()
+        _, weights = fit(model, KLAnnealing(LinearWarmup(4), unit="epoch"), epochs=2, data=data)
+        np.testing.assert_allclose(weights[:, 0], [0.0] * 4 + [0.25] * 4, rtol=1e-6)
+
+    def test_step_count_continues_across_fit_calls(self):
+        model = make_vae()
+        annealing = KLAnnealing(LinearWarmup(6), unit="step")
+        _, first = fit(model, annealing, epochs=1)
+        _, second = fit(model, annealing, epochs=1)
+        weights = np.concatenate([first[:, 0], second[:, 0]])
+        np.testing.assert_allclose(weights, linear_reference(np.arange(8), 6), rtol=1e-6)
+
+    @pytest.mark.parametrize("layout", ["two-posteriors", "nested-model"])
+    def test_every_regularizer_is_set(self, layout):
+        keras.utils.set_random_seed(0)
+        x = keras.Input((PIXELS,))
+        if layout == "two-posteriors":
+            z = posterior("kl_b")(posterior("kl_a")(x))
+            expected_metrics = ["kl_a", "kl_b"]
+        else:
+            inner = keras.Input((PIXELS,))
+            encoder = keras.Model(inner, posterior("kl_inner")(inner), name="encoder")
+            z = posterior("kl_outer")(keras.layers.Dense(4)(encoder(x)))
+            expected_metrics = ["kl_inner", "kl_outer"]
+        model = compile_vae(keras.Model(x, keras.layers.Dense(PIXELS)(z)))
+        annealing = KLAnnealing(CyclicalAnnealing(period=3, ratio=1.0, start=0.1), unit="step")
+        history, weights = fit(model, annealing)
+        assert sorted(r.metric_name for r in annealing.regularizers) == expected_metrics
+        expected = cyclical_reference(np.arange(8), period=3, ratio=1.0, start=0.1)
+        np.testing.assert_allclose(weights, np.stack([expected, expected], axis=1), rtol=1e-6)
+        assert set(expected_metrics) < set(history)
+
+    def test_shared_submodel_is_found_once(self):
+        inner = keras.Input((PIXELS,))
+        encoder = keras.Model(inner, keras.layers.Dense(PIXELS)(posterior()(inner)))
+        x = keras.Input((PIXELS,))
+        model = compile_vae(keras.Model(x, encoder(encoder(x))))
+        annealing = KLAnnealing(LinearWarmup(4), unit="step")
+        fit(model, annealing, epochs=1)
+        assert len(annealing.regularizers) == 1
+
+    def test_user_callable_schedule(self):
+        model = make_vae()
+        history, weights = fit(model, KLAnnealing(lambda step: 0.5**step, unit="step"))
+        np.testing.assert_allclose(weights[:, 0], 0.5 ** np.arange(8), rtol=1e-6)
+        np.testing.assert_allclose(history["kl_weight"], [0.5**3, 0.5**7], rtol=1e-6)
+
+    @pytest.mark.parametrize(
+        "bad, shown",
+        [(-0.5, "-0.5"), (math.nan, "nan"), (math.inf, "inf"), ("high", "'high'")],
+        ids=["negative", "nan", "inf", "string"],
+    )
+    def test_invalid_weight_from_schedule_raises(self, bad, shown):
+        model = make_vae()
+        # Raised before the first step, so no train function is traced.
+        annealing = KLAnnealing(lambda epoch: bad)
+        with pytest.raises(ValueError, match=f"returned {shown} at progress=0 \\(epochs\\)"):
+            fit(model, annealing, epochs=1)
+
+    def test_verbose_prints_one_line_per_epoch(self, capsys):
+        model = make_vae()
+        fit(model, KLAnnealing(LinearWarmup(4), unit="step", verbose=1))
+        lines = [line for line in capsys.readouterr().out.splitlines() if "KLAnnealing" in line]
+        assert lines == [
+            "KLAnnealing: epoch 1 kl_weight=0.7500",
+            "KLAnnealing: epoch 2 kl_weight=1.0000",
+        ]
+
+    # The model is saved before any training: its optimizer has no slots yet.
+    @pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
+    def test_loaded_model_follows_schedule(self, tmp_path):
+        model = make_vae()
+        model.layers[2].kl_regularizer.kl_weight.assign(0.3)
+        model.save(tmp_path / "vae.keras")
+        loaded = keras.saving.load_model(tmp_path / "vae.keras")
+        assert float(loaded.layers[2].kl_regularizer.kl_weight.numpy()) == pytest.approx(0.3)
+        schedule = CyclicalAnnealing(period=4, num_cycles=1)
+        history, weights = fit(loaded, KLAnnealing(schedule, unit="step"))
+        np.testing.assert_allclose(weights[:, 0], cyclical_reference(np.arange(8), 4, 1))
+        assert history["kl_weight"] == [1.0, 1.0]
+
+    def test_loss_is_reconstruction_plus_scheduled_weight_times_kl(self):
+        # One step on the whole data set from identically built models (same
+        # initial weights, same sample seeds): the logged loss of that step is
+        # reconstruction + w * kl, with the reconstruction and the KL the same
+        # for every w, so the loss difference is exactly the w difference
+        # times the logged KL.
+        def first_step(weight):
+            model = make_vae()
+            history = model.fit(
+                DATA,
+                DATA,
+                epochs=1,
+                batch_size=len(DATA),
+                verbose=0,
+                callbacks=[KLAnnealing(lambda progress: weight)],
+            ).history
+            assert history["kl_weight"] == [weight]
+            return history["loss"][0], history["kl"][0]
+
+        (loss_0, kl_0), (loss_w, kl_w) = first_step(0.0), first_step(2.5)
+        np.testing.assert_allclose(kl_0, kl_w, rtol=1e-6)
+        np.testing.assert_allclose(loss_w - loss_0, 2.5 * kl_0, rtol=1e-4)
