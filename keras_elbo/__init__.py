@@ -13,7 +13,7 @@ from keras_elbo.divergence import KLRegularizer
 from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
 from keras_elbo.losses import BernoulliNLL, GaussianNLL, bernoulli_nll, gaussian_nll
 from keras_elbo.posteriors import GaussianPosterior
-from keras_elbo.priors import MixturePrior, NormalPrior, Prior
+from keras_elbo.priors import MixturePrior, NormalPrior, Prior, VampPrior
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "MixturePrior",
     "NormalPrior",
     "Prior",
+    "VampPrior",
     "__version__",
     "bernoulli_nll",
     "custom_objects",
@@ -43,6 +44,7 @@ _SERIALIZABLE = (
     KLRegularizer,
     MixturePrior,
     NormalPrior,
+    VampPrior,
 )
 
 

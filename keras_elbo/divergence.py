@@ -193,6 +193,8 @@ class KLRegularizer(keras.layers.Layer):
         z: a sample of `posterior`, returned unchanged.
         posterior: the TFP distribution q(z|x), as a keyword argument (Keras
             layers take only tensors positionally).
+        posterior_layer: the layer that made `posterior`, passed on to the
+            prior (a `VampPrior` needs it). Posterior layers pass themselves.
 
     Returns:
         `z`, unchanged.
@@ -261,12 +263,12 @@ class KLRegularizer(keras.layers.Layer):
         )
         self.built = True
 
-    def prior_distribution(self, posterior):
+    def prior_distribution(self, posterior, posterior_layer=None):
         """p(z) as a TFP distribution, for the given posterior q(z|x)."""
         if self.prior is None:
             return standard_normal_like(posterior)
         if isinstance(self.prior, Prior):
-            return self.prior.distribution()
+            return self.prior.distribution(posterior_layer=posterior_layer)
         return self.prior
 
     def method(self, posterior, prior):
@@ -276,7 +278,7 @@ class KLRegularizer(keras.layers.Layer):
             self._methods[key] = self._resolve_method(posterior, prior)
         return self._methods[key]
 
-    def check_posterior(self, posterior):
+    def check_posterior(self, posterior, posterior_layer=None):
         """Raises `ValueError` now if this regularizer cannot handle `posterior`.
 
         Posterior layers call it from `build` with an example distribution:
@@ -284,21 +286,22 @@ class KLRegularizer(keras.layers.Layer):
         with no estimator for the pair (`"analytic"` without a closed form),
         then fails at model construction with a message naming the fix.
         """
-        prior = self.prior_distribution(posterior)
+        prior = self.prior_distribution(posterior, posterior_layer)
         self._check_event_shapes(posterior, prior)
         self.method(posterior, prior)
 
-    def kl_divergence(self, posterior, sample=None):
+    def kl_divergence(self, posterior, sample=None, posterior_layer=None):
         """KL[q || p] per example (a tensor of q's batch shape), by `mode`."""
-        return tf.reduce_sum(self._kl_terms(posterior, sample, per_dimension=False), axis=-1)
+        terms = self._kl_terms(posterior, sample, posterior_layer, per_dimension=False)
+        return tf.reduce_sum(terms, axis=-1)
 
-    def call(self, z, posterior=None):
+    def call(self, z, posterior=None, posterior_layer=None):
         if not isinstance(posterior, tfd.Distribution):
             raise TypeError(
                 "KLRegularizer must be called as `kl_regularizer(z, posterior=q)` "
                 f"with q a TFP distribution. Received: posterior={posterior!r}"
             )
-        terms = self._kl_terms(posterior, z, per_dimension=self.free_bits > 0)
+        terms = self._kl_terms(posterior, z, posterior_layer, self.free_bits > 0)
         batch_axes = list(range(len(terms.shape) - 1))
         terms = tf.reduce_mean(terms, axis=batch_axes)  # one KL per term
         kl = tf.reduce_sum(terms)
@@ -314,10 +317,10 @@ class KLRegularizer(keras.layers.Layer):
         self.kl_metric.update_state(kl, sample_weight=tf.cast(batch_size, kl.dtype))
         return z
 
-    def _kl_terms(self, q, sample, per_dimension):
+    def _kl_terms(self, q, sample, posterior_layer, per_dimension):
         """KL per example, shape `(*batch, terms)`: one term per latent
         dimension when `per_dimension` and the KL factorises, else one."""
-        p = self.prior_distribution(q)
+        p = self.prior_distribution(q, posterior_layer)
         self._check_event_shapes(q, p)
         method = self.method(q, p)
         samples = None

@@ -59,7 +59,8 @@ class _LatentModel:
 
     def posterior_and_prior(self, x):
         q = self.posterior.distribution(self.body(x, training=False))
-        return q, self.posterior.kl_regularizer.prior_distribution(q)
+        prior = self.posterior.kl_regularizer.prior_distribution(q, self.posterior)
+        return q, prior
 
     def log_likelihood(self, x, z):
         """log p(x|z) for samples z of shape (S, B, d): shape (S, B)."""
@@ -129,7 +130,8 @@ def evaluate_elbo(
         q, _ = parts.posterior_and_prior(x)
         z = q.sample(num_samples, seed=seed)
         reconstruction = -tf.reduce_mean(parts.log_likelihood(x, z), axis=0)
-        return reconstruction, regularizer.kl_divergence(q, sample=z[0])
+        kl = regularizer.kl_divergence(q, sample=z[0], posterior_layer=parts.posterior)
+        return reconstruction, kl
 
     results = {"reconstruction": [], "kl": []}
     progbar = keras.utils.Progbar(math.ceil(len(x) / batch_size), verbose=verbose)

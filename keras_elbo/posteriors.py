@@ -124,7 +124,7 @@ class GaussianPosterior(ParentLayer):
             # this posterior (a prior of another size, an impossible mode),
             # rather than from inside Keras's symbolic call.
             example = self._from_params(tf.zeros([1, self.projection.units]))
-            self.kl_regularizer.check_posterior(example)
+            self.kl_regularizer.check_posterior(example, posterior_layer=self)
         self.built = True
 
     def distribution(self, inputs):
@@ -147,7 +147,7 @@ class GaussianPosterior(ParentLayer):
         q = self.distribution(inputs)
         z = q.sample(seed=_math.tfp_seed(self.seed_generator, "GaussianPosterior"))
         if self.kl_regularizer is not None:
-            z = self.kl_regularizer(z, posterior=q)
+            z = self.kl_regularizer(z, posterior=q, posterior_layer=self)
         if not training and self.inference == "mean":
             z = q.mean()
         return tf.cast(z, self.compute_dtype)

@@ -23,8 +23,14 @@ class Prior(keras.layers.Layer):
     arguments in `get_config`.
     """
 
-    def distribution(self):
-        """Returns p(z) as a TFP distribution with event shape `(latent_dim,)`."""
+    def distribution(self, posterior_layer=None):
+        """Returns p(z) as a TFP distribution with event shape `(latent_dim,)`.
+
+        Args:
+            posterior_layer: the posterior layer whose KL uses this prior,
+                passed by `KLRegularizer`. Most priors ignore it; a prior
+                built from the model's own posterior (`VampPrior`) needs it.
+        """
         raise NotImplementedError
 
     def call(self, inputs=None):
@@ -71,7 +77,7 @@ class NormalPrior(Prior):
         self.scale = float(scale)
         self.built = True
 
-    def distribution(self):
+    def distribution(self, posterior_layer=None):
         loc = tf.fill([self.latent_dim], tf.constant(self.loc, tf.float32))
         scale = tf.fill([self.latent_dim], tf.constant(self.scale, tf.float32))
         return tfd.MultivariateNormalDiag(loc=loc, scale_diag=scale)
@@ -183,7 +189,7 @@ class MixturePrior(Prior):
         )
         self.built = True
 
-    def distribution(self):
+    def distribution(self, posterior_layer=None):
         scale = _math.positive_scale(tf.convert_to_tensor(self.raw_scale), self.min_scale)
         return tfd.MixtureSameFamily(
             mixture_distribution=tfd.Categorical(logits=tf.convert_to_tensor(self.logits)),
@@ -205,3 +211,136 @@ class MixturePrior(Prior):
             }
         )
         return config
+
+
+@keras.saving.register_keras_serializable(package="keras_elbo")
+class VampPrior(Prior):
+    """The VampPrior: a mixture of the model's own posteriors at pseudo-inputs.
+
+    `p(z) = mean_k q(z | u_k)` over K learnable pseudo-inputs u_k that live in
+    the data space: the prior the data would induce if it were K points,
+    learned with the model. It closes much of the gap between the standard
+    normal prior and the aggregate posterior (Tomczak & Welling, 2018, Table 1:
+    on static binarized MNIST, test NLL 85.57 against about 88 with N(0, I)).
+
+    It needs the model's encoder: give it the `encoder` body, the layer or
+    sub-model that maps data to the posterior layer's input features, which
+    the model also uses. The posterior layer whose `KLRegularizer` holds this
+    prior passes itself at each call, so the pseudo-inputs go through the
+    same body and posterior head as the data. The body is shared, not copied:
+    saving and loading keep it one layer. There is no closed-form KL against
+    it; `KLRegularizer(mode="auto")` estimates it by Monte Carlo.
+
+    Formula:
+
+    ```python
+    u = activation(pseudo_inputs)                 # (K, *input_shape)
+    p(z) = mean_k q(z | u_k) = mean_k posterior(encoder(u))[k].prob(z)
+    ```
+
+    Args:
+        encoder: the layer or model from data to the posterior's features,
+            shared with the model.
+        num_components: number of pseudo-inputs K, a positive integer.
+        input_shape: shape of one data example, e.g. `(784,)`.
+        activation: applied to the pseudo-inputs, e.g. `"hard_sigmoid"` to
+            keep them in [0, 1] like binary pixels. Defaults to `None`.
+        pseudo_inputs_initializer: initializer of the pseudo-inputs. Defaults
+            to `RandomNormal(mean=0.5, stddev=0.05)` (the paper's
+            initialisation for binary data is close to this).
+        seed: seed of that initializer when it is the default. Defaults to
+            `None`.
+
+    Example:
+
+    >>> body = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+    >>> from keras_elbo import GaussianPosterior, KLRegularizer
+    >>> prior = VampPrior(body, num_components=3, input_shape=(6,), seed=0)
+    >>> x = keras.Input((6,))
+    >>> z = GaussianPosterior(2, kl_regularizer=KLRegularizer(prior=prior))(body(x))
+    >>> tuple(prior.pseudo_inputs.shape)
+    (3, 6)
+
+    Reference: Tomczak & Welling, 2018, "VAE with a VampPrior".
+    """
+
+    def __init__(
+        self,
+        encoder: keras.layers.Layer,
+        num_components: int,
+        input_shape: tuple,
+        activation=None,
+        pseudo_inputs_initializer=None,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(encoder, keras.layers.Layer):
+            raise _math.invalid_argument("encoder", "a Keras layer or model", encoder)
+        if not isinstance(num_components, int) or num_components < 1:
+            raise _math.invalid_argument("num_components", "a positive integer", num_components)
+        input_shape = tuple(input_shape) if isinstance(input_shape, list | tuple) else input_shape
+        if not (
+            isinstance(input_shape, tuple)
+            and input_shape
+            and all(isinstance(n, int) and n > 0 for n in input_shape)
+        ):
+            raise _math.invalid_argument(
+                "input_shape", "a tuple of positive integers, e.g. (784,)", input_shape
+            )
+        self.encoder = encoder
+        self.num_components = num_components
+        self.input_shape_ = input_shape
+        self.activation = keras.activations.get(activation)
+        self.seed = seed
+        if pseudo_inputs_initializer is None:
+            pseudo_inputs_initializer = keras.initializers.RandomNormal(
+                mean=0.5, stddev=0.05, seed=seed
+            )
+        self.pseudo_inputs_initializer = keras.initializers.get(pseudo_inputs_initializer)
+        self.build()
+
+    def build(self, input_shape=None):
+        self.pseudo_inputs = self.add_weight(
+            shape=(self.num_components, *self.input_shape_),
+            initializer=self.pseudo_inputs_initializer,
+            name="pseudo_inputs",
+        )
+        self.built = True
+
+    def distribution(self, posterior_layer=None):
+        if posterior_layer is None or not callable(getattr(posterior_layer, "distribution", None)):
+            raise ValueError(
+                "VampPrior needs the posterior layer (with a `distribution(features)` "
+                "method) that uses it: use it as the prior of the KLRegularizer of a "
+                "keras_elbo posterior layer, which passes itself. Received: "
+                f"posterior_layer={posterior_layer!r}"
+            )
+        u = self.activation(tf.convert_to_tensor(self.pseudo_inputs))
+        components = posterior_layer.distribution(self.encoder(u))
+        return tfd.MixtureSameFamily(
+            mixture_distribution=tfd.Categorical(logits=tf.zeros([self.num_components])),
+            components_distribution=components,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "encoder": keras.saving.serialize_keras_object(self.encoder),
+                "num_components": self.num_components,
+                "input_shape": self.input_shape_,
+                "activation": keras.activations.serialize(self.activation),
+                "pseudo_inputs_initializer": keras.initializers.serialize(
+                    self.pseudo_inputs_initializer
+                ),
+                "seed": self.seed,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
+        return cls(**config)

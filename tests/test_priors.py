@@ -1,5 +1,6 @@
 """Prior layers: densities against NumPy, weights, errors, configs."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -72,3 +73,89 @@ class TestNormalPrior:
 def test_prior_is_not_called_on_tensors():
     with pytest.raises(TypeError, match="distribution"):
         ke.MixturePrior(2, 2)(np.zeros((1, 2), "float32"))
+
+
+def vamp_vae(num_components=3, seed=0):
+    """A VAE whose encoder body is shared with its VampPrior."""
+    keras.utils.set_random_seed(seed)
+    body = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)], name="body")
+    prior = ke.VampPrior(body, num_components=num_components, input_shape=(6,), seed=seed)
+    posterior = ke.GaussianPosterior(
+        2, kl_regularizer=ke.KLRegularizer(prior=prior, seed=1), inference="mean", seed=2
+    )
+    x = keras.Input((6,))
+    model = keras.Model(x, keras.layers.Dense(6)(posterior(body(x))))
+    model.compile(keras.optimizers.Adam(1e-2), ke.BernoulliNLL(from_logits=True))
+    return model, body, prior, posterior
+
+
+VAMP_DATA = (np.random.default_rng(1).random((64, 6)) < 0.4).astype("float32")
+
+
+class TestVampPrior:
+    def test_log_prob_is_mean_of_posteriors_at_pseudo_inputs(self):
+        model, body, prior, posterior = vamp_vae()
+        w_body, b_body = (w.numpy().astype(np.float64) for w in body.weights)
+        w_proj, b_proj = (w.numpy().astype(np.float64) for w in posterior.projection.weights)
+        params = (prior.pseudo_inputs.numpy() @ w_body + b_body) @ w_proj + b_proj
+        locs, scales = params[:, :2], h.softplus(params[:, 2:]) + posterior.min_scale
+        z = np.random.default_rng(2).normal(size=(7, 2)).astype("float32")
+        expected = h.mixture_logpdf(z, np.zeros(3), locs, scales)
+        actual = prior.distribution(posterior_layer=posterior).log_prob(z)
+        np.testing.assert_allclose(actual, expected, rtol=1e-5)
+
+    def test_trains_pseudo_inputs_with_monte_carlo_kl(self):
+        model, body, prior, posterior = vamp_vae()
+        regularizer = posterior.kl_regularizer
+        q = posterior.distribution(body(VAMP_DATA))
+        assert regularizer.method(q, prior.distribution(posterior)) == "mc_entropy"
+        before = prior.pseudo_inputs.numpy().copy()
+        history = model.fit(VAMP_DATA, VAMP_DATA, epochs=2, batch_size=16, verbose=0).history
+        assert np.all(np.isfinite(history["loss"])) and "kl" in history
+        assert not np.allclose(before, prior.pseudo_inputs.numpy())
+
+    @pytest.mark.parametrize("use_custom_objects", [False, True], ids=["registered", "custom"])
+    def test_save_load_keeps_the_body_shared(self, use_custom_objects, tmp_path, monkeypatch):
+        model, *_ = vamp_vae()
+        model.fit(VAMP_DATA, VAMP_DATA, epochs=1, batch_size=16, verbose=0)
+        loaded = h.save_and_load(model, tmp_path / "vamp.keras", use_custom_objects, monkeypatch)
+        body = loaded.get_layer("body")
+        posterior = next(
+            layer for layer in loaded.layers if isinstance(layer, ke.GaussianPosterior)
+        )
+        prior = posterior.kl_regularizer.prior
+        assert isinstance(prior, ke.VampPrior) and prior.encoder is body
+        for a, b in zip(model.weights, loaded.weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_allclose(
+            model.predict(VAMP_DATA, verbose=0),
+            loaded.predict(VAMP_DATA, verbose=0),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+    def test_evaluation_functions_accept_it(self):
+        model, *_ = vamp_vae()
+        iwae = ke.importance_weighted_log_likelihood(model, VAMP_DATA, num_samples=4, verbose=0)
+        elbo = ke.evaluate_elbo(model, VAMP_DATA, verbose=0)["elbo"]
+        assert iwae.shape == elbo.shape == (64,) and np.all(np.isfinite(iwae))
+
+    def test_needs_the_posterior_layer(self):
+        _, _, prior, _ = vamp_vae()
+        with pytest.raises(ValueError, match="posterior layer"):
+            prior.distribution()
+
+    @pytest.mark.parametrize(
+        "kwargs, argument",
+        [
+            ({"encoder": "body", "num_components": 2, "input_shape": (6,)}, "encoder"),
+            ({"num_components": 0, "input_shape": (6,)}, "num_components"),
+            ({"num_components": 2, "input_shape": (0,)}, "input_shape"),
+            ({"num_components": 2, "input_shape": 6}, "input_shape"),
+        ],
+        ids=lambda v: str(v),
+    )
+    def test_bad_argument_names_it(self, kwargs, argument):
+        kwargs.setdefault("encoder", keras.layers.Dense(2))
+        with pytest.raises(ValueError, match=f"`{argument}`"):
+            ke.VampPrior(**kwargs)
