@@ -8,6 +8,17 @@ over event dimensions, averaged over the batch.
 
 import keras
 
+# The layers are built on TensorFlow Probability's TensorFlow substrate: they
+# need Keras's TensorFlow backend. Say so once, here, instead of letting a
+# stack trace surface from inside TFP or another backend.
+if keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "keras_elbo needs the TensorFlow backend of Keras, but Keras is using the "
+        f"'{keras.backend.backend()}' backend. Set the environment variable "
+        "KERAS_BACKEND=tensorflow before Python imports keras (or set \"backend\": "
+        "\"tensorflow\" in ~/.keras/keras.json)."
+    )
+
 from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
