@@ -15,15 +15,15 @@ if keras.backend.backend() != "tensorflow":
     raise ImportError(
         "keras_elbo needs the TensorFlow backend of Keras, but Keras is using the "
         f"'{keras.backend.backend()}' backend. Set the environment variable "
-        "KERAS_BACKEND=tensorflow before Python imports keras (or set \"backend\": "
-        "\"tensorflow\" in ~/.keras/keras.json)."
+        'KERAS_BACKEND=tensorflow before Python imports keras (or set "backend": '
+        '"tensorflow" in ~/.keras/keras.json).'
     )
 
 from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
 from keras_elbo.losses import BernoulliNLL, GaussianNLL, bernoulli_nll, gaussian_nll
-from keras_elbo.posteriors import GaussianPosterior
+from keras_elbo.posteriors import GaussianPosterior, Posterior
 from keras_elbo.priors import MixturePrior, NormalPrior, Prior, VampPrior
 
 __version__ = "0.1.0"
@@ -38,6 +38,7 @@ __all__ = [
     "LinearWarmup",
     "MixturePrior",
     "NormalPrior",
+    "Posterior",
     "Prior",
     "VampPrior",
     "__version__",

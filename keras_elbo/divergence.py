@@ -89,8 +89,11 @@ def kl_estimate(q, p, method, samples=None, path_derivative=False):
     Args:
         q, p: the posterior and the prior (TFP distributions).
         method: `"analytic"`, `"mc"` or `"mc_entropy"`.
-        samples: reparameterised samples of q, shape `(num_samples, *batch)`
-            plus q's event shape; unused by `"analytic"`.
+        samples: reparameterised samples of q: one sample (q's batch and
+            event shape), or several along a leading axis; unused by
+            `"analytic"`. One sample is best passed as the very tensor q
+            returned: TFP's bijector cache then gives log q(z) without
+            inverting a flow.
         path_derivative: in `"mc"`, evaluate log q with its parameters behind
             `stop_gradient`: the gradient keeps only the path through z
             ("sticking the landing", Roeder et al., 2017). The value is
@@ -98,11 +101,16 @@ def kl_estimate(q, p, method, samples=None, path_derivative=False):
     """
     if method == "analytic":
         return tfd.kl_divergence(q, p)
-    cross_entropy = -tf.reduce_mean(p.log_prob(samples), axis=0)
+    several = samples.shape.rank > q.batch_shape.rank + q.event_shape.rank
+
+    def mean_over_samples(values):
+        return tf.reduce_mean(values, axis=0) if several else values
+
+    cross_entropy = -mean_over_samples(p.log_prob(samples))
     if method == "mc_entropy":
         return cross_entropy - q.entropy()
     q_density = stop_parameter_gradients(q) if path_derivative else q
-    return tf.reduce_mean(q_density.log_prob(samples), axis=0) + cross_entropy
+    return mean_over_samples(q_density.log_prob(samples)) + cross_entropy
 
 
 @keras.saving.register_keras_serializable(package="keras_elbo")
@@ -326,7 +334,7 @@ class KLRegularizer(keras.layers.Layer):
         samples = None
         if method != "analytic":
             if self.num_samples == 1 and sample is not None:
-                samples = tf.cast(sample, q.dtype)[tf.newaxis]
+                samples = sample if sample.dtype == q.dtype else tf.cast(sample, q.dtype)
             else:
                 samples = q.sample(
                     self.num_samples, seed=_math.tfp_seed(self.seed_generator, "KLRegularizer")

@@ -16,17 +16,15 @@ import tensorflow as tf
 
 from keras_elbo import _math
 from keras_elbo.losses import BernoulliNLL, GaussianNLL
+from keras_elbo.posteriors import Posterior
 
 
 class _LatentModel:
     """The parts of a model that the estimators need, found once."""
 
     def __init__(self, model, likelihood):
-        posteriors = [
-            layer
-            for layer in model._flatten_layers(include_self=False)
-            if callable(getattr(layer, "distribution", None)) and hasattr(layer, "kl_regularizer")
-        ]
+        layers = model._flatten_layers(include_self=False)
+        posteriors = [layer for layer in layers if isinstance(layer, Posterior)]
         if len(posteriors) != 1:
             raise ValueError(
                 "Evaluation needs a model with exactly one posterior layer (such as "

@@ -14,8 +14,107 @@ COVARIANCES = ("diag", "full")
 INFERENCE_OUTPUTS = ("sample", "mean")
 
 
+class Posterior(ParentLayer):
+    """Base class of posterior layers: subclasses implement `distribution`.
+
+    It holds what every posterior layer does alike: it validates `latent_dim`,
+    `kl_regularizer`, `inference` and `seed`; in `build` it asks the
+    regularizer to check an example posterior (so a prior of the wrong size
+    fails at model construction); in `call` it draws one seeded,
+    reparameterised sample of `distribution(inputs)`, hands the sample and the
+    distribution to the regularizer, and returns the sample in training, or
+    the output `inference` names outside it. A subclass creates its sublayers
+    in `__init__`, builds them in `build_sublayers`, returns q(z|x) from
+    `distribution(inputs)` (event shape `(latent_dim,)`, float32), and may
+    override `mean(q)`.
+
+    Args:
+        latent_dim: size of z, a positive integer.
+        kl_regularizer: a `KLRegularizer`, or `None` for no KL term.
+        inference: what the layer returns outside training, `"sample"` or
+            `"mean"`.
+        seed: seed of the layer's samples.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        kl_regularizer: KLRegularizer | None = None,
+        inference: str = "sample",
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+            raise _math.invalid_argument("latent_dim", "a positive integer", latent_dim)
+        if kl_regularizer is not None and not isinstance(kl_regularizer, KLRegularizer):
+            raise _math.invalid_argument(
+                "kl_regularizer", "None or a keras_elbo.KLRegularizer", kl_regularizer
+            )
+        if inference not in INFERENCE_OUTPUTS:
+            raise _math.invalid_argument("inference", f"one of {INFERENCE_OUTPUTS}", inference)
+        self.latent_dim = latent_dim
+        self.kl_regularizer = kl_regularizer
+        self.inference = inference
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        if input_shape[-1] is None:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' needs a known last input "
+                f"dimension; received input_shape={input_shape}."
+            )
+        self.build_sublayers(input_shape)
+        if self.kl_regularizer is not None:
+            # Fail now, with the regularizer's own message, if it cannot handle
+            # this posterior (a prior of another size, an impossible mode),
+            # rather than from inside Keras's symbolic call.
+            example = self.distribution(tf.zeros([1, *input_shape[1:]], self.compute_dtype))
+            self.kl_regularizer.check_posterior(example, posterior_layer=self)
+        self.built = True
+
+    def build_sublayers(self, input_shape):
+        """Builds the sublayers that map features to q's parameters."""
+
+    def distribution(self, inputs):
+        """q(z|x) for a batch of inputs, as a TFP distribution (float32)."""
+        raise NotImplementedError
+
+    def mean(self, q):
+        """What the layer returns outside training with `inference="mean"`."""
+        return q.mean()
+
+    def call(self, inputs, training=None):
+        q = self.distribution(inputs)
+        z = q.sample(seed=_math.tfp_seed(self.seed_generator, type(self).__name__))
+        if self.kl_regularizer is not None:
+            z = self.kl_regularizer(z, posterior=q, posterior_layer=self)
+        if not training and self.inference == "mean":
+            z = self.mean(q)
+        return tf.cast(z, self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "latent_dim": self.latent_dim,
+                "kl_regularizer": keras.saving.serialize_keras_object(self.kl_regularizer),
+                "inference": self.inference,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["kl_regularizer"] = keras.saving.deserialize_keras_object(config["kl_regularizer"])
+        return cls(**config)
+
+
 @keras.saving.register_keras_serializable(package="keras_elbo")
-class GaussianPosterior(ParentLayer):
+class GaussianPosterior(Posterior):
     """A Gaussian q(z|x) whose parameters are a dense projection of the input.
 
     The encoder head of a VAE. The layer maps its input to the location and
@@ -82,27 +181,16 @@ class GaussianPosterior(ParentLayer):
         kernel_initializer="glorot_uniform",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
-            raise _math.invalid_argument("latent_dim", "a positive integer", latent_dim)
+        super().__init__(
+            latent_dim, kl_regularizer=kl_regularizer, inference=inference, seed=seed, **kwargs
+        )
         if covariance not in COVARIANCES:
             raise _math.invalid_argument("covariance", f"one of {COVARIANCES}", covariance)
-        if kl_regularizer is not None and not isinstance(kl_regularizer, KLRegularizer):
-            raise _math.invalid_argument(
-                "kl_regularizer", "None or a keras_elbo.KLRegularizer", kl_regularizer
-            )
         if not (isinstance(min_scale, int | float) and min_scale > 0):
             raise _math.invalid_argument("min_scale", "a positive number", min_scale)
-        if inference not in INFERENCE_OUTPUTS:
-            raise _math.invalid_argument("inference", f"one of {INFERENCE_OUTPUTS}", inference)
-        self.latent_dim = latent_dim
         self.covariance = covariance
-        self.kl_regularizer = kl_regularizer
         self.min_scale = float(min_scale)
-        self.inference = inference
-        self.seed = seed
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.seed_generator = keras.random.SeedGenerator(seed)
         d = latent_dim
         num_params = 2 * d if covariance == "diag" else d + d * (d + 1) // 2
         self.projection = keras.layers.Dense(
@@ -112,27 +200,13 @@ class GaussianPosterior(ParentLayer):
             name="projection",
         )
 
-    def build(self, input_shape):
-        if input_shape[-1] is None:
-            raise ValueError(
-                f"GaussianPosterior '{self.name}' needs a known last input dimension; "
-                f"received input_shape={input_shape}."
-            )
+    def build_sublayers(self, input_shape):
         self.projection.build(input_shape)
-        if self.kl_regularizer is not None:
-            # Fail now, with the regularizer's own message, if it cannot handle
-            # this posterior (a prior of another size, an impossible mode),
-            # rather than from inside Keras's symbolic call.
-            example = self._from_params(tf.zeros([1, self.projection.units]))
-            self.kl_regularizer.check_posterior(example, posterior_layer=self)
-        self.built = True
 
     def distribution(self, inputs):
         """q(z|x) for a batch of inputs, as a TFP distribution (float32)."""
         params = tf.cast(self.projection(inputs), tf.float32)
-        return self._from_params(_math.check_finite(params, self.name, "posterior parameters"))
-
-    def _from_params(self, params):
+        params = _math.check_finite(params, self.name, "posterior parameters")
         d = self.latent_dim
         loc, raw = params[..., :d], params[..., d:]
         if self.covariance == "diag":
@@ -143,32 +217,13 @@ class GaussianPosterior(ParentLayer):
         diag = _math.positive_scale(tf.linalg.diag_part(tril), self.min_scale)
         return tfd.MultivariateNormalTriL(loc=loc, scale_tril=tf.linalg.set_diag(tril, diag))
 
-    def call(self, inputs, training=None):
-        q = self.distribution(inputs)
-        z = q.sample(seed=_math.tfp_seed(self.seed_generator, "GaussianPosterior"))
-        if self.kl_regularizer is not None:
-            z = self.kl_regularizer(z, posterior=q, posterior_layer=self)
-        if not training and self.inference == "mean":
-            z = q.mean()
-        return tf.cast(z, self.compute_dtype)
-
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "latent_dim": self.latent_dim,
                 "covariance": self.covariance,
-                "kl_regularizer": keras.saving.serialize_keras_object(self.kl_regularizer),
                 "min_scale": self.min_scale,
-                "inference": self.inference,
-                "seed": self.seed,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             }
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["kl_regularizer"] = keras.saving.deserialize_keras_object(config["kl_regularizer"])
-        return cls(**config)

@@ -266,7 +266,10 @@ class TestVarianceReduction:
     def test_path_derivative_lowers_gradient_variance_near_prior(self):
         v_mc, g_mc = one_sample_estimates("mc", NEAR_PRIOR)
         v_stl, g_stl = one_sample_estimates("mc", NEAR_PRIOR, path_derivative=True)
-        np.testing.assert_allclose(v_mc, v_stl, rtol=1e-6)  # same value
+        # Same value: "mc" reads log q from TFP's cache of the sampled noise,
+        # the path derivative recomputes (z - loc) / scale; they differ by
+        # float32 round-off of log-densities of size ~5 (ulp ~5e-7).
+        np.testing.assert_allclose(v_mc, v_stl, rtol=0, atol=1e-5)
         assert variance_ratio(g_mc, g_stl) > 2  # measured 17
 
     def test_path_derivative_raises_gradient_variance_for_narrow_posterior(self):
