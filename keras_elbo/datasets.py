@@ -9,8 +9,8 @@ _MNIST_PIXELS = 784
 
 
 def load_digits(
-    threshold: float = 8.0, test_fraction: float = 0.2, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
+    threshold: float = 8.0, test_fraction: float = 0.2, seed: int = 0, with_labels: bool = False
+) -> tuple[np.ndarray, ...]:
     """Scikit-learn's 8x8 handwritten digits, binarized and split.
 
     The 1,797 images ship with scikit-learn, so this works offline: a data set
@@ -26,9 +26,12 @@ def load_digits(
         test_fraction: share of the images held out for testing, in (0, 1).
             Defaults to `0.2`.
         seed: seed of the shuffle. Defaults to `0`.
+        with_labels: also return the digit (0 to 9) of each image. Defaults
+            to `False`.
 
     Returns:
-        `(x_train, x_test)`: float32 arrays of 0/1 with 64 columns.
+        `(x_train, x_test)`: float32 arrays of 0/1 with 64 columns; with
+        `with_labels`, `(x_train, y_train, x_test, y_test)`.
 
     Example:
 
@@ -47,10 +50,13 @@ def load_digits(
         raise ImportError(
             'load_digits needs scikit-learn: pip install "keras_elbo[demo]"'
         ) from error
-    pixels = sklearn_load_digits().data
-    x = (pixels >= threshold).astype("float32")
-    x = x[np.random.default_rng(seed).permutation(len(x))]
+    digits = sklearn_load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.data))
+    x = (digits.data[order] >= threshold).astype("float32")
+    y = digits.target[order]
     num_test = int(round(test_fraction * len(x)))
+    if with_labels:
+        return x[num_test:], y[num_test:], x[:num_test], y[:num_test]
     return x[num_test:], x[:num_test]
 
 

@@ -73,6 +73,15 @@ class _LatentModel:
         return tf.reshape(log_lik, [num_samples, batch])
 
 
+def _batch_spec(x):
+    """The input signature of one batch of `x`, of any batch size: each call of
+    an evaluation function then traces its step once."""
+    return tf.TensorSpec([None, *np.shape(x)[1:]], tf.float32)
+
+
+_SEED_SPEC = tf.TensorSpec([2], tf.int32)
+
+
 def _batches(x, batch_size):
     x = np.asarray(x, dtype="float32")
     for start in range(0, len(x), batch_size):
@@ -123,7 +132,7 @@ def evaluate_elbo(
     seeds = keras.random.SeedGenerator(seed)
     regularizer = parts.posterior.kl_regularizer
 
-    @tf.function
+    @tf.function(input_signature=[_batch_spec(x), _SEED_SPEC])
     def step(x, seed):
         q, _ = parts.posterior_and_prior(x)
         z = q.sample(num_samples, seed=seed)
@@ -198,7 +207,7 @@ def importance_weighted_log_likelihood(
     seeds = keras.random.SeedGenerator(seed)
     chunk = min(num_samples, max_decoder_batch // batch_size)
 
-    @tf.function
+    @tf.function(input_signature=[_batch_spec(x), tf.TensorSpec([], tf.int32), _SEED_SPEC])
     def log_weights(x, count, seed):
         q, p = parts.posterior_and_prior(x)
         z = q.sample(count, seed=seed)
@@ -211,7 +220,7 @@ def importance_weighted_log_likelihood(
         total = tf.fill([len(batch)], -np.inf)
         for start in range(0, num_samples, chunk):
             count = min(chunk, num_samples - start)
-            log_w = log_weights(batch, count, _math.tfp_seed(seeds, "evaluation"))
+            log_w = log_weights(batch, tf.constant(count), _math.tfp_seed(seeds, "evaluation"))
             total = tf.reduce_logsumexp(tf.concat([total[tf.newaxis], log_w], axis=0), axis=0)
         estimates.append((total - math.log(num_samples)).numpy())
         progbar.update(i + 1)

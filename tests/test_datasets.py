@@ -74,3 +74,17 @@ class TestLoadDigits:
     def test_invalid_fraction(self, test_fraction):
         with pytest.raises(ValueError, match="test_fraction"):
             datasets.load_digits(test_fraction=test_fraction)
+
+
+def test_load_digits_labels_follow_their_images():
+    from sklearn.datasets import load_digits as sklearn_load_digits
+
+    x_train, y_train, x_test, y_test = datasets.load_digits(seed=3, with_labels=True)
+    np.testing.assert_array_equal(x_train, datasets.load_digits(seed=3)[0])
+    reference = sklearn_load_digits()
+    binary = (reference.data >= 8.0).astype("float32")
+    # Each returned image is one of scikit-learn's, with that image's label.
+    for image, label in zip(x_test[:50], y_test[:50], strict=True):
+        matches = np.flatnonzero((binary == image).all(axis=1))
+        assert label in set(reference.target[matches])
+    assert len(y_train) == len(x_train) and set(np.unique(y_train)) == set(range(10))

@@ -1,0 +1,35 @@
+"""Every committed notebook matches its source, holds its outputs, and runs."""
+
+import importlib.util
+import pathlib
+
+import nbformat
+import pytest
+
+NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
+spec = importlib.util.spec_from_file_location("notebook_build", NOTEBOOKS / "build.py")
+build = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(build)
+
+NAMES = sorted(path.stem for path in (NOTEBOOKS / "src").glob("*.py"))
+
+
+def code_cells(notebook):
+    return [cell.source for cell in notebook.cells if cell.cell_type == "code"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_notebook_matches_source_and_has_outputs(name):
+    committed = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    source = build.to_notebook((NOTEBOOKS / "src" / f"{name}.py").read_text())
+    assert code_cells(committed) == code_cells(source), "run: python notebooks/build.py " + name
+    outputs = [out for cell in committed.cells for out in cell.get("outputs", [])]
+    assert any("image/png" in out.get("data", {}) for out in outputs), "no plot stored"
+    assert not [out for out in outputs if out.output_type == "error"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_runs_in_fast_mode(name, monkeypatch):
+    monkeypatch.setenv("KERAS_ELBO_FAST", "1")
+    notebook = build.to_notebook((NOTEBOOKS / "src" / f"{name}.py").read_text())
+    build.execute(notebook, timeout=600)  # raises CellExecutionError on failure
