@@ -22,6 +22,7 @@ if keras.backend.backend() != "tensorflow":
 from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
+from keras_elbo.flows import MADE, FlowPosterior, InverseAutoregressiveFlow
 from keras_elbo.losses import BernoulliNLL, GaussianNLL, bernoulli_nll, gaussian_nll
 from keras_elbo.posteriors import GaussianPosterior, Posterior
 from keras_elbo.priors import MixturePrior, NormalPrior, Prior, VampPrior
@@ -31,11 +32,14 @@ __version__ = "0.1.0"
 __all__ = [
     "BernoulliNLL",
     "CyclicalAnnealing",
+    "FlowPosterior",
     "GaussianNLL",
     "GaussianPosterior",
+    "InverseAutoregressiveFlow",
     "KLAnnealing",
     "KLRegularizer",
     "LinearWarmup",
+    "MADE",
     "MixturePrior",
     "NormalPrior",
     "Posterior",
@@ -51,9 +55,11 @@ __all__ = [
 
 _SERIALIZABLE = (
     BernoulliNLL,
+    FlowPosterior,
     GaussianNLL,
     GaussianPosterior,
     KLRegularizer,
+    MADE,
     MixturePrior,
     NormalPrior,
     VampPrior,

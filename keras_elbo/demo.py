@@ -19,6 +19,7 @@ import numpy as np
 
 import keras_elbo as ke
 from keras_elbo import datasets
+from keras_elbo.flows import FlowPosterior
 
 # Defaults that depend on the data set: (digits, MNIST).
 _LATENT_DIM = (8, 32)
@@ -35,12 +36,16 @@ def build_vae(
     num_samples: int = 1,
     free_bits: float = 0.0,
     seed: int | None = None,
+    posterior: str = "gaussian",
+    num_flows: int = 2,
 ) -> keras.Model:
     """An MLP VAE whose output is one Bernoulli logit per pixel.
 
     The encoder body is a nested model named `"encoder"` (a `VampPrior`
     shares it), the posterior layer `"posterior"` and the decoder, a nested
-    model from z to logits, `"decoder"`.
+    model from z to logits, `"decoder"`. With `posterior="iaf"` the posterior
+    is a `FlowPosterior` of `num_flows` steps, each a MADE of `hidden` units
+    conditioned on the encoder's features.
     """
     encoder = keras.Sequential(
         [keras.Input((num_pixels,)), keras.layers.Dense(hidden, activation="relu")],
@@ -58,7 +63,21 @@ def build_vae(
         prior=prior_layer, mode=kl_mode, num_samples=num_samples, free_bits=free_bits, seed=seed
     )
     x = keras.Input((num_pixels,), name="image")
-    z = ke.GaussianPosterior(latent_dim, kl_regularizer=kl, seed=seed, name="posterior")(encoder(x))
+    if posterior == "iaf":
+        posterior_layer = FlowPosterior(
+            latent_dim,
+            num_flows=num_flows,
+            hidden_units=(hidden,),
+            context=True,
+            kl_regularizer=kl,
+            seed=seed,
+            name="posterior",
+        )
+    else:
+        posterior_layer = ke.GaussianPosterior(
+            latent_dim, kl_regularizer=kl, seed=seed, name="posterior"
+        )
+    z = posterior_layer(encoder(x))
     decoder = keras.Sequential(
         [
             keras.Input((latent_dim,)),
@@ -184,12 +203,25 @@ def make_parser() -> argparse.ArgumentParser:
         help="Gaussians of the mixture prior, or pseudo-inputs of the VampPrior (default: 10)",
     )
     add(
+        "--posterior",
+        choices=("gaussian", "iaf"),
+        default="gaussian",
+        help="q(z|x): a diagonal Gaussian, or one refined by inverse autoregressive "
+        "flows conditioned on the encoder's features (default: gaussian)",
+    )
+    add(
+        "--num-flows",
+        type=_positive_int,
+        default=2,
+        help="IAF steps of --posterior iaf (default: 2)",
+    )
+    add(
         "--kl-mode",
         choices=("auto", "analytic", "mc", "mc_entropy"),
         default="auto",
         help="KL estimator: closed form (analytic; none exists for a mixture or Vamp "
-        "prior), Monte Carlo (mc), Monte Carlo with exact entropy (mc_entropy), or "
-        "the best available (default: auto)",
+        "prior, or an IAF posterior), Monte Carlo (mc), Monte Carlo with exact entropy "
+        "(mc_entropy; not for an IAF posterior), or the best available (default: auto)",
     )
     add(
         "--num-samples",
@@ -261,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
             num_samples=args.num_samples,
             free_bits=args.free_bits,
             seed=args.seed,
+            posterior=args.posterior,
+            num_flows=args.num_flows,
         )
     except ValueError as error:  # e.g. --kl-mode analytic with a mixture prior
         parser.error(str(error))

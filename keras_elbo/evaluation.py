@@ -13,6 +13,7 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 from keras_elbo import _math
 from keras_elbo.losses import BernoulliNLL, GaussianNLL
@@ -135,9 +136,13 @@ def evaluate_elbo(
     @tf.function(input_signature=[_batch_spec(x), _SEED_SPEC])
     def step(x, seed):
         q, _ = parts.posterior_and_prior(x)
-        z = q.sample(num_samples, seed=seed)
+        seed_z, seed_kl = tfp.random.split_seed(seed, n=2)
+        z = q.sample(num_samples, seed=seed_z)
         reconstruction = -tf.reduce_mean(parts.log_likelihood(x, z), axis=0)
-        kl = regularizer.kl_divergence(q, sample=z[0], posterior_layer=parts.posterior)
+        # The KL's own sample, passed as the very tensor q returned: a slice of
+        # z would miss TFP's bijector cache and invert a flow posterior.
+        kl_sample = q.sample(seed=seed_kl)
+        kl = regularizer.kl_divergence(q, sample=kl_sample, posterior_layer=parts.posterior)
         return reconstruction, kl
 
     results = {"reconstruction": [], "kl": []}

@@ -9,6 +9,7 @@ import pytest
 
 import keras_elbo as ke
 from keras_elbo import datasets, demo
+from keras_elbo.flows import FlowPosterior
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("reconstructions.png", "samples.png", "curves.png")
@@ -113,3 +114,13 @@ def test_vamp_prior_with_warmup(tmp_path):
     assert 0 < weights[0] < 1 and weights[1] == 1.0
     assert all((tmp_path / name).read_bytes().startswith(PNG_MAGIC) for name in PLOTS)
     assert math.isfinite(result["test_log_likelihood"])
+
+
+def test_iaf_posterior(tmp_path):
+    argv = ["--posterior", "iaf", "--num-flows", "2", "--epochs", "1", "--iw-samples", "5"]
+    result = demo.main([*argv, "--output", str(tmp_path), "--verbose", "0"])
+    model = keras.saving.load_model(result["model_path"])
+    assert isinstance(model.get_layer("posterior"), FlowPosterior)
+    assert len(model.get_layer("posterior").flows) == 2
+    assert math.isfinite(result["test_elbo"]) and math.isfinite(result["test_log_likelihood"])
+    assert result["test_kl"] > 0

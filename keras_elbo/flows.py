@@ -1,0 +1,474 @@
+"""Normalizing-flow posteriors: a Gaussian pushed through autoregressive flows.
+
+`MADE` is the masked autoregressive network, `InverseAutoregressiveFlow` the
+TFP bijector built on it, and `FlowPosterior` the posterior layer that chains
+them (Kingma et al., 2016, "Improved variational inference with inverse
+autoregressive flow").
+"""
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from keras_elbo import _math
+from keras_elbo.divergence import KLRegularizer
+from keras_elbo.posteriors import Posterior
+
+tfb = tfp.bijectors
+tfd = tfp.distributions
+
+# Bound of the soft clamp on each step's log-scale: a step scales a dimension
+# by a factor between exp(-5) and exp(5), so that one bad update cannot blow
+# a sample (and the decoder's input) up to Inf.
+LOG_SCALE_BOUND = 5.0
+
+
+def _positive_int_tuple(value):
+    """`value` as a non-empty tuple of positive integers, else None."""
+    if isinstance(value, int | str) or not isinstance(value, Sequence) or not value:
+        return None
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+        return None
+    return tuple(value)
+
+
+def made_degrees(event_size, hidden_units, reverse=False):
+    """The degrees of MADE's inputs and hidden units (Germain et al., 2015).
+
+    Input `j` has degree `order[j]` (1 to `event_size`, reversed when
+    `reverse`); hidden units cycle through the degrees 1 to `event_size - 1`
+    (0 when `event_size == 1`: they then see only the context). A unit sees
+    the inputs of degree up to its own; output `i` sees the hidden units of
+    degree below `order[i]`.
+    """
+    order = np.arange(1, event_size + 1)
+    if reverse:
+        order = order[::-1]
+    span = max(1, event_size - 1)
+    hidden = [np.arange(units) % span + min(1, event_size - 1) for units in hidden_units]
+    return order, hidden
+
+
+@keras.saving.register_keras_serializable(package="keras_elbo")
+class MADE(keras.layers.Layer):
+    """Masked autoregressive dense network: the shift and log-scale of a flow.
+
+    Maps `z` of shape `(batch, d)` to `shift` and `log_scale`, each
+    `(batch, d)`, such that output `i` depends only on the inputs that come
+    before `i` in the ordering (left to right, or right to left with
+    `reverse=True`): its Jacobian in `z` is strictly triangular. The first
+    output in the ordering sees no input, so its shift and log-scale are
+    learned constants. An optional `context` of shape `(batch, c)` enters the
+    first hidden layer through an unmasked kernel, so every other output may
+    depend on it. The output layer is
+    zero-initialised: a fresh network returns zeros, and a flow step built on
+    it starts as the identity. The masks are constants rebuilt in `build`
+    from the shapes, not weights.
+
+    Formula:
+
+    ```python
+    h = activation((z @ (W_0 * M_0)) + context @ C + b_0)
+    h = activation(h @ (W_l * M_l) + b_l)                # l = 1, ..., L - 1
+    shift, log_scale = split(h @ (W_L * M_L) + b_L)      # W_L, b_L start at 0
+    ```
+
+    Args:
+        hidden_units: units of each hidden layer, a non-empty sequence of
+            positive integers. Defaults to `(64,)`.
+        activation: activation of the hidden layers. Defaults to `"elu"`.
+        reverse: order the inputs right to left instead of left to right, so
+            that consecutive flow steps alternate. Defaults to `False`.
+        kernel_initializer: initializer of the hidden and context kernels.
+            Defaults to `"glorot_uniform"`.
+
+    Call arguments:
+        inputs: `z`, of shape `(..., d)`.
+        context: optional conditioning features of shape `(..., c)`,
+            broadcastable against `inputs` but for the last axis. A network
+            built with a context must be called with one.
+
+    Returns:
+        A tuple `(shift, log_scale)` of tensors shaped like `inputs`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> made = MADE(hidden_units=(16,))
+    >>> shift, log_scale = made(np.ones((3, 4), "float32"))
+    >>> tuple(shift.shape), float(np.abs(log_scale).max())
+    ((3, 4), 0.0)
+
+    Reference: Germain et al., 2015, "MADE: Masked autoencoder for
+    distribution estimation".
+    """
+
+    def __init__(
+        self,
+        hidden_units: Sequence[int] = (64,),
+        activation="elu",
+        reverse: bool = False,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        units = _positive_int_tuple(hidden_units)
+        if units is None:
+            raise _math.invalid_argument(
+                "hidden_units", "a non-empty sequence of positive integers", hidden_units
+            )
+        if not isinstance(reverse, bool):
+            raise _math.invalid_argument("reverse", "True or False", reverse)
+        self.hidden_units = units
+        self.activation = keras.activations.get(activation)
+        self.reverse = reverse
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, inputs_shape, context_shape=None):
+        d = inputs_shape[-1]
+        if d is None or (context_shape is not None and context_shape[-1] is None):
+            raise ValueError(
+                f"MADE '{self.name}' needs known last dimensions; received "
+                f"inputs_shape={inputs_shape}, context_shape={context_shape}."
+            )
+        self.event_size = d
+        order, hidden = made_degrees(d, self.hidden_units, self.reverse)
+        # Masks in NumPy: they are a function of the shapes, so they need no
+        # saving, and converting them at each call keeps them out of any
+        # graph in which `build` may run.
+        masks = [hidden[0][np.newaxis, :] >= order[:, np.newaxis]]
+        masks += [b[np.newaxis, :] >= a[:, np.newaxis] for a, b in pairwise(hidden)]
+        out = order[np.newaxis, :] > hidden[-1][:, np.newaxis]
+        masks.append(np.concatenate([out, out], axis=1))  # shift, then log_scale
+        self.masks = [m.astype("float32") for m in masks]
+        sizes = [d, *self.hidden_units, 2 * d]
+        self.kernels, self.biases = [], []
+        for i, (n_in, n_out) in enumerate(pairwise(sizes)):
+            last = i == len(sizes) - 2
+            # The output layer starts at zero: each flow step starts as the
+            # identity, so a fresh flow posterior is its Gaussian base.
+            init = "zeros" if last else self.kernel_initializer
+            name = "output" if last else f"hidden_{i}"
+            self.kernels.append(self.add_weight((n_in, n_out), init, name=f"{name}_kernel"))
+            self.biases.append(self.add_weight((n_out,), "zeros", name=f"{name}_bias"))
+        self.context_kernel = None
+        if context_shape is not None:
+            self.context_kernel = self.add_weight(
+                (context_shape[-1], self.hidden_units[0]),
+                self.kernel_initializer,
+                name="context_kernel",
+            )
+        self.built = True
+
+    def call(self, inputs, context=None):
+        if (context is None) != (self.context_kernel is None):
+            raise ValueError(
+                f"MADE '{self.name}' was built "
+                f"{'with' if self.context_kernel is not None else 'without'} a "
+                "context and must be called the same way."
+            )
+        h = inputs
+        for i, (kernel, bias, mask) in enumerate(
+            zip(self.kernels, self.biases, self.masks, strict=True)
+        ):
+            mask = keras.ops.convert_to_tensor(mask, dtype=kernel.dtype)
+            h = keras.ops.matmul(h, kernel * mask) + bias
+            if i == 0 and context is not None:
+                h = h + keras.ops.matmul(context, self.context_kernel)
+            if i < len(self.kernels) - 1:
+                h = self.activation(h)
+        d = self.event_size
+        return h[..., :d], h[..., d:]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_units": list(self.hidden_units),
+                "activation": keras.activations.serialize(self.activation),
+                "reverse": self.reverse,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            }
+        )
+        return config
+
+
+class InverseAutoregressiveFlow(tfb.Bijector):
+    """One inverse autoregressive flow step, a TFP bijector on vectors.
+
+    The forward map, the sampling direction, is one parallel pass of a `MADE`
+    network over its input; the log-determinant of its triangular Jacobian is
+    the sum of the log-scales. The inverse has to undo the dependence one
+    dimension at a time: `d` passes of the network. A distribution
+    transformed by this bijector therefore gives log q(z) of its own samples
+    cheaply (TFP's bijector cache reuses the forward pass), and of any other
+    point exactly but `d` times slower.
+
+    The log-scale is soft-clamped to `(-log_scale_bound, log_scale_bound)`
+    with `tanh`: the step stays a smooth bijection, is still the identity
+    where the network outputs zero, and cannot scale a dimension by more than
+    `exp(log_scale_bound)`.
+
+    Formula:
+
+    ```python
+    shift, raw = made(x, context)          # each depends on x[:i] only (ordering)
+    log_scale = bound * tanh(raw / bound)
+    y = x * exp(log_scale) + shift
+    forward_log_det_jacobian = sum(log_scale, axis=-1)
+    ```
+
+    Args:
+        made: a built `MADE` layer over `x`'s last axis.
+        context: the context tensor the network is conditioned on, or `None`.
+        log_scale_bound: positive bound of the soft clamp, or `None` for no
+            clamp. Defaults to `LOG_SCALE_BOUND` (5.0).
+        validate_args: TFP's argument checks. Defaults to `False`.
+        name: name of the bijector.
+
+    Example:
+
+    >>> import numpy as np
+    >>> made = MADE(hidden_units=(8,))
+    >>> made.build((None, 3))
+    >>> step = InverseAutoregressiveFlow(made)  # zero output layer: the identity
+    >>> x = np.array([[0.5, -1.0, 2.0]], "float32")
+    >>> step.forward(x).numpy().tolist(), float(step.forward_log_det_jacobian(x, 1)[0])
+    ([[0.5, -1.0, 2.0]], 0.0)
+
+    Reference: Kingma et al., 2016, "Improved variational inference with
+    inverse autoregressive flow".
+    """
+
+    def __init__(
+        self,
+        made: MADE,
+        context=None,
+        log_scale_bound: float | None = LOG_SCALE_BOUND,
+        validate_args: bool = False,
+        name: str = "inverse_autoregressive_flow",
+    ):
+        parameters = dict(locals())
+        if not isinstance(made, MADE):
+            raise _math.invalid_argument("made", "a keras_elbo.flows.MADE layer", made)
+        if log_scale_bound is not None and not (
+            isinstance(log_scale_bound, int | float) and log_scale_bound > 0
+        ):
+            raise _math.invalid_argument(
+                "log_scale_bound", "None or a positive number", log_scale_bound
+            )
+        self.made = made
+        self.context = context
+        self.log_scale_bound = log_scale_bound
+        super().__init__(
+            forward_min_event_ndims=1,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
+
+    def shift_and_log_scale(self, x):
+        """The step's `shift` and (clamped) `log_scale` at `x`."""
+        shift, raw = self.made(x, context=self.context)
+        if self.log_scale_bound is None:
+            return shift, raw
+        bound = self.log_scale_bound
+        return shift, bound * tf.tanh(raw / bound)
+
+    def _forward(self, x):
+        shift, log_scale = self.shift_and_log_scale(x)
+        return x * tf.exp(log_scale) + shift
+
+    def _inverse(self, y):
+        # Pass k gets the first k dimensions of the ordering right (each
+        # depends only on the ones before it), so d passes invert exactly.
+        x = tf.zeros_like(y)
+        for _ in range(y.shape[-1]):
+            shift, log_scale = self.shift_and_log_scale(x)
+            x = (y - shift) * tf.exp(-log_scale)
+        return x
+
+    def _forward_log_det_jacobian(self, x):
+        return tf.reduce_sum(self.shift_and_log_scale(x)[1], axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="keras_elbo")
+class FlowPosterior(Posterior):
+    """A diagonal Gaussian q(z|x) refined by inverse autoregressive flows.
+
+    The encoder head of a VAE with a richer posterior than a Gaussian. The
+    layer projects its input to the location and scale of a diagonal
+    Gaussian (as `GaussianPosterior` does), pushes it through `num_flows`
+    `InverseAutoregressiveFlow` steps whose orderings alternate, draws one
+    reparameterised sample z, passes `z` and q to its `kl_regularizer`, and
+    returns `z` as a tensor of shape `(batch, latent_dim)`.
+
+    log q(z) of the layer's own sample is the base log-density minus the
+    log-determinants gathered along the sampling path (TFP's bijector cache):
+    no inverse pass. q has no closed-form KL nor entropy, so
+    `KLRegularizer(mode="auto")` uses Monte Carlo (`"mc"`), and
+    `mode="analytic"` fails at model construction. Every step starts as the
+    identity (zero-initialised output layers), so a fresh layer is its
+    Gaussian base. With `context=True`, the layer's input (the encoder's
+    features) also feeds the first hidden layer of every step, as in the IAF
+    paper.
+
+    Outside training the layer returns what `inference` says: a sample (the
+    default), or with `"mean"` the base Gaussian's mean pushed through the
+    flow, a deterministic code that is not E[z] (the flow is non-linear).
+
+    Formula:
+
+    ```python
+    loc, scale = split(dense(x)); scale = softplus(scale) + min_scale
+    z_0 = loc + scale * eps,  eps ~ N(0, I)
+    z_k = z_{k-1} * exp(log_scale_k) + shift_k       # shift_k, log_scale_k = made_k(z_{k-1}, x)
+    log q(z_K) = log N(z_0; loc, scale**2) - sum_k sum(log_scale_k)
+    ```
+
+    Args:
+        latent_dim: size of z, a positive integer.
+        num_flows: number of IAF steps, a positive integer. Defaults to `2`.
+        hidden_units: hidden layer sizes of each step's `MADE`, a non-empty
+            sequence of positive integers. Defaults to `(64,)`.
+        context: feed the layer's input to every step. Defaults to `False`.
+        kl_regularizer: a `KLRegularizer` (without `path_derivative`), or
+            `None` for no KL term. Defaults to `None`.
+        min_scale: positive floor of the base Gaussian's scales. Defaults to
+            `1e-4`.
+        inference: what the layer returns outside training, `"sample"` or
+            `"mean"`. Defaults to `"sample"`.
+        seed: seed of the layer's samples. Defaults to `None`.
+        activation: activation of the `MADE` hidden layers. Defaults to
+            `"elu"`.
+        kernel_initializer: initializer of the projection's kernel and of the
+            `MADE` hidden kernels. Defaults to `"glorot_uniform"`.
+
+    Call arguments:
+        inputs: features of shape `(batch, features)`.
+        training: whether the call is in training mode.
+
+    Returns:
+        A tensor of shape `(batch, latent_dim)`: a sample of q(z|x), or with
+        `inference="mean"` outside training the flow of the base mean.
+
+    Example:
+
+    >>> import numpy as np
+    >>> x = keras.Input((8,))
+    >>> reg = KLRegularizer(mode="auto")
+    >>> z = FlowPosterior(2, num_flows=2, kl_regularizer=reg, seed=0)(x)
+    >>> encoder = keras.Model(x, z)
+    >>> tuple(encoder(np.zeros((3, 8), "float32")).shape)
+    (3, 2)
+    >>> len(encoder.losses)
+    1
+
+    Reference: Kingma et al., 2016, "Improved variational inference with
+    inverse autoregressive flow".
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        num_flows: int = 2,
+        hidden_units: Sequence[int] = (64,),
+        context: bool = False,
+        kl_regularizer: KLRegularizer | None = None,
+        min_scale: float = 1e-4,
+        inference: str = "sample",
+        seed: int | None = None,
+        activation="elu",
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(
+            latent_dim, kl_regularizer=kl_regularizer, inference=inference, seed=seed, **kwargs
+        )
+        if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
+            raise _math.invalid_argument("num_flows", "a positive integer", num_flows)
+        units = _positive_int_tuple(hidden_units)
+        if units is None:
+            raise _math.invalid_argument(
+                "hidden_units", "a non-empty sequence of positive integers", hidden_units
+            )
+        if not isinstance(context, bool):
+            raise _math.invalid_argument("context", "True or False", context)
+        if not (isinstance(min_scale, int | float) and min_scale > 0):
+            raise _math.invalid_argument("min_scale", "a positive number", min_scale)
+        if kl_regularizer is not None and kl_regularizer.path_derivative:
+            # The path derivative evaluates log q with q's parameters behind
+            # stop_gradient; a flow's parameters are the weights of its MADE
+            # layers, which that cannot reach.
+            raise _math.invalid_argument(
+                "kl_regularizer", "a KLRegularizer with path_derivative=False", kl_regularizer
+            )
+        self.num_flows = num_flows
+        self.hidden_units = units
+        self.context = context
+        self.min_scale = float(min_scale)
+        self.activation = keras.activations.get(activation)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.projection = keras.layers.Dense(
+            2 * latent_dim,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="projection",
+        )
+        # Flows compute in float32 whatever the policy: log q(z) is a sum of
+        # their log-scales.
+        self.flows = [
+            MADE(
+                units,
+                activation=self.activation,
+                reverse=k % 2 == 1,
+                kernel_initializer=self.kernel_initializer,
+                dtype="float32",
+                name=f"made_{k}",
+            )
+            for k in range(num_flows)
+        ]
+
+    def build_sublayers(self, input_shape):
+        self.projection.build(input_shape)
+        z_shape = (*input_shape[:-1], self.latent_dim)
+        for made in self.flows:
+            made.build(z_shape, input_shape if self.context else None)
+
+    def distribution(self, inputs):
+        """q(z|x) for a batch of inputs, a `tfd.TransformedDistribution`."""
+        params = tf.cast(self.projection(inputs), tf.float32)
+        params = _math.check_finite(params, self.name, "posterior parameters")
+        d = self.latent_dim
+        base = tfd.MultivariateNormalDiag(
+            loc=params[..., :d], scale_diag=_math.positive_scale(params[..., d:], self.min_scale)
+        )
+        context = tf.cast(inputs, tf.float32) if self.context else None
+        steps = [
+            InverseAutoregressiveFlow(made, context=context, name=f"iaf_{k}")
+            for k, made in enumerate(self.flows)
+        ]
+        # tfb.Chain applies its list last to first.
+        return tfd.TransformedDistribution(base, tfb.Chain(steps[::-1]))
+
+    def mean(self, q):
+        """The base mean pushed through the flow (a mode-like code, not E[z])."""
+        return q.bijector.forward(q.distribution.mean())
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_flows": self.num_flows,
+                "hidden_units": list(self.hidden_units),
+                "context": self.context,
+                "min_scale": self.min_scale,
+                "activation": keras.activations.serialize(self.activation),
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            }
+        )
+        return config
