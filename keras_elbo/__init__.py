@@ -19,17 +19,21 @@ if keras.backend.backend() != "tensorflow":
         '"tensorflow" in ~/.keras/keras.json).'
     )
 
+from keras_elbo.bayesian import BayesianConv2D, BayesianDense
 from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
 from keras_elbo.flows import MADE, FlowPosterior, InverseAutoregressiveFlow
 from keras_elbo.losses import BernoulliNLL, GaussianNLL, bernoulli_nll, gaussian_nll
 from keras_elbo.posteriors import GaussianPosterior, Posterior
-from keras_elbo.priors import MixturePrior, NormalPrior, Prior, VampPrior
+from keras_elbo.predictive import predictive_moments
+from keras_elbo.priors import MixturePrior, NormalPrior, Prior, ScaleMixturePrior, VampPrior
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BayesianConv2D",
+    "BayesianDense",
     "BernoulliNLL",
     "CyclicalAnnealing",
     "FlowPosterior",
@@ -44,6 +48,7 @@ __all__ = [
     "NormalPrior",
     "Posterior",
     "Prior",
+    "ScaleMixturePrior",
     "VampPrior",
     "__version__",
     "bernoulli_nll",
@@ -51,9 +56,12 @@ __all__ = [
     "evaluate_elbo",
     "gaussian_nll",
     "importance_weighted_log_likelihood",
+    "predictive_moments",
 ]
 
 _SERIALIZABLE = (
+    BayesianConv2D,
+    BayesianDense,
     BernoulliNLL,
     FlowPosterior,
     GaussianNLL,
@@ -62,6 +70,7 @@ _SERIALIZABLE = (
     MADE,
     MixturePrior,
     NormalPrior,
+    ScaleMixturePrior,
     VampPrior,
 )
 

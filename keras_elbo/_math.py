@@ -1,5 +1,8 @@
 """Private numerical helpers shared by the layers: scale floors, seeds, checks."""
 
+import math
+import numbers
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -62,3 +65,63 @@ def invalid_argument(name, expected, value):
         f"Invalid value received for argument `{name}`. Expected {expected}. "
         f"Received: {name}={value!r}"
     )
+
+
+# Argument checks shared by every constructor. Each returns the value as a
+# plain Python type, accepts NumPy scalars, and refuses bools where a number is
+# expected (`True` would silently mean 1).
+
+
+def integer(name, value, minimum=1):
+    """An integer of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise invalid_argument(name, expected, value)
+    return int(value)
+
+
+def real(name, value, positive=False, non_negative=False):
+    """A finite number, also finite (and, if `positive`, non-zero) in float32.
+
+    The layers compute in float32: 1e39 would be infinite there and 1e-50 zero,
+    so both are refused here rather than becoming Inf or NaN later.
+    """
+    if positive:
+        expected = "a positive number (above 1e-38, float32's smallest normal)"
+    elif non_negative:
+        expected = "a finite non-negative number"
+    else:
+        expected = "a finite number"
+    expected += ", at most 3.4e38 (float32's largest)"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise invalid_argument(name, expected, value)
+    value = float(value)
+    if not (math.isfinite(value) and abs(value) <= _FLOAT32.max):
+        raise invalid_argument(name, expected, value)
+    if (positive and not value >= _FLOAT32.tiny) or (non_negative and value < 0):
+        raise invalid_argument(name, expected, value)
+    return value
+
+
+def choice(name, value, choices):
+    """One of `choices`."""
+    if not isinstance(value, str) or value not in choices:
+        raise invalid_argument(name, f"one of {choices}", value)
+    return value
+
+
+def boolean(name, value):
+    """True or False (not a truthy string such as "False")."""
+    if not isinstance(value, bool | np.bool_):
+        raise invalid_argument(name, "True or False", value)
+    return bool(value)
+
+
+def seed(name, value):
+    """None or an integer, as keras.random.SeedGenerator takes."""
+    if value is None:
+        return None
+    return integer(name, value, minimum=0)
+
+
+_FLOAT32 = np.finfo(np.float32)

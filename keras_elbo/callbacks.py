@@ -1,7 +1,6 @@
 """KL annealing: schedules of the KL weight and the callback that applies them."""
 
 import math
-import numbers
 from collections.abc import Callable
 
 import keras
@@ -10,17 +9,6 @@ from keras_elbo import _math
 from keras_elbo.divergence import KLRegularizer
 
 UNITS = ("epoch", "step")
-
-
-def _is_number(value) -> bool:
-    """A finite real number, not a bool (`True` would silently mean 1)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_endpoints(start, end):
-    for name, value in (("start", start), ("end", end)):
-        if not (_is_number(value) and value >= 0):
-            raise _math.invalid_argument(name, "a finite, non-negative number", value)
 
 
 class _Schedule:
@@ -71,12 +59,9 @@ class LinearWarmup(_Schedule):
     """
 
     def __init__(self, duration: float, start: float = 0.0, end: float = 1.0):
-        if not (_is_number(duration) and duration > 0):
-            raise _math.invalid_argument("duration", "a finite, positive number", duration)
-        _check_endpoints(start, end)
-        self.duration = float(duration)
-        self.start = float(start)
-        self.end = float(end)
+        self.duration = _math.real("duration", duration, positive=True)
+        self.start = _math.real("start", start, non_negative=True)
+        self.end = _math.real("end", end, non_negative=True)
 
     def __call__(self, progress: float) -> float:
         fraction = min(max(progress / self.duration, 0.0), 1.0)
@@ -135,20 +120,16 @@ class CyclicalAnnealing(_Schedule):
         start: float = 0.0,
         end: float = 1.0,
     ):
-        if not (_is_number(period) and period > 0):
-            raise _math.invalid_argument("period", "a finite, positive number", period)
-        if num_cycles is not None and (
-            isinstance(num_cycles, bool) or not isinstance(num_cycles, int) or num_cycles < 1
-        ):
-            raise _math.invalid_argument("num_cycles", "None or a positive integer", num_cycles)
-        if not (_is_number(ratio) and 0 < ratio <= 1):
-            raise _math.invalid_argument("ratio", "a number in (0, 1]", ratio)
-        _check_endpoints(start, end)
-        self.period = float(period)
-        self.num_cycles = num_cycles
-        self.ratio = float(ratio)
-        self.start = float(start)
-        self.end = float(end)
+        self.period = _math.real("period", period, positive=True)
+        self.num_cycles = None if num_cycles is None else _math.integer("num_cycles", num_cycles)
+        self.ratio = _math.real("ratio", ratio, positive=True)
+        # The rise must last a representable time: ratio * period > 0.
+        if self.ratio > 1 or not self.ratio * self.period > 0:
+            raise _math.invalid_argument(
+                "ratio", f"a number in (0, 1] with ratio * period > 0 (period={period})", ratio
+            )
+        self.start = _math.real("start", start, non_negative=True)
+        self.end = _math.real("end", end, non_negative=True)
 
     def __call__(self, progress: float) -> float:
         cycle, phase = divmod(max(progress, 0.0), self.period)
@@ -245,12 +226,10 @@ class KLAnnealing(keras.callbacks.Callback):
             raise _math.invalid_argument(
                 "schedule", "a callable from progress to weight, e.g. LinearWarmup(10)", schedule
             )
-        if unit not in UNITS:
-            raise _math.invalid_argument("unit", f"one of {UNITS}", unit)
-        if verbose not in (0, 1):
+        if verbose not in (0, 1) or isinstance(verbose, bool):
             raise _math.invalid_argument("verbose", "0 or 1", verbose)
         self.schedule = schedule
-        self.unit = unit
+        self.unit = _math.choice("unit", unit, UNITS)
         self.verbose = verbose
         self.regularizers = []  # found when training begins
         self._epoch = 0

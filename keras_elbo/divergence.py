@@ -51,6 +51,18 @@ def standard_normal_like(q):
     return tfd.Independent(normal, reinterpreted_batch_ndims=len(event_shape))
 
 
+def _event_size(q):
+    """The size of the one event axis of `q`, for a prior of unset `latent_dim`."""
+    event_shape = q.event_shape
+    if event_shape.rank != 1 or not event_shape.is_fully_defined():
+        raise ValueError(
+            "A prior with latent_dim=None takes its size from the posterior, which "
+            f"needs a known event shape of one axis; got {event_shape}. Give the "
+            "prior its latent_dim."
+        )
+    return int(event_shape[0])
+
+
 def diagonal_normal_marginals(dist):
     """The `tfd.Normal` of the dimensions of a factorised Gaussian, else None.
 
@@ -174,7 +186,9 @@ class KLRegularizer(keras.layers.Layer):
     Args:
         prior: p(z). `None` (the default) is the standard normal of the
             posterior's shape. A prior layer (`MixturePrior`, `NormalPrior`, or
-            a subclass of `Prior`) trains with the model and saves with it. A
+            a subclass of `Prior`) trains with the model and saves with it;
+            one with `latent_dim=None` takes the posterior's event size when
+            first used (see `check_posterior`). A
             TFP distribution object also trains, but cannot be saved:
             `model.save` raises an error that names the layer to use instead.
         mode: `"auto"`, `"analytic"`, `"mc"` or `"mc_entropy"`. Defaults to
@@ -234,16 +248,8 @@ class KLRegularizer(keras.layers.Layer):
         # Log-densities and KL are computed in float32, whatever the policy.
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if mode not in MODES:
-            raise _math.invalid_argument("mode", f"one of {MODES}", mode)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise _math.invalid_argument("num_samples", "a positive integer", num_samples)
-        if not (isinstance(weight, int | float) and weight >= 0):
-            raise _math.invalid_argument("weight", "a non-negative number", weight)
-        if not (isinstance(free_bits, int | float) and free_bits >= 0):
-            raise _math.invalid_argument("free_bits", "a non-negative number", free_bits)
-        if not isinstance(path_derivative, bool):
-            raise _math.invalid_argument("path_derivative", "True or False", path_derivative)
+        if not isinstance(metric_name, str) or not metric_name:
+            raise _math.invalid_argument("metric_name", "a non-empty string", metric_name)
         if prior is not None and not isinstance(prior, Prior | tfd.Distribution):
             raise _math.invalid_argument(
                 "prior",
@@ -251,14 +257,14 @@ class KLRegularizer(keras.layers.Layer):
                 prior,
             )
         self.prior = prior
-        self.mode = mode
-        self.num_samples = num_samples
-        self.weight = float(weight)
-        self.free_bits = float(free_bits)
-        self.path_derivative = path_derivative
-        self.seed = seed
+        self.mode = _math.choice("mode", mode, MODES)
+        self.num_samples = _math.integer("num_samples", num_samples)
+        self.weight = _math.real("weight", weight, non_negative=True)
+        self.free_bits = _math.real("free_bits", free_bits, non_negative=True)
+        self.path_derivative = _math.boolean("path_derivative", path_derivative)
+        self.seed = _math.seed("seed", seed)
         self.metric_name = metric_name
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
         self.kl_metric = keras.metrics.Mean(name=metric_name)
         self._methods = {}  # (type(q), type(p)) -> estimator, chosen on first sight
 
@@ -272,10 +278,17 @@ class KLRegularizer(keras.layers.Layer):
         self.built = True
 
     def prior_distribution(self, posterior, posterior_layer=None):
-        """p(z) as a TFP distribution, for the given posterior q(z|x)."""
+        """p(z) as a TFP distribution, for the given posterior q(z|x).
+
+        A prior layer whose `latent_dim` is `None` (`NormalPrior()`,
+        `ScaleMixturePrior()`) first gets the posterior's event size as its
+        `latent_dim`, kept from then on (and in its config).
+        """
         if self.prior is None:
             return standard_normal_like(posterior)
         if isinstance(self.prior, Prior):
+            if getattr(self.prior, "latent_dim", 0) is None:
+                self.prior.latent_dim = _event_size(posterior)
             return self.prior.distribution(posterior_layer=posterior_layer)
         return self.prior
 
@@ -292,7 +305,9 @@ class KLRegularizer(keras.layers.Layer):
         Posterior layers call it from `build` with an example distribution:
         a prior whose event shape differs from the posterior's, or a `mode`
         with no estimator for the pair (`"analytic"` without a closed form),
-        then fails at model construction with a message naming the fix.
+        then fails at model construction with a message naming the fix. A
+        prior layer with `latent_dim=None` gets the posterior's event size as
+        its `latent_dim` here (see `prior_distribution`).
         """
         prior = self.prior_distribution(posterior, posterior_layer)
         self._check_event_shapes(posterior, prior)
@@ -311,7 +326,10 @@ class KLRegularizer(keras.layers.Layer):
             )
         terms = self._kl_terms(posterior, z, posterior_layer, self.free_bits > 0)
         batch_axes = list(range(len(terms.shape) - 1))
-        terms = tf.reduce_mean(terms, axis=batch_axes)  # one KL per term
+        # The mean over the batch, one KL per term; an empty batch adds 0, not
+        # the NaN of a mean over nothing.
+        count = tf.cast(tf.reduce_prod(tf.shape(terms)[:-1]), terms.dtype)
+        terms = tf.reduce_sum(terms, axis=batch_axes) / tf.maximum(count, 1.0)
         kl = tf.reduce_sum(terms)
         objective = kl
         if self.free_bits > 0:

@@ -132,7 +132,7 @@ class BernoulliNLL(keras.losses.Loss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.from_logits = bool(from_logits)
+        self.from_logits = _math.boolean("from_logits", from_logits)
 
     def call(self, y_true, y_pred):
         return bernoulli_nll(y_true, y_pred, from_logits=self.from_logits)
@@ -183,12 +183,8 @@ class GaussianNLL(keras.losses.Loss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        if scale is not None and not (isinstance(scale, int | float) and scale > 0):
-            raise _math.invalid_argument("scale", "a positive number or None", scale)
-        if not (isinstance(min_scale, int | float) and min_scale > 0):
-            raise _math.invalid_argument("min_scale", "a positive number", min_scale)
-        self.scale = None if scale is None else float(scale)
-        self.min_scale = float(min_scale)
+        self.scale = None if scale is None else _math.real("scale", scale, positive=True)
+        self.min_scale = _math.real("min_scale", min_scale, positive=True)
 
     def call(self, y_true, y_pred):
         return gaussian_nll(y_true, y_pred, scale=self.scale, min_scale=self.min_scale)

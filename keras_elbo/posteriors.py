@@ -45,18 +45,14 @@ class Posterior(ParentLayer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
-            raise _math.invalid_argument("latent_dim", "a positive integer", latent_dim)
         if kl_regularizer is not None and not isinstance(kl_regularizer, KLRegularizer):
             raise _math.invalid_argument(
                 "kl_regularizer", "None or a keras_elbo.KLRegularizer", kl_regularizer
             )
-        if inference not in INFERENCE_OUTPUTS:
-            raise _math.invalid_argument("inference", f"one of {INFERENCE_OUTPUTS}", inference)
-        self.latent_dim = latent_dim
+        self.latent_dim = _math.integer("latent_dim", latent_dim)
         self.kl_regularizer = kl_regularizer
-        self.inference = inference
-        self.seed = seed
+        self.inference = _math.choice("inference", inference, INFERENCE_OUTPUTS)
+        self.seed = _math.seed("seed", seed)
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def build(self, input_shape):
@@ -184,15 +180,11 @@ class GaussianPosterior(Posterior):
         super().__init__(
             latent_dim, kl_regularizer=kl_regularizer, inference=inference, seed=seed, **kwargs
         )
-        if covariance not in COVARIANCES:
-            raise _math.invalid_argument("covariance", f"one of {COVARIANCES}", covariance)
-        if not (isinstance(min_scale, int | float) and min_scale > 0):
-            raise _math.invalid_argument("min_scale", "a positive number", min_scale)
-        self.covariance = covariance
-        self.min_scale = float(min_scale)
+        self.covariance = _math.choice("covariance", covariance, COVARIANCES)
+        self.min_scale = _math.real("min_scale", min_scale, positive=True)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        d = latent_dim
-        num_params = 2 * d if covariance == "diag" else d + d * (d + 1) // 2
+        d = self.latent_dim
+        num_params = 2 * d if self.covariance == "diag" else d + d * (d + 1) // 2
         self.projection = keras.layers.Dense(
             num_params,
             kernel_initializer=self.kernel_initializer,

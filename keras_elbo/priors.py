@@ -5,6 +5,8 @@ with event shape `(latent_dim,)`; `KLRegularizer` calls it at each step, so a
 trainable prior trains with the model and its weights are saved with it.
 """
 
+import math
+
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -20,7 +22,10 @@ class Prior(keras.layers.Layer):
     Subclass it for a prior of your own: create weights in `build` (called from
     `__init__`, since a prior takes no input), return a TFP distribution with
     event shape `(latent_dim,)` from `distribution()`, and list the constructor
-    arguments in `get_config`.
+    arguments in `get_config`. A prior whose size should follow the posterior
+    it is used with stores `latent_dim = None`: `KLRegularizer` then sets the
+    attribute to the posterior's event size before its first
+    `distribution()` call.
     """
 
     def distribution(self, posterior_layer=None):
@@ -40,6 +45,33 @@ class Prior(keras.layers.Layer):
         )
 
 
+def _check_latent_dim(latent_dim):
+    """Validates a `latent_dim` that may be `None` (set from the posterior)."""
+    return None if latent_dim is None else _math.integer("latent_dim", latent_dim)
+
+
+def _known_input_shape(layer):
+    """The shape of one input example of a layer or model, if it is known."""
+    try:
+        shape = layer.input_shape if isinstance(layer, keras.Model) else None
+    except (AttributeError, ValueError):
+        return None
+    if isinstance(shape, tuple) and all(isinstance(n, int) for n in shape[1:]):
+        return tuple(shape[1:])
+    return None
+
+
+def _known_latent_dim(prior):
+    """`prior.latent_dim`, or a clear error while it is still `None`."""
+    if prior.latent_dim is None:
+        raise ValueError(
+            f"{type(prior).__name__} '{prior.name}' has latent_dim=None: its size is "
+            "set from the posterior by the KLRegularizer it is the prior of, when the "
+            "layer using it is built. Give latent_dim to use it on its own."
+        )
+    return prior.latent_dim
+
+
 @keras.saving.register_keras_serializable(package="keras_elbo")
 class NormalPrior(Prior):
     """A fixed diagonal normal prior, `p(z) = N(loc, scale**2 * I)`.
@@ -48,8 +80,18 @@ class NormalPrior(Prior):
     for another location or scale, in place of a hand-built
     `tfd.MultivariateNormalDiag`, so that the model saves to `.keras`.
 
+    With `latent_dim=None` the prior takes the size of the posterior it is
+    used with: `KLRegularizer.check_posterior` (called when the posterior or
+    Bayesian layer is built) sets `latent_dim` to the posterior's event size,
+    and the config then records that size. This is how a weight prior is
+    given to `BayesianDense`, whose number of weights is known only once its
+    input shape is: `BayesianDense(8, prior=NormalPrior(scale=0.5))`. Such a
+    prior then belongs to one layer: do not share it between layers of
+    different sizes.
+
     Args:
-        latent_dim: size of z, a positive integer.
+        latent_dim: size of z, a positive integer, or `None` to take the
+            posterior's size. Defaults to `None`.
         loc: location shared by every dimension. Defaults to `0.0`.
         scale: standard deviation shared by every dimension, positive.
             Defaults to `1.0`.
@@ -66,25 +108,114 @@ class NormalPrior(Prior):
     2.0
     """
 
-    def __init__(self, latent_dim: int, loc: float = 0.0, scale: float = 1.0, **kwargs):
+    def __init__(
+        self, latent_dim: int | None = None, loc: float = 0.0, scale: float = 1.0, **kwargs
+    ):
         super().__init__(**kwargs)
-        if not isinstance(latent_dim, int) or latent_dim < 1:
-            raise _math.invalid_argument("latent_dim", "a positive integer", latent_dim)
-        if not scale > 0:
-            raise _math.invalid_argument("scale", "a positive number", scale)
-        self.latent_dim = latent_dim
-        self.loc = float(loc)
-        self.scale = float(scale)
+        self.latent_dim = _check_latent_dim(latent_dim)
+        self.loc = _math.real("loc", loc)
+        self.scale = _math.real("scale", scale, positive=True)
         self.built = True
 
     def distribution(self, posterior_layer=None):
-        loc = tf.fill([self.latent_dim], tf.constant(self.loc, tf.float32))
-        scale = tf.fill([self.latent_dim], tf.constant(self.scale, tf.float32))
+        latent_dim = _known_latent_dim(self)
+        loc = tf.fill([latent_dim], tf.constant(self.loc, tf.float32))
+        scale = tf.fill([latent_dim], tf.constant(self.scale, tf.float32))
         return tfd.MultivariateNormalDiag(loc=loc, scale_diag=scale)
 
     def get_config(self):
         config = super().get_config()
         config.update({"latent_dim": self.latent_dim, "loc": self.loc, "scale": self.scale})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_elbo")
+class ScaleMixturePrior(Prior):
+    """The scale mixture prior of Bayes by Backprop, independent per dimension.
+
+    Each dimension (each weight of a Bayesian layer) independently follows a
+    mixture of two zero-mean normals, a wide one and a narrow one: heavier
+    tails than a single normal, with much of its mass near zero, so that
+    unneeded weights are pulled towards zero while needed ones may grow.
+    There is no closed-form KL against it: `KLRegularizer(mode="auto")`
+    estimates it by Monte Carlo (`"mc_entropy"` for a Gaussian posterior).
+
+    As for `NormalPrior`, `latent_dim=None` takes the size of the posterior
+    it is used with (set by `KLRegularizer.check_posterior` at build time).
+
+    Formula:
+
+    ```python
+    p(w) = prod_i(
+        mixture_weight * N(w[i]; 0, scale1**2)
+        + (1 - mixture_weight) * N(w[i]; 0, scale2**2)
+    )
+    ```
+
+    Args:
+        latent_dim: number of dimensions, a positive integer, or `None` to
+            take the posterior's size. Defaults to `None`.
+        mixture_weight: weight `pi` of the first component, in (0, 1).
+            Defaults to `0.5`.
+        scale1: standard deviation of the first component, positive.
+            Defaults to `1.0`.
+        scale2: standard deviation of the second component, positive.
+            Defaults to `exp(-6)` (about 0.0025), one of the paper's settings.
+
+    Returns (from `distribution()`):
+        A `tfd.Independent` of a `tfd.MixtureSameFamily` of two `tfd.Normal`
+        per dimension, with event shape `(latent_dim,)`.
+
+    Example:
+
+    >>> prior = ScaleMixturePrior(3)
+    >>> tuple(prior.distribution().event_shape)
+    (3,)
+    >>> round(float(prior.distribution().stddev()[0]), 4)  # sqrt(0.5 * 1 + 0.5 * e**-12)
+    0.7071
+
+    Reference: Blundell et al., 2015, "Weight uncertainty in neural networks".
+    """
+
+    def __init__(
+        self,
+        latent_dim: int | None = None,
+        mixture_weight: float = 0.5,
+        scale1: float = 1.0,
+        scale2: float = math.exp(-6),
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.latent_dim = _check_latent_dim(latent_dim)
+        self.mixture_weight = _math.real("mixture_weight", mixture_weight, positive=True)
+        if not self.mixture_weight < 1:
+            raise _math.invalid_argument("mixture_weight", "a number in (0, 1)", mixture_weight)
+        self.scale1 = _math.real("scale1", scale1, positive=True)
+        self.scale2 = _math.real("scale2", scale2, positive=True)
+        self.built = True
+
+    def distribution(self, posterior_layer=None):
+        shape = [_known_latent_dim(self), 2]
+        probs = tf.constant([self.mixture_weight, 1.0 - self.mixture_weight], tf.float32)
+        scales = tf.constant([self.scale1, self.scale2], tf.float32)
+        mixture = tfd.MixtureSameFamily(
+            mixture_distribution=tfd.Categorical(probs=tf.broadcast_to(probs, shape)),
+            components_distribution=tfd.Normal(
+                loc=tf.zeros(shape, tf.float32), scale=tf.broadcast_to(scales, shape)
+            ),
+        )
+        return tfd.Independent(mixture, reinterpreted_batch_ndims=1)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "latent_dim": self.latent_dim,
+                "mixture_weight": self.mixture_weight,
+                "scale1": self.scale1,
+                "scale2": self.scale2,
+            }
+        )
         return config
 
 
@@ -146,26 +277,21 @@ class MixturePrior(Prior):
         **kwargs,
     ):
         super().__init__(trainable=trainable, **kwargs)
-        if not isinstance(latent_dim, int) or latent_dim < 1:
-            raise _math.invalid_argument("latent_dim", "a positive integer", latent_dim)
-        if not isinstance(num_components, int) or num_components < 1:
-            raise _math.invalid_argument("num_components", "a positive integer", num_components)
-        if not min_scale > 0:
-            raise _math.invalid_argument("min_scale", "a positive number", min_scale)
+        latent_dim = _math.integer("latent_dim", latent_dim)
+        num_components = _math.integer("num_components", num_components)
+        min_scale = _math.real("min_scale", min_scale, positive=True)
+        init_scale = _math.real("init_scale", init_scale, positive=True)
+        init_loc_stddev = _math.real("init_loc_stddev", init_loc_stddev, non_negative=True)
         if not init_scale > min_scale:
             raise _math.invalid_argument(
                 "init_scale", f"a number greater than min_scale={min_scale}", init_scale
             )
-        if not init_loc_stddev >= 0:
-            raise _math.invalid_argument(
-                "init_loc_stddev", "a non-negative number", init_loc_stddev
-            )
         self.latent_dim = latent_dim
         self.num_components = num_components
-        self.min_scale = float(min_scale)
-        self.init_scale = float(init_scale)
-        self.init_loc_stddev = float(init_loc_stddev)
-        self.seed = seed
+        self.min_scale = min_scale
+        self.init_scale = init_scale
+        self.init_loc_stddev = init_loc_stddev
+        self.seed = _math.seed("seed", seed)
         # The prior takes no input, so its weights are made now rather than on
         # a first call: `distribution()` works as soon as the layer exists.
         self.build()
@@ -277,8 +403,7 @@ class VampPrior(Prior):
         super().__init__(**kwargs)
         if not isinstance(encoder, keras.layers.Layer):
             raise _math.invalid_argument("encoder", "a Keras layer or model", encoder)
-        if not isinstance(num_components, int) or num_components < 1:
-            raise _math.invalid_argument("num_components", "a positive integer", num_components)
+        num_components = _math.integer("num_components", num_components)
         input_shape = tuple(input_shape) if isinstance(input_shape, list | tuple) else input_shape
         if not (
             isinstance(input_shape, tuple)
@@ -288,11 +413,16 @@ class VampPrior(Prior):
             raise _math.invalid_argument(
                 "input_shape", "a tuple of positive integers, e.g. (784,)", input_shape
             )
+        expected = _known_input_shape(encoder)
+        if expected is not None and expected != input_shape:
+            raise _math.invalid_argument(
+                "input_shape", f"the encoder's input shape {expected}", input_shape
+            )
         self.encoder = encoder
         self.num_components = num_components
         self.input_shape_ = input_shape
         self.activation = keras.activations.get(activation)
-        self.seed = seed
+        self.seed = _math.seed("seed", seed)
         if pseudo_inputs_initializer is None:
             pseudo_inputs_initializer = keras.initializers.RandomNormal(
                 mean=0.5, stddev=0.05, seed=seed

@@ -24,7 +24,6 @@ FEATURES, LATENT = 5, 4
 X = np.random.default_rng(0).normal(size=(6, FEATURES)).astype("float32")
 PIXELS = 16
 DATA = (np.random.default_rng(0).random((128, PIXELS)) < 0.3).astype("float32")
-FLOW_OBJECTS = {keras.saving.get_registered_name(c): c for c in (MADE, FlowPosterior)}
 
 
 @pytest.fixture(autouse=True)
@@ -316,10 +315,6 @@ class TestModel:
     def test_save_load_round_trip(self, use_custom_objects, tmp_path, monkeypatch):
         model = compile_vae(make_vae(inference="mean", prior=ke.MixturePrior(3, 2, seed=0)))
         model.fit(DATA, DATA, epochs=1, batch_size=32, verbose=0)
-        if use_custom_objects and not set(FLOW_OBJECTS) <= set(ke.custom_objects()):
-            # Until keras_elbo.custom_objects() lists the flow classes.
-            objects = {**ke.custom_objects(), **FLOW_OBJECTS}
-            monkeypatch.setattr(ke, "custom_objects", lambda: objects)
         loaded = h.save_and_load(model, tmp_path / "m.keras", use_custom_objects, monkeypatch)
         assert isinstance(loaded.layers[2], FlowPosterior)
         for a, b in zip(model.weights, loaded.weights, strict=True):

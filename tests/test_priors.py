@@ -3,9 +3,14 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
 
 import keras_elbo as ke
+from keras_elbo.priors import ScaleMixturePrior
 from tests import _helpers as h
+
+tfd = tfp.distributions
 
 
 class TestMixturePrior:
@@ -159,3 +164,90 @@ class TestVampPrior:
         kwargs.setdefault("encoder", keras.layers.Dense(2))
         with pytest.raises(ValueError, match=f"`{argument}`"):
             ke.VampPrior(**kwargs)
+
+
+class TestScaleMixturePrior:
+    def test_log_prob_matches_numpy_logaddexp(self):
+        prior = ScaleMixturePrior(5, mixture_weight=0.3, scale1=1.5, scale2=0.01)
+        w = np.random.default_rng(0).normal(scale=0.5, size=(7, 5)).astype("float32")
+        w[0, :2] = [0.0, 1e-3]  # where the narrow component dominates
+        w64 = w.astype(np.float64)
+        log_normal = [-0.5 * (w64 / s) ** 2 - np.log(s) - 0.5 * h.LOG_2PI for s in (1.5, 0.01)]
+        per_weight = np.logaddexp(np.log(0.3) + log_normal[0], np.log(0.7) + log_normal[1])
+        np.testing.assert_allclose(
+            prior.distribution().log_prob(w), per_weight.sum(axis=-1), rtol=1e-5
+        )
+
+    def test_defaults_are_blundell_et_al(self):
+        prior = ScaleMixturePrior(2)
+        assert (prior.mixture_weight, prior.scale1, prior.scale2) == (0.5, 1.0, np.exp(-6))
+        variance = 0.5 * 1.0 + 0.5 * np.exp(-12)
+        np.testing.assert_allclose(prior.distribution().variance(), [variance] * 2, rtol=1e-5)
+
+    def test_latent_dim_none_takes_the_posterior_size(self):
+        prior = ScaleMixturePrior()
+        q = tfd.MultivariateNormalDiag(loc=tf.zeros(6), scale_diag=0.1 * tf.ones(6))
+        regularizer = ke.KLRegularizer(prior=prior)
+        regularizer.check_posterior(q)
+        assert prior.latent_dim == 6 and prior.get_config()["latent_dim"] == 6
+        # No closed form against the mixture: Monte Carlo with q's exact entropy.
+        assert regularizer.method(q, prior.distribution()) == "mc_entropy"
+
+    def test_latent_dim_none_used_alone_says_what_to_do(self):
+        with pytest.raises(ValueError, match="latent_dim=None.*Give latent_dim"):
+            ScaleMixturePrior().distribution()
+
+    @pytest.mark.parametrize(
+        "kwargs, argument",
+        [
+            ({"latent_dim": 0}, "latent_dim"),
+            ({"latent_dim": 2.0}, "latent_dim"),
+            ({"mixture_weight": 0.0}, "mixture_weight"),
+            ({"mixture_weight": 1.0}, "mixture_weight"),
+            ({"mixture_weight": "half"}, "mixture_weight"),
+            ({"scale1": 0.0}, "scale1"),
+            ({"scale2": -1.0}, "scale2"),
+            ({"scale2": None}, "scale2"),
+        ],
+        ids=lambda v: str(v),
+    )
+    def test_bad_argument_names_it(self, kwargs, argument):
+        with pytest.raises(ValueError, match=f"`{argument}`"):
+            ScaleMixturePrior(**kwargs)
+
+    @pytest.mark.parametrize("latent_dim", [None, 4], ids=["size-from-posterior", "fixed-size"])
+    def test_config_round_trip(self, latent_dim):
+        clone = h.config_round_trip(
+            ScaleMixturePrior(latent_dim, mixture_weight=0.25, scale1=2.0, scale2=0.1)
+        )
+        assert clone.latent_dim == latent_dim and clone.scale1 == 2.0
+
+
+class TestNormalPriorOfPosteriorSize:
+    def test_latent_dim_none_is_filled_by_check_posterior(self):
+        prior = ke.NormalPrior(scale=2.0)
+        assert prior.latent_dim is None and prior.get_config()["latent_dim"] is None
+        q = tfd.MultivariateNormalDiag(loc=tf.ones(3))
+        regularizer = ke.KLRegularizer(prior=prior)
+        regularizer.check_posterior(q)
+        assert prior.latent_dim == 3 and prior.get_config()["latent_dim"] == 3
+        assert regularizer.method(q, prior.distribution()) == "analytic"
+
+    def test_gaussian_posterior_fills_it_at_build(self):
+        prior = ke.NormalPrior(scale=0.5)
+        ke.GaussianPosterior(4, kl_regularizer=ke.KLRegularizer(prior=prior))(keras.Input((3,)))
+        assert prior.latent_dim == 4
+
+    def test_posterior_without_one_event_axis_is_refused(self):
+        q = tfd.Independent(tfd.Normal(tf.zeros((2, 3)), 1.0), reinterpreted_batch_ndims=2)
+        with pytest.raises(ValueError, match="one axis.*latent_dim"):
+            ke.KLRegularizer(prior=ke.NormalPrior()).check_posterior(q)
+
+    @pytest.mark.parametrize(
+        "kwargs, argument",
+        [({"latent_dim": True}, "latent_dim"), ({"loc": "0"}, "loc"), ({"scale": -1}, "scale")],
+        ids=lambda v: str(v),
+    )
+    def test_bad_argument_names_it(self, kwargs, argument):
+        with pytest.raises(ValueError, match=f"`{argument}`"):
+            ke.NormalPrior(**kwargs)

@@ -1,0 +1,412 @@
+"""Bayesian layers: KL scaled by data-set size, sampling moments, save/load."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+import keras_elbo as ke
+from keras_elbo.bayesian import MIN_SCALE, BayesianConv2D, BayesianDense
+from keras_elbo.predictive import predictive_moments
+from keras_elbo.priors import ScaleMixturePrior
+from tests import _helpers as h
+
+tfd = tfp.distributions
+
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(3, 4)).astype("float32")
+IMAGES = RNG.normal(size=(2, 5, 5, 2)).astype("float32")
+
+
+def numpy_posterior(layer):
+    """(kernel loc, kernel scale, bias loc, bias scale) in float64."""
+    k_loc, k_raw, b_loc, b_raw = (
+        v.numpy().astype(np.float64)
+        for v in (layer.kernel_loc, layer.kernel_raw_scale, layer.bias_loc, layer.bias_raw_scale)
+    )
+    return k_loc, h.softplus(k_raw) + MIN_SCALE, b_loc, h.softplus(b_raw) + MIN_SCALE
+
+
+def spread_posterior(layer, seed=1):
+    """Random locs and scales in [0.2, 0.6]: moments worth testing."""
+    rng = np.random.default_rng(seed)
+    for loc, raw in (
+        (layer.kernel_loc, layer.kernel_raw_scale),
+        (layer.bias_loc, layer.bias_raw_scale),
+    ):
+        loc.assign(rng.normal(size=loc.shape).astype("float32"))
+        scale = rng.uniform(0.2, 0.6, size=raw.shape)
+        raw.assign(np.log(np.expm1(scale - MIN_SCALE)).astype("float32"))
+
+
+def flat(*arrays):
+    return np.concatenate([a.ravel() for a in arrays])
+
+
+def repeated_outputs(layer, x, n, training=True):
+    """`n` calls of `layer` on `x`, stacked: (n, *output_shape), float64."""
+    call = tf.function(lambda: layer(x, training=training))
+    return np.stack([call().numpy() for _ in range(n)]).astype(np.float64)
+
+
+def numpy_conv(x, kernel, stride=1, padding="valid"):
+    """Cross-correlation (TensorFlow's conv2d), NHWC, with SAME as TF pads."""
+    kh, kw = kernel.shape[:2]
+    if padding == "same":
+        pads = []
+        for n, k in ((x.shape[1], kh), (x.shape[2], kw)):
+            total = max((-(-n // stride) - 1) * stride + k - n, 0)
+            pads.append((total // 2, total - total // 2))
+        x = np.pad(x, [(0, 0), *pads, (0, 0)])
+    patches = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))
+    patches = patches[:, ::stride, ::stride]  # (b, h', w', c, kh, kw)
+    return np.einsum("bhwcij,ijcf->bhwf", patches, kernel)
+
+
+def conv_patch_sums(x, values):
+    """sum over each receptive field of x * values (one kernel), for variances."""
+    return numpy_conv(x, values)
+
+
+class TestKL:
+    @pytest.mark.parametrize(
+        "prior, prior_scale",
+        [(None, 1.0), (ke.NormalPrior(scale=0.5), 0.5)],
+        ids=["default", "s0.5"],
+    )
+    def test_loss_is_kl_over_data_set_size(self, prior, prior_scale):
+        n_train = 250
+        layer = BayesianDense(3, prior=prior, kl_weight=1 / n_train, seed=0)
+        model = keras.Sequential([keras.Input((4,)), layer])
+        spread_posterior(layer)
+        k_loc, k_scale, b_loc, b_scale = numpy_posterior(layer)
+        kl = h.kl_diag_normal(
+            flat(k_loc, b_loc), flat(k_scale, b_scale), prior_scale=prior_scale
+        )  # closed form over all P = 15 parameters
+        model(X, training=True)
+        assert len(model.losses) == 1
+        np.testing.assert_allclose(float(model.losses[0]), kl / n_train, rtol=1e-5)
+        # In evaluate (inference="mean": deterministic), `loss` is the
+        # per-example NLL plus KL / N, and the metric is the unweighted KL.
+        model.compile(loss=ke.GaussianNLL(scale=1.0))
+        y = RNG.normal(size=(3, 3)).astype("float32")
+        logs = model.evaluate(X, y, return_dict=True, verbose=0)
+        mean = X.astype(np.float64) @ k_loc + b_loc
+        nll = np.mean(np.sum(0.5 * (y - mean) ** 2 + 0.5 * h.LOG_2PI, axis=-1))
+        np.testing.assert_allclose(logs[f"{layer.name}_kl"], kl, rtol=1e-5)
+        np.testing.assert_allclose(logs["loss"], nll + kl / n_train, rtol=1e-5)
+
+    def test_conv_kl_is_closed_form_over_all_parameters(self):
+        layer = BayesianConv2D(3, 2, kl_weight=0.01, seed=0)
+        layer(IMAGES, training=True)
+        k_loc, k_scale, b_loc, b_scale = numpy_posterior(layer)
+        assert layer.num_parameters == 2 * 2 * 2 * 3 + 3 == k_loc.size + b_loc.size
+        kl = h.kl_diag_normal(flat(k_loc, b_loc), flat(k_scale, b_scale))
+        np.testing.assert_allclose(float(layer.losses[0]), 0.01 * kl, rtol=1e-5)
+
+    def test_two_layers_add_two_losses_and_log_two_metrics(self):
+        first = BayesianDense(5, activation="relu", kl_weight=0.1, name="first")
+        model = keras.Sequential([keras.Input((4,)), first, BayesianDense(2, name="second")])
+        model.compile(keras.optimizers.Adam(1e-2), ke.GaussianNLL())
+        history = model.fit(X, X[:, :2], epochs=1, verbose=0).history
+        assert sorted(history) == ["first_kl", "loss", "second_kl"]
+        assert len(model.losses) == 2
+        assert len(model.evaluate(X, X[:, :2], verbose=0)) == 3  # each metric once
+
+    def test_scale_mixture_prior_kl_is_unbiased_monte_carlo(self):
+        layer = BayesianDense(2, prior=ScaleMixturePrior(scale2=0.05), seed=3)
+        layer.build((None, 4))
+        spread_posterior(layer)
+        q = layer.posterior()
+        assert layer.kl_regularizer.method(q, layer.prior.distribution()) == "mc_entropy"
+        n = 2000
+
+        @tf.function
+        def added_loss():
+            layer(X, training=True)
+            return layer.losses[0]
+
+        estimates = np.array([float(added_loss()) for _ in range(n)])
+        # Reference: log q - log p, by NumPy's own draws (many more of them).
+        k_loc, k_scale, b_loc, b_scale = numpy_posterior(layer)
+        loc, scale = flat(k_loc, b_loc), flat(k_scale, b_scale)
+        w = loc + scale * np.random.default_rng(5).normal(size=(200_000, loc.size))
+        log_p = np.logaddexp(
+            np.log(0.5) + h.diag_normal_logpdf(w[..., None], 0.0, 1.0),
+            np.log(0.5) + h.diag_normal_logpdf(w[..., None], 0.0, 0.05),
+        ).sum(axis=-1)
+        reference = np.mean(h.diag_normal_logpdf(w, loc, scale) - log_p)
+        tol = 4 * estimates.std() / np.sqrt(n)
+        assert abs(estimates.mean() - reference) < tol, (estimates.mean(), reference, tol)
+
+
+ESTIMATORS = ["reparameterization", "flipout"]
+
+
+class TestSampling:
+    @pytest.mark.parametrize("estimator", ESTIMATORS)
+    def test_mean_inference_is_the_loc_weights(self, estimator):
+        layer = BayesianDense(2, estimator=estimator, inference="mean", seed=0)
+        layer.build((None, 4))
+        spread_posterior(layer)
+        k_loc, _, b_loc, _ = numpy_posterior(layer)
+        for _ in range(2):
+            out = layer(X, training=False)
+            np.testing.assert_allclose(out, X @ k_loc + b_loc, rtol=1e-5, atol=1e-6)
+
+    @pytest.mark.parametrize("estimator", ESTIMATORS)
+    @pytest.mark.parametrize(
+        "training, inference", [(True, "mean"), (False, "sample")], ids=["training", "sample"]
+    )
+    def test_samples_vary_between_calls(self, estimator, training, inference):
+        layer = BayesianDense(2, estimator=estimator, inference=inference, seed=0)
+        first, second = (layer(X, training=training).numpy() for _ in range(2))
+        assert not np.allclose(first, second)
+        assert len(layer.losses) == 1  # the KL, added outside training too
+
+    @pytest.mark.parametrize("estimator", ESTIMATORS)
+    def test_dense_output_moments_match_gaussian(self, estimator):
+        # Each output is Gaussian over q(w): mean x @ m + b_m, variance
+        # x**2 @ s**2 + s_b**2, whatever the estimator (Flipout's signs do
+        # not change the marginal of a symmetric perturbation).
+        n = 3000
+        layer = BayesianDense(2, estimator=estimator, seed=4)
+        layer.build((None, 4))
+        spread_posterior(layer)
+        k_loc, k_scale, b_loc, b_scale = numpy_posterior(layer)
+        mean = X @ k_loc + b_loc
+        var = X.astype(np.float64) ** 2 @ k_scale**2 + b_scale**2
+        outputs = repeated_outputs(layer, X, n)
+        assert np.all(np.abs(outputs.mean(0) - mean) < 4.5 * np.sqrt(var / n))
+        # Sample variance of a Gaussian: standard error var * sqrt(2 / (n - 1)).
+        assert np.all(np.abs(outputs.var(0, ddof=1) - var) < 4.5 * var * np.sqrt(2 / (n - 1)))
+
+    @pytest.mark.parametrize("estimator, correlation", [(ESTIMATORS[0], 1.0), (ESTIMATORS[1], 0.0)])
+    def test_flipout_decorrelates_the_examples_of_a_batch(self, estimator, correlation):
+        # Two copies of one example: one shared sample moves them together;
+        # Flipout's per-example signs leave them uncorrelated.
+        n = 2000
+        layer = BayesianDense(1, estimator=estimator, seed=5)
+        layer.build((None, 4))
+        spread_posterior(layer)
+        outputs = repeated_outputs(layer, np.repeat(X[:1], 2, axis=0), n)[..., 0]
+        r = np.corrcoef(outputs[:, 0], outputs[:, 1])[0, 1]
+        assert abs(r - correlation) < 4 / np.sqrt(n), r
+
+    @pytest.mark.parametrize("estimator", ESTIMATORS)
+    def test_conv_output_moments_match_gaussian(self, estimator):
+        n = 2000
+        layer = BayesianConv2D(2, 3, estimator=estimator, seed=6)
+        x = IMAGES[:1]
+        layer.build(x.shape)
+        spread_posterior(layer)
+        k_loc, k_scale, b_loc, b_scale = numpy_posterior(layer)
+        mean = numpy_conv(x, k_loc) + b_loc
+        var = conv_patch_sums(x.astype(np.float64) ** 2, k_scale**2) + b_scale**2
+        outputs = repeated_outputs(layer, x, n)
+        assert np.all(np.abs(outputs.mean(0) - mean) < 4.5 * np.sqrt(var / n))
+        assert np.all(np.abs(outputs.var(0, ddof=1) - var) < 4.5 * var * np.sqrt(2 / (n - 1)))
+
+    @pytest.mark.parametrize("estimator", ESTIMATORS)
+    def test_inputs_of_rank_three(self, estimator):
+        # Flipout signs are drawn per example, shared along the middle axis.
+        layer = BayesianDense(2, estimator=estimator, seed=0)
+        x = np.stack([X, 2 * X], axis=1)  # (3, 2, 4)
+        assert tuple(layer(x, training=True).shape) == (3, 2, 2)
+        k_loc, _, b_loc, _ = numpy_posterior(layer)
+        np.testing.assert_allclose(layer(x), x @ k_loc + b_loc, rtol=1e-5, atol=1e-6)
+
+    def test_mixed_precision_computes_in_float16_and_kl_in_float32(self):
+        layer = BayesianDense(3, dtype="mixed_float16", seed=0)
+        out = layer(X, training=True)
+        assert out.dtype == "float16" and layer.losses[0].dtype == "float32"
+        assert all(w.dtype == "float32" for w in layer.weights)
+
+
+class TestConv:
+    @pytest.mark.parametrize(
+        "padding, strides", [("valid", 1), ("same", 2)], ids=["valid-1", "same-2"]
+    )
+    def test_mean_path_is_convolution_with_loc_kernel(self, padding, strides):
+        layer = BayesianConv2D(3, 3, strides=strides, padding=padding, seed=0)
+        layer.build(IMAGES.shape)
+        spread_posterior(layer)
+        k_loc, _, b_loc, _ = numpy_posterior(layer)
+        expected = numpy_conv(IMAGES.astype(np.float64), k_loc, strides, padding) + b_loc
+        np.testing.assert_allclose(layer(IMAGES, training=False), expected, rtol=1e-5, atol=1e-5)
+
+    @pytest.mark.parametrize(
+        "kwargs",
+        [
+            {"kernel_size": 3},
+            {"kernel_size": (2, 3), "strides": 2, "padding": "same"},
+            {"kernel_size": 2, "dilation_rate": 2},
+        ],
+        ids=["valid", "same-strided", "dilated"],
+    )
+    def test_output_shape_agrees_with_keras_conv2d(self, kwargs):
+        x = np.zeros((2, 7, 6, 2), "float32")
+        expected = keras.layers.Conv2D(4, **kwargs)(x).shape
+        layer = BayesianConv2D(4, **kwargs)
+        assert tuple(layer(x).shape) == tuple(expected)
+        assert layer.compute_output_shape(x.shape) == tuple(expected)
+        symbolic = layer(keras.Input((7, 6, 2)))
+        assert tuple(symbolic.shape) == (None, *expected[1:])
+
+
+def small_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((5, 5, 2)),
+            BayesianConv2D(
+                3, 3, activation="relu", prior=ke.NormalPrior(scale=0.5), kl_weight=1 / 32, seed=1
+            ),
+            keras.layers.Flatten(),
+            BayesianDense(
+                2, estimator="flipout", prior=ScaleMixturePrior(), kl_weight=1 / 32, seed=2
+            ),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(1e-2), ke.GaussianNLL(scale=0.5))
+    return model
+
+
+IMAGE_DATA = np.random.default_rng(1).normal(size=(32, 5, 5, 2)).astype("float32")
+TARGETS = np.stack([IMAGE_DATA.mean((1, 2, 3)), IMAGE_DATA[:, 2, 2, 0]], axis=1)
+
+
+class TestSaveLoad:
+    @pytest.mark.parametrize("use_custom_objects", [False, True], ids=["registered", "custom"])
+    def test_round_trip(self, use_custom_objects, tmp_path, monkeypatch):
+        model = small_model()
+        model.fit(IMAGE_DATA, TARGETS, epochs=1, batch_size=16, verbose=0)
+        model.layers[-1].kl_regularizer.kl_weight.assign(0.125)  # as a callback would
+        loaded = h.save_and_load(model, tmp_path / "m.keras", use_custom_objects, monkeypatch)
+        for a, b in zip(model.weights, loaded.weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        conv, dense = loaded.layers[0], loaded.layers[-1]
+        assert conv.prior.latent_dim == model.layers[0].num_parameters
+        assert isinstance(dense.prior, ScaleMixturePrior) and dense.estimator == "flipout"
+        assert float(dense.kl_regularizer.kl_weight.numpy()) == 0.125
+        # inference="mean": predictions are deterministic and must agree.
+        np.testing.assert_allclose(
+            model.predict(IMAGE_DATA, verbose=0), loaded.predict(IMAGE_DATA, verbose=0), rtol=1e-5
+        )
+        loaded.fit(IMAGE_DATA, TARGETS, epochs=1, batch_size=16, verbose=0)
+
+    @pytest.mark.parametrize(
+        "layer",
+        [
+            BayesianDense(4, "tanh", use_bias=False, kl_weight=0.5, inference="sample", seed=3),
+            BayesianConv2D(2, (3, 2), strides=(1, 2), padding="same", estimator="flipout"),
+        ],
+        ids=["dense", "conv"],
+    )
+    def test_config_round_trip(self, layer):
+        h.config_round_trip(layer)
+
+
+class TestFit:
+    @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+    def test_loss_falls(self, jit_compile):
+        model = small_model()
+        model.compile(
+            keras.optimizers.Adam(1e-2), ke.GaussianNLL(scale=0.5), jit_compile=jit_compile
+        )
+        losses = model.fit(IMAGE_DATA, TARGETS, epochs=10, batch_size=8, verbose=0).history["loss"]
+        assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+class TestErrors:
+    @pytest.mark.parametrize(
+        "kwargs, argument",
+        [
+            ({"units": 0}, "units"),
+            ({"units": 2.0}, "units"),
+            ({"kl_weight": -1.0}, "kl_weight"),
+            ({"kl_weight": "1/N"}, "kl_weight"),
+            ({"estimator": "local"}, "estimator"),
+            ({"inference": "mode"}, "inference"),
+            ({"posterior_scale_init": 0.0}, "posterior_scale_init"),
+            ({"prior": "normal"}, "prior"),
+            ({"prior": tfd.Normal(0.0, 1.0)}, "prior"),
+            ({"use_bias": 1}, "use_bias"),
+            ({"seed": 1.5}, "seed"),
+        ],
+        ids=lambda v: str(v),
+    )
+    def test_dense_bad_argument_names_it(self, kwargs, argument):
+        kwargs = {"units": 2, **kwargs}
+        with pytest.raises(ValueError, match=f"`{argument}`"):
+            BayesianDense(**kwargs)
+
+    @pytest.mark.parametrize(
+        "kwargs, argument",
+        [
+            ({"filters": 0}, "filters"),
+            ({"kernel_size": (3,)}, "kernel_size"),
+            ({"strides": 0}, "strides"),
+            ({"padding": "causal"}, "padding"),
+            ({"dilation_rate": (1, -1)}, "dilation_rate"),
+            ({"estimator": "local"}, "estimator"),
+        ],
+        ids=lambda v: str(v),
+    )
+    def test_conv_bad_argument_names_it(self, kwargs, argument):
+        kwargs = {"filters": 2, "kernel_size": 3, **kwargs}
+        with pytest.raises(ValueError, match=f"`{argument}`"):
+            BayesianConv2D(**kwargs)
+
+    def test_prior_of_another_size_fails_at_model_construction(self):
+        layer = BayesianDense(3, prior=ke.NormalPrior(7))
+        with pytest.raises(ValueError, match=r"event shape \(7,\).*\(15,\)"):
+            keras.Sequential([keras.Input((4,)), layer])
+
+    def test_analytic_mode_is_not_forced_on_a_mixture_prior(self):
+        # The layer's regularizer uses mode="auto": Monte Carlo, no error.
+        layer = BayesianDense(3, prior=ScaleMixturePrior())
+        layer(X, training=True)
+        assert np.isfinite(float(layer.losses[0]))
+
+
+def gap_regression(seed, n=1024, noise=0.1, steps=4000, batch_size=32):
+    """A Bayesian MLP fitted to y = sin(3x) + noise, x in [-2, -0.5] U [0.5, 2]."""
+    rng = np.random.default_rng(seed)
+    x = (rng.uniform(0.5, 2.0, n) * rng.choice([-1.0, 1.0], n))[:, None].astype("float32")
+    y = (np.sin(3 * x) + noise * rng.normal(size=x.shape)).astype("float32")
+    keras.utils.set_random_seed(seed)
+    layers = [BayesianDense(32, "relu", kl_weight=1 / n, seed=10 * seed + i) for i in range(3)]
+    model = keras.Sequential(
+        [keras.Input((1,)), *layers, BayesianDense(1, kl_weight=1 / n, seed=10 * seed + 9)]
+    )
+    model.compile(
+        keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-2, steps)),
+        ke.GaussianNLL(scale=noise),
+        jit_compile=True,
+        steps_per_execution=16,  # the model is tiny: amortise Keras's per-step work
+    )
+    model.fit(x, y, epochs=steps * batch_size // n, batch_size=batch_size, verbose=0)
+    return model
+
+
+class TestAcceptance:
+    def test_predictive_stddev_is_larger_in_the_gap_of_the_data(self):
+        # The issue's acceptance test. With kl_weight = 1 / N the posterior
+        # is the Bayesian one for this data set: weights the data pin down
+        # are certain, the others keep the prior's spread, which shows in the
+        # gap. Mean-field posteriors are known to be weak at such in-between
+        # uncertainty (Foong et al., 2019): a 3-hidden-layer network is used,
+        # trained to convergence. Measured over seeds 0-15: gap / inside
+        # ratio 2.5 to 4.3 (this seed: 3.3).
+        model = gap_regression(seed=0)
+        inside = np.concatenate([np.linspace(-1.65, -0.85, 5), np.linspace(0.85, 1.65, 5)])
+        grid = np.concatenate([inside, [0.0]])[:, None].astype("float32")
+        moments = predictive_moments(model, grid, num_samples=200)
+        mean, stddev = moments["mean"][:, 0], moments["stddev"][:, 0]
+        # The fit is good where there are data ...
+        assert np.sqrt(np.mean((mean[:-1] - np.sin(3 * inside)) ** 2)) < 0.1, mean
+        # ... and the model knows that it does not know in the gap.
+        assert stddev[-1] >= 2 * stddev[:-1].mean(), stddev
+        assert all(layer.inference == "mean" for layer in model.layers)

@@ -1,0 +1,164 @@
+"""predictive_moments: moments against known predictive distributions."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_elbo as ke
+from keras_elbo.bayesian import BayesianDense
+from keras_elbo.predictive import predictive_moments
+from tests import _helpers as h
+from tests.test_bayesian import numpy_posterior, spread_posterior
+
+X = np.random.default_rng(0).normal(size=(7, 4)).astype("float32")
+
+
+def numpy_entropy(p):
+    return -np.sum(p * np.log(p), axis=-1)
+
+
+def assert_gaussian_moments(moments, mean, var, n):
+    """Sample mean and variance of n draws agree with the Gaussian's."""
+    assert np.all(np.abs(moments["mean"] - mean) < 4.5 * np.sqrt(var / n))
+    sample_var = moments["stddev"] ** 2
+    assert np.all(np.abs(sample_var - var) < 4.5 * var * np.sqrt(2 / (n - 1)))
+
+
+class TestRegression:
+    @pytest.mark.parametrize("estimator", ["reparameterization", "flipout"])
+    def test_bayesian_dense_moments_match_closed_form(self, estimator):
+        # A linear layer's output over q(w) is Gaussian: mean x @ m + b_m,
+        # variance x**2 @ s**2 + s_b**2. inference="mean" must not stop the
+        # sampling, and batches of 3 must join up in order.
+        n = 1500
+        layer = BayesianDense(2, estimator=estimator, inference="mean", seed=0)
+        model = keras.Sequential([keras.Input((4,)), layer])
+        spread_posterior(layer)
+        k_loc, k_scale, b_loc, b_scale = numpy_posterior(layer)
+        moments = predictive_moments(model, X, num_samples=n, batch_size=3)
+        assert set(moments) == {"mean", "stddev"} and moments["mean"].shape == (7, 2)
+        var = X.astype(np.float64) ** 2 @ k_scale**2 + b_scale**2
+        assert_gaussian_moments(moments, X @ k_loc + b_loc, var, n)
+        assert layer.inference == "mean"
+
+    def test_vectorised_latent_samples_match_the_posterior(self):
+        # Only a posterior layer (independent samples per example): the
+        # passes are one tiled call; the moments are q(z|x)'s.
+        n = 2000
+        posterior = ke.GaussianPosterior(3, inference="mean", seed=1)
+        model = keras.Sequential([keras.Input((4,)), posterior])
+        moments = predictive_moments(model, X, num_samples=n)
+        w, b = (v.numpy().astype(np.float64) for v in posterior.projection.weights)
+        params = X @ w + b
+        scale = h.softplus(params[:, 3:]) + posterior.min_scale
+        assert_gaussian_moments(moments, params[:, :3], scale**2, n)
+        assert posterior.inference == "mean"
+
+    def test_deterministic_model_has_zero_spread(self):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        moments = predictive_moments(model, X, num_samples=3)
+        np.testing.assert_allclose(moments["mean"], model.predict(X, verbose=0), rtol=1e-6)
+        np.testing.assert_allclose(moments["stddev"], 0.0, atol=1e-7)
+
+
+class Alternating(keras.layers.Layer):
+    """Outputs the rows of `table` in turn, one per call, when sampling.
+
+    A stand-in for a stochastic layer whose passes are known exactly: it has
+    an `inference` switch and refuses to run unless it is set to "sample".
+    """
+
+    def __init__(self, table, **kwargs):
+        super().__init__(**kwargs)
+        self.table = tf.constant(table, tf.float32)
+        self.inference = "mean"
+        self.calls = self.add_weight(shape=(), initializer="zeros", trainable=False, dtype="int32")
+
+    def call(self, inputs):
+        if self.inference != "sample":
+            raise AssertionError("predictive_moments did not switch inference to 'sample'")
+        row = self.table[self.calls % len(self.table)]
+        self.calls.assign_add(1)
+        return tf.zeros_like(inputs[:, :1]) + row
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.table.shape[-1])
+
+
+PROBS = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+
+
+class TestClassification:
+    def test_entropy_and_mutual_information_of_known_passes(self):
+        # Two passes with known probabilities: exact mean, entropy and
+        # mutual information = H[mean p] - mean H[p].
+        model = keras.Sequential([keras.Input((4,)), Alternating(PROBS)])
+        moments = predictive_moments(model, X, num_samples=2, task="classification")
+        mean = PROBS.mean(axis=0)
+        np.testing.assert_allclose(moments["probabilities"], np.tile(mean, (7, 1)), rtol=1e-6)
+        np.testing.assert_allclose(moments["entropy"], numpy_entropy(mean), rtol=1e-6)
+        mutual_information = numpy_entropy(mean) - numpy_entropy(PROBS).mean()
+        np.testing.assert_allclose(moments["mutual_information"], mutual_information, rtol=1e-5)
+        assert model.layers[0].inference == "mean"
+
+    @pytest.mark.parametrize(
+        "activation, from_logits", [("softmax", False), (None, True)], ids=["probs", "logits"]
+    )
+    def test_entropy_of_a_fixed_softmax_output(self, activation, from_logits):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation)])
+        moments = predictive_moments(
+            model, X, num_samples=2, task="classification", from_logits=from_logits
+        )
+        out = model.predict(X, verbose=0).astype(np.float64)
+        p = np.exp(out) / np.exp(out).sum(-1, keepdims=True) if from_logits else out
+        np.testing.assert_allclose(moments["probabilities"], p, rtol=1e-5)
+        np.testing.assert_allclose(moments["entropy"], numpy_entropy(p), rtol=1e-5)
+        np.testing.assert_allclose(moments["mutual_information"], 0.0, atol=1e-7)
+
+    def test_single_sigmoid_output_is_bernoulli(self):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, "sigmoid")])
+        moments = predictive_moments(model, X, num_samples=2, task="classification")
+        p = model.predict(X, verbose=0).astype(np.float64)[:, 0]
+        np.testing.assert_allclose(
+            moments["entropy"], -(p * np.log(p) + (1 - p) * np.log(1 - p)), rtol=1e-5
+        )
+
+
+class TestRestore:
+    def test_inference_is_restored_after_an_error(self):
+        x = keras.Input((4,))
+        layer = BayesianDense(2, inference="mean")
+        posterior = ke.GaussianPosterior(2, inference="mean")
+        model = keras.Model(x, [layer(x), posterior(x)])  # two outputs: refused
+        with pytest.raises(ValueError, match="single tensor output"):
+            predictive_moments(model, X, num_samples=2)
+        assert layer.inference == posterior.inference == "mean"
+
+    def test_nested_layers_are_switched_and_restored(self):
+        inner = keras.Sequential([keras.Input((4,)), BayesianDense(3, inference="mean")])
+        model = keras.Sequential([keras.Input((4,)), inner, keras.layers.Dense(1)])
+        moments = predictive_moments(model, X, num_samples=5)
+        assert np.all(moments["stddev"] > 0)
+        assert inner.layers[0].inference == "mean"
+
+
+class TestErrors:
+    @pytest.mark.parametrize(
+        "kwargs, argument",
+        [
+            ({"num_samples": 1}, "num_samples"),
+            ({"num_samples": 10.0}, "num_samples"),
+            ({"task": "ranking"}, "task"),
+            ({"batch_size": 0}, "batch_size"),
+            ({"from_logits": "yes"}, "from_logits"),
+            ({"x": np.zeros((0, 4))}, "x"),
+            ({"model": "model"}, "model"),
+        ],
+        ids=lambda v: str(v),
+    )
+    def test_bad_argument_names_it(self, kwargs, argument):
+        model = keras.Sequential([keras.Input((4,)), BayesianDense(1)])
+        kwargs = {"model": model, "x": X, **kwargs}
+        with pytest.raises(ValueError, match=f"`{argument}`"):
+            predictive_moments(**kwargs)
