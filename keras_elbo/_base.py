@@ -1,4 +1,4 @@
-"""Private base class for layers that hold a `KLRegularizer`."""
+"""Private base class and saving helper for layers that hold other layers."""
 
 import keras
 
@@ -17,3 +17,12 @@ class ParentLayer(keras.layers.Layer):
     @property
     def metrics(self):
         return list(self._metrics)
+
+
+def deserialize_nested(config, *keys):
+    """A copy of `config` with the Keras objects serialized under `keys`
+    (layers given as constructor arguments) deserialized, for `from_config`."""
+    config = dict(config)
+    for key in keys:
+        config[key] = keras.saving.deserialize_keras_object(config[key])
+    return config

@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from keras_elbo import _math
-from keras_elbo._base import ParentLayer
+from keras_elbo._base import ParentLayer, deserialize_nested
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.priors import Prior
 
@@ -219,9 +219,7 @@ class BayesianLayer(ParentLayer):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        config["prior"] = keras.saving.deserialize_keras_object(config["prior"])
-        return cls(**config)
+        return cls(**deserialize_nested(config, "prior"))
 
 
 @keras.saving.register_keras_serializable(package="keras_elbo")
@@ -332,8 +330,7 @@ class BayesianDense(BayesianLayer):
         kernel_initializer="glorot_uniform",
         **kwargs,
     ):
-        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
-            raise _math.invalid_argument("units", "a positive integer", units)
+        units = _math.integer("units", units)
         super().__init__(
             activation=activation,
             use_bias=use_bias,
@@ -471,8 +468,7 @@ class BayesianConv2D(BayesianLayer):
         kernel_initializer="glorot_uniform",
         **kwargs,
     ):
-        if isinstance(filters, bool) or not isinstance(filters, int) or filters < 1:
-            raise _math.invalid_argument("filters", "a positive integer", filters)
+        filters = _math.integer("filters", filters)
         kernel_size = _pair(kernel_size, "kernel_size")
         strides = _pair(strides, "strides")
         dilation_rate = _pair(dilation_rate, "dilation_rate")

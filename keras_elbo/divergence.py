@@ -5,6 +5,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from keras_elbo import _math
+from keras_elbo._base import deserialize_nested
 from keras_elbo.priors import Prior
 
 tfd = tfp.distributions
@@ -421,6 +422,4 @@ class KLRegularizer(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        config["prior"] = keras.saving.deserialize_keras_object(config["prior"])
-        return cls(**config)
+        return cls(**deserialize_nested(config, "prior"))

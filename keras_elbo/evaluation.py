@@ -127,8 +127,7 @@ def evaluate_elbo(
         A dict of NumPy arrays of shape `(n,)`, `"elbo"`, `"reconstruction"`
         (the negative expected log-likelihood) and `"kl"`, in nats per example.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise _math.invalid_argument("num_samples", "a positive integer", num_samples)
+    num_samples = _math.integer("num_samples", num_samples)
     parts = _LatentModel(model, likelihood)
     seeds = keras.random.SeedGenerator(seed)
     regularizer = parts.posterior.kl_regularizer
@@ -200,8 +199,7 @@ def importance_weighted_log_likelihood(
         A NumPy array of shape `(n,)`: the estimate of log p(x) for each
         example, in nats. Its mean is the figure of the tables.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise _math.invalid_argument("num_samples", "a positive integer", num_samples)
+    num_samples = _math.integer("num_samples", num_samples)
     if not isinstance(max_decoder_batch, int) or max_decoder_batch < batch_size:
         raise _math.invalid_argument(
             "max_decoder_batch",

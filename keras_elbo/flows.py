@@ -121,8 +121,7 @@ class MADE(keras.layers.Layer):
             raise _math.invalid_argument(
                 "hidden_units", "a non-empty sequence of positive integers", hidden_units
             )
-        if not isinstance(reverse, bool):
-            raise _math.invalid_argument("reverse", "True or False", reverse)
+        reverse = _math.boolean("reverse", reverse)
         self.hidden_units = units
         self.activation = keras.activations.get(activation)
         self.reverse = reverse
@@ -255,12 +254,8 @@ class InverseAutoregressiveFlow(tfb.Bijector):
         parameters = dict(locals())
         if not isinstance(made, MADE):
             raise _math.invalid_argument("made", "a keras_elbo.flows.MADE layer", made)
-        if log_scale_bound is not None and not (
-            isinstance(log_scale_bound, int | float) and log_scale_bound > 0
-        ):
-            raise _math.invalid_argument(
-                "log_scale_bound", "None or a positive number", log_scale_bound
-            )
+        if log_scale_bound is not None:
+            log_scale_bound = _math.real("log_scale_bound", log_scale_bound, positive=True)
         self.made = made
         self.context = context
         self.log_scale_bound = log_scale_bound
@@ -389,17 +384,14 @@ class FlowPosterior(Posterior):
         super().__init__(
             latent_dim, kl_regularizer=kl_regularizer, inference=inference, seed=seed, **kwargs
         )
-        if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
-            raise _math.invalid_argument("num_flows", "a positive integer", num_flows)
+        num_flows = _math.integer("num_flows", num_flows)
         units = _positive_int_tuple(hidden_units)
         if units is None:
             raise _math.invalid_argument(
                 "hidden_units", "a non-empty sequence of positive integers", hidden_units
             )
-        if not isinstance(context, bool):
-            raise _math.invalid_argument("context", "True or False", context)
-        if not (isinstance(min_scale, int | float) and min_scale > 0):
-            raise _math.invalid_argument("min_scale", "a positive number", min_scale)
+        context = _math.boolean("context", context)
+        min_scale = _math.real("min_scale", min_scale, positive=True)
         if kl_regularizer is not None and kl_regularizer.path_derivative:
             # The path derivative evaluates log q with q's parameters behind
             # stop_gradient; a flow's parameters are the weights of its MADE
@@ -410,7 +402,7 @@ class FlowPosterior(Posterior):
         self.num_flows = num_flows
         self.hidden_units = units
         self.context = context
-        self.min_scale = float(min_scale)
+        self.min_scale = min_scale
         self.activation = keras.activations.get(activation)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.projection = keras.layers.Dense(

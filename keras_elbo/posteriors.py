@@ -5,7 +5,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from keras_elbo import _math
-from keras_elbo._base import ParentLayer
+from keras_elbo._base import ParentLayer, deserialize_nested
 from keras_elbo.divergence import KLRegularizer
 
 tfd = tfp.distributions
@@ -104,9 +104,7 @@ class Posterior(ParentLayer):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        config["kl_regularizer"] = keras.saving.deserialize_keras_object(config["kl_regularizer"])
-        return cls(**config)
+        return cls(**deserialize_nested(config, "kl_regularizer"))
 
 
 @keras.saving.register_keras_serializable(package="keras_elbo")

@@ -12,6 +12,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from keras_elbo import _math
+from keras_elbo._base import deserialize_nested
 
 tfd = tfp.distributions
 
@@ -471,6 +472,4 @@ class VampPrior(Prior):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
-        return cls(**config)
+        return cls(**deserialize_nested(config, "encoder"))

@@ -11,8 +11,9 @@ with a minimal reproducer: it is marked `xfail(strict=True)`, so the suite
 stays green until the fix turns it into an unexpected pass, which reminds
 whoever fixed it to remove the entry. The first run found about twenty such
 bugs (non-finite or float32-unrepresentable values accepted, bools taken for
-numbers, NumPy scalars refused, unclear errors, an empty batch's NaN KL); all
-are fixed, by the shared argument checks of `keras_elbo._math`, and their
+numbers, NumPy scalars refused, unclear errors, an empty batch's NaN KL), and
+adding the flow and Bayesian layers one more (`FlowPosterior(min_scale=inf)`
+gave NaN samples); all are fixed, by the shared argument checks of `keras_elbo._math`, and their
 cases below now pass as ordinary tests.
 """
 
@@ -81,6 +82,21 @@ Y3 = np.array([[0.0, 1.0, 0.5], [1.0, 0.0, 0.25]], "float32")
 P3 = np.array([[0.2, 0.7, 0.5], [0.9, 0.1, 0.3]], "float32")
 BODY = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)], name="body")
 PROGRESS = (0.0, 0.25, 1.0, 2.5, 7.0, 1e6)
+IMAGES = np.linspace(-1.0, 1.0, 2 * 4 * 4 * 3, dtype="float32").reshape(2, 4, 4, 3)
+BAYESIAN_DRAWS = {
+    "use_bias": st.booleans(),
+    "prior": st.sampled_from([None, "normal", "scale_mixture"]).map(
+        lambda kind: {
+            None: None,
+            "normal": ke.NormalPrior(scale=0.5),
+            "scale_mixture": ke.ScaleMixturePrior(),
+        }[kind]
+    ),
+    "kl_weight": NON_NEGATIVE,
+    "estimator": st.sampled_from(["reparameterization", "flipout"]),
+    "inference": st.sampled_from(["mean", "sample"]),
+    "posterior_scale_init": st.floats(1e-4, 1.0),
+}
 
 
 def _outputs_and_losses(layer, *args, **kwargs):
@@ -198,6 +214,49 @@ SPECS = [
         },
         _smoke_vamp_prior,
         bad={"input_shape": st.one_of(st.tuples(INTS), st.lists(INTS, max_size=2), ANY)},
+    ),
+    Spec(
+        ke.FlowPosterior,
+        {"latent_dim": 2, "seed": 0},
+        {
+            "latent_dim": POSITIVE_INT,
+            "num_flows": st.integers(1, 3),
+            "hidden_units": st.lists(POSITIVE_INT, min_size=1, max_size=2).map(tuple),
+            "context": st.booleans(),
+            "min_scale": st.floats(1e-4, 1.0),
+            "inference": st.sampled_from(["sample", "mean"]),
+        },
+        lambda layer: _outputs_and_losses(layer, X3, training=True),
+        bad={"hidden_units": st.one_of(st.lists(INTS, max_size=2), ANY)},
+    ),
+    Spec(
+        ke.ScaleMixturePrior,
+        {},
+        {
+            "latent_dim": st.one_of(st.none(), POSITIVE_INT),
+            "mixture_weight": st.floats(0.01, 0.99),
+            "scale1": POSITIVE,
+            "scale2": POSITIVE,
+        },
+        _smoke_prior,
+    ),
+    Spec(
+        ke.BayesianDense,
+        {"units": 2, "seed": 0},
+        {**BAYESIAN_DRAWS, "units": POSITIVE_INT},
+        lambda layer: _outputs_and_losses(layer, X3, training=True),
+    ),
+    Spec(
+        ke.BayesianConv2D,
+        {"filters": 2, "kernel_size": 2, "seed": 0},
+        {
+            **BAYESIAN_DRAWS,
+            "filters": POSITIVE_INT,
+            "kernel_size": st.integers(1, 3),
+            "strides": st.integers(1, 2),
+            "padding": st.sampled_from(["valid", "same"]),
+        },
+        lambda layer: _outputs_and_losses(layer, IMAGES, training=True),
     ),
     Spec(
         ke.BernoulliNLL,
