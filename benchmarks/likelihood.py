@@ -107,7 +107,7 @@ def run(kind, args, x_train, x_test):
     log_px = ke.importance_weighted_log_likelihood(
         model, x_test, num_samples=args.iw_samples, seed=2, verbose=args.verbose
     )
-    return {
+    return log_px, {
         "train_loss": history["loss"][-1],
         "test_elbo": float(elbo["elbo"].mean()),
         "test_kl": float(elbo["kl"].mean()),
@@ -143,9 +143,9 @@ def main():
         f"{max(1, args.epochs // 3)} epochs; {len(x_test)} test images, "
         f"K = {args.iw_samples} importance samples"
     )
-    results = {}
+    results, per_image = {}, {}
     for kind in args.models.split(","):
-        results[kind] = run(kind, args, x_train, x_test)
+        per_image[kind], results[kind] = run(kind, args, x_train, x_test)
         r = results[kind]
         print(
             f"{kind:8s} test ELBO {r['test_elbo']:8.2f}  log p(x) {r['test_log_px']:8.2f} "
@@ -159,6 +159,17 @@ def main():
         published, setting = PUBLISHED.get(kind, (None, "no published figure for this setting"))
         cell = f"{published:.2f}" if published else "-"
         print(f"| {kind} | {-r['test_elbo']:.2f} | {-r['test_log_px']:.2f} | {cell} | {setting} |")
+    # The rows share their test images: a difference between two rows has a
+    # paired standard error, much smaller than each row's own.
+    kinds = list(results)
+    if len(kinds) > 1:
+        base = kinds[0]
+        print(f"\nlog p(x) difference to {base}, per image (paired standard error):")
+        for kind in kinds[1:]:
+            diff = per_image[kind] - per_image[base]
+            stderr = diff.std(ddof=1) / np.sqrt(len(diff))
+            results[kind][f"log_px_minus_{base}"] = [float(diff.mean()), float(stderr)]
+            print(f"  {kind:8s} {diff.mean():+.2f} (+/- {stderr:.2f})")
     os.makedirs(args.output, exist_ok=True)
     path = os.path.join(args.output, "likelihood.json")
     with open(path, "w") as f:
