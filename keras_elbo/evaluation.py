@@ -128,6 +128,7 @@ def evaluate_elbo(
         (the negative expected log-likelihood) and `"kl"`, in nats per example.
     """
     num_samples = _math.integer("num_samples", num_samples)
+    batch_size = _math.integer("batch_size", batch_size)
     parts = _LatentModel(model, likelihood)
     seeds = keras.random.SeedGenerator(seed)
     regularizer = parts.posterior.kl_regularizer
@@ -200,12 +201,9 @@ def importance_weighted_log_likelihood(
         example, in nats. Its mean is the figure of the tables.
     """
     num_samples = _math.integer("num_samples", num_samples)
-    if not isinstance(max_decoder_batch, int) or max_decoder_batch < batch_size:
-        raise _math.invalid_argument(
-            "max_decoder_batch",
-            f"an integer of at least batch_size={batch_size}",
-            max_decoder_batch,
-        )
+    batch_size = _math.integer("batch_size", batch_size)
+    # Each chunk decodes at least one sample of every example of a batch.
+    max_decoder_batch = _math.integer("max_decoder_batch", max_decoder_batch, minimum=batch_size)
     parts = _LatentModel(model, likelihood)
     seeds = keras.random.SeedGenerator(seed)
     chunk = min(num_samples, max_decoder_batch // batch_size)

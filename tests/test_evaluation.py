@@ -176,3 +176,21 @@ class TestErrors:
         model, _, _ = make_model()
         with pytest.raises(ValueError, match="`num_samples`"):
             ke.evaluate_elbo(model, X, num_samples=num_samples, verbose=0)
+
+    @pytest.mark.parametrize(
+        "kwargs, argument",
+        [
+            ({"batch_size": 0}, "batch_size"),
+            ({"batch_size": -1}, "batch_size"),
+            ({"batch_size": 2.5}, "batch_size"),
+            ({"max_decoder_batch": 10, "batch_size": 20}, "max_decoder_batch"),
+            ({"max_decoder_batch": 100.0}, "max_decoder_batch"),
+        ],
+    )
+    def test_bad_batch_sizes_are_named(self, kwargs, argument):
+        model, _, _ = make_model()
+        with pytest.raises(ValueError, match=f"`{argument}`"):
+            ke.importance_weighted_log_likelihood(model, X, num_samples=2, verbose=0, **kwargs)
+        if "max_decoder_batch" not in kwargs:
+            with pytest.raises(ValueError, match=f"`{argument}`"):
+                ke.evaluate_elbo(model, X, verbose=0, **kwargs)
