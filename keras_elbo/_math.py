@@ -2,6 +2,7 @@
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -101,6 +102,21 @@ def real(name, value, positive=False, non_negative=False):
     if (positive and not value >= _FLOAT32.tiny) or (non_negative and value < 0):
         raise invalid_argument(name, expected, value)
     return value
+
+
+def positive_integers(name, value, length=None):
+    """A non-empty sequence (not a string) of positive integers, exactly
+    `length` of them if given, returned as a tuple."""
+    count = "a non-empty" if length is None else f"a {length}-item"
+    is_sequence = isinstance(value, Sequence) and not isinstance(value, str | bytes)
+    items = value if is_sequence else ()
+    if (
+        not items
+        or (length is not None and len(items) != length)
+        or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 1 for i in items)
+    ):
+        raise invalid_argument(name, f"{count} sequence of positive integers", value)
+    return tuple(int(item) for item in items)
 
 
 def choice(name, value, choices):

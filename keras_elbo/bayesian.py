@@ -367,15 +367,10 @@ class BayesianDense(BayesianLayer):
 
 
 def _pair(value, name):
-    """An int or a pair of positive ints as a pair, or the argument error."""
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not (
-        isinstance(pair, list | tuple)
-        and len(pair) == 2
-        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in pair)
-    ):
-        raise _math.invalid_argument(name, "a positive integer or a pair of them", value)
-    return tuple(pair)
+    """A positive int `n` as `(n, n)`, or a pair of positive ints, as a tuple."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    return _math.positive_integers(name, value, length=2)
 
 
 @keras.saving.register_keras_serializable(package="keras_elbo")
@@ -472,8 +467,7 @@ class BayesianConv2D(BayesianLayer):
         kernel_size = _pair(kernel_size, "kernel_size")
         strides = _pair(strides, "strides")
         dilation_rate = _pair(dilation_rate, "dilation_rate")
-        if padding not in ("valid", "same"):
-            raise _math.invalid_argument("padding", "'valid' or 'same'", padding)
+        padding = _math.choice("padding", padding, ("valid", "same"))
         super().__init__(
             activation=activation,
             use_bias=use_bias,

@@ -27,15 +27,6 @@ tfd = tfp.distributions
 LOG_SCALE_BOUND = 5.0
 
 
-def _positive_int_tuple(value):
-    """`value` as a non-empty tuple of positive integers, else None."""
-    if isinstance(value, int | str) or not isinstance(value, Sequence) or not value:
-        return None
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
-        return None
-    return tuple(value)
-
-
 def made_degrees(event_size, hidden_units, reverse=False):
     """The degrees of MADE's inputs and hidden units (Germain et al., 2015).
 
@@ -116,11 +107,7 @@ class MADE(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        units = _positive_int_tuple(hidden_units)
-        if units is None:
-            raise _math.invalid_argument(
-                "hidden_units", "a non-empty sequence of positive integers", hidden_units
-            )
+        units = _math.positive_integers("hidden_units", hidden_units)
         reverse = _math.boolean("reverse", reverse)
         self.hidden_units = units
         self.activation = keras.activations.get(activation)
@@ -385,11 +372,7 @@ class FlowPosterior(Posterior):
             latent_dim, kl_regularizer=kl_regularizer, inference=inference, seed=seed, **kwargs
         )
         num_flows = _math.integer("num_flows", num_flows)
-        units = _positive_int_tuple(hidden_units)
-        if units is None:
-            raise _math.invalid_argument(
-                "hidden_units", "a non-empty sequence of positive integers", hidden_units
-            )
+        units = _math.positive_integers("hidden_units", hidden_units)
         context = _math.boolean("context", context)
         min_scale = _math.real("min_scale", min_scale, positive=True)
         if kl_regularizer is not None and kl_regularizer.path_derivative:
