@@ -6,6 +6,12 @@ a reconstruction loss from `keras_elbo.losses`. They split the model at the
 posterior: the body gives the posterior's input features, the decoder maps
 latent samples to the likelihood's parameters, and the compiled loss gives
 -log p(x|z) per example.
+
+The first axis is the batch. A posterior applied to a feature map gives a
+latent map, q of batch shape `(batch, h, w)` and event shape `(latent_dim,)`
+(the prior is that of one position, broadcast over positions): its KL and
+log-densities are summed over every axis but the batch, as `KLRegularizer`
+sums them.
 """
 
 import math
@@ -18,6 +24,18 @@ import tensorflow_probability as tfp
 from keras_elbo import _math
 from keras_elbo.losses import BernoulliNLL, GaussianNLL
 from keras_elbo.posteriors import Posterior
+
+# The losses whose `call(y_true, y_pred)` returns -log p(x|z) per example. A
+# `keras.losses.Loss` of one's own qualifies by setting the class attribute
+# `is_reconstruction_loss = True` (a public base class may replace both).
+_RECONSTRUCTION_LOSSES = (BernoulliNLL, GaussianNLL)
+
+
+def _is_reconstruction_loss(loss):
+    return isinstance(loss, keras.losses.Loss) and (
+        isinstance(loss, _RECONSTRUCTION_LOSSES)
+        or getattr(loss, "is_reconstruction_loss", False) is True
+    )
 
 
 class _LatentModel:
@@ -48,11 +66,13 @@ class _LatentModel:
             ) from err
         if likelihood is None:
             likelihood = getattr(model, "loss", None)
-            if not isinstance(likelihood, BernoulliNLL | GaussianNLL):
+            if not _is_reconstruction_loss(likelihood):
                 raise ValueError(
                     "Pass `likelihood=`: a callable (y_true, y_pred) -> negative "
                     "log-likelihood per example. The model's compiled loss "
-                    f"({likelihood!r}) is not a keras_elbo reconstruction loss."
+                    f"({likelihood!r}) is not a keras_elbo reconstruction loss (a "
+                    "keras.losses.Loss of your own whose `call` returns it can say so "
+                    "with the class attribute `is_reconstruction_loss = True`)."
                 )
         self.nll = likelihood.call if isinstance(likelihood, keras.losses.Loss) else likelihood
 
@@ -61,32 +81,105 @@ class _LatentModel:
         prior = self.posterior.kl_regularizer.prior_distribution(q, self.posterior)
         return q, prior
 
-    def log_likelihood(self, x, z):
-        """log p(x|z) for samples z of shape (S, B, d): shape (S, B)."""
-        num_samples, batch = tf.shape(z)[0], tf.shape(z)[1]
-        flat_z = tf.reshape(z, [-1, z.shape[-1]])
-        params = self.decoder(flat_z, training=False)
-        flat_x = tf.reshape(
-            tf.broadcast_to(x[tf.newaxis], tf.concat([[num_samples], tf.shape(x)], 0)),
-            tf.concat([[-1], tf.shape(x)[1:]], 0),
-        )
-        log_lik = -tf.cast(self.nll(flat_x, params), tf.float32)
-        return tf.reshape(log_lik, [num_samples, batch])
+    def log_likelihood(self, target, z):
+        """log p(x|z) for samples z of shape `(S, B, *positions, d)`: `(S, B)`.
+
+        The decoder sees the samples as one batch of `S * B` latents of the
+        posterior's output shape (`(S * B, h, w, d)` for a latent map),
+        sample-major, and the targets are tiled to match.
+        """
+        shape = keras.ops.shape(z)
+        num_samples, batch = shape[0], shape[1]
+        params = self.decoder(keras.ops.reshape(z, (-1, *shape[2:])), training=False)
+        repeats = [num_samples] + [1] * (len(target.shape) - 1)
+        log_lik = -keras.ops.cast(self.nll(keras.ops.tile(target, repeats), params), z.dtype)
+        return keras.ops.reshape(log_lik, (num_samples, batch))
 
 
-def _batch_spec(x):
-    """The input signature of one batch of `x`, of any batch size: each call of
-    an evaluation function then traces its step once."""
-    return tf.TensorSpec([None, *np.shape(x)[1:]], tf.float32)
+def _sum_positions(values):
+    """`(S, B, *positions)` log-densities summed over the positions of a latent
+    map: `(S, B)`."""
+    rank = len(values.shape)
+    return keras.ops.sum(values, axis=tuple(range(2, rank))) if rank > 2 else values
 
 
 _SEED_SPEC = tf.TensorSpec([2], tf.int32)
+_DATA_TYPES = (
+    "`x` must be a NumPy array (or array-like) of shape `(n, ...)` or a batched "
+    "tf.data.Dataset yielding `x`, `(x, y)` or `(x, y, sample_weight)`"
+)
 
 
-def _batches(x, batch_size):
-    x = np.asarray(x, dtype="float32")
-    for start in range(0, len(x), batch_size):
-        yield x[start : start + batch_size]
+def _data(x, batch_size, input_shape):
+    """The batches of `x` as `(inputs, targets)` float32 pairs, with the
+    specs of both (of any batch size, so that each call of an evaluation
+    function traces its step once) and the number of batches (`None` if
+    unknown).
+
+    An array is its own target. A dataset's element is `x` (its own target),
+    `(x, y)` or `(x, y, sample_weight)`; the weights are not used, since the
+    results are per example.
+    """
+    if isinstance(x, tf.data.Dataset):
+        return _dataset_batches(x, input_shape)
+    try:
+        array = np.asarray(x, dtype="float32")
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{_DATA_TYPES}. Received: x of type {type(x).__name__}") from err
+    if array.ndim == 0 or array.shape[0] == 0:
+        raise ValueError(
+            f"`x` holds no examples: evaluation needs at least one. Received: x of "
+            f"shape {array.shape}"
+        )
+    spec = tf.TensorSpec([None, *array.shape[1:]], tf.float32)
+    batches = (
+        (array[start : start + batch_size],) * 2 for start in range(0, len(array), batch_size)
+    )
+    return batches, (spec, spec), math.ceil(len(array) / batch_size)
+
+
+def _input_and_target(element):
+    """`(x, y)` of a dataset element (or its spec); `x` is its own target."""
+    if isinstance(element, tuple):
+        if not 1 <= len(element) <= 3:
+            raise ValueError(f"{_DATA_TYPES}. Received: a dataset of {len(element)}-tuples")
+        element = (element[0], element[1]) if len(element) > 1 else (element[0],) * 2
+    else:
+        element = (element, element)
+    if not all(isinstance(part, tf.TensorSpec | tf.Tensor) for part in element):
+        raise TypeError(f"{_DATA_TYPES}. Received: a dataset of {element!r}")
+    return element
+
+
+def _dataset_batches(dataset, input_shape):
+    specs = _input_and_target(dataset.element_spec)
+    if specs[0].shape.rank is not None and specs[0].shape.rank == len(input_shape) - 1:
+        raise ValueError(
+            "The dataset `x` yields single examples of shape "
+            f"{tuple(specs[0].shape)}, but the model takes batches of shape "
+            f"{tuple(input_shape)}: batch it first, `x.batch(batch_size)`."
+        )
+    cardinality = int(dataset.cardinality())
+    if cardinality == tf.data.INFINITE_CARDINALITY:
+        raise ValueError(
+            "The dataset `x` is infinite (`repeat()`): give it a finite number of "
+            "batches, e.g. `x.take(steps)`."
+        )
+    if cardinality == 0:
+        raise ValueError("The dataset `x` holds no examples: evaluation needs at least one.")
+    specs = tuple(
+        tf.TensorSpec(None if spec.shape.rank is None else [None, *spec.shape[1:]], tf.float32)
+        for spec in specs
+    )
+    batches = (
+        tuple(tf.cast(part, tf.float32) for part in _input_and_target(element))
+        for element in dataset
+    )
+    return batches, specs, cardinality if cardinality >= 0 else None
+
+
+def _empty_dataset():
+    return ValueError("The dataset `x` yielded no batches: evaluation needs at least one.")
 
 
 def evaluate_elbo(
@@ -102,8 +195,9 @@ def evaluate_elbo(
 
     Each example's reconstruction term is averaged over `num_samples` samples
     of q(z|x); the KL is computed as the model's `KLRegularizer` computes it
-    (its `mode`; the closed form where one exists). Free bits and the KL
-    weight do not enter: this is the true ELBO.
+    (its `mode`; the closed form where one exists), summed over the positions
+    of a latent map. Free bits and the KL weight do not enter: this is the
+    true ELBO.
 
     Formula:
 
@@ -115,9 +209,13 @@ def evaluate_elbo(
     Args:
         model: a model with one posterior layer, compiled with a
             `keras_elbo` reconstruction loss (or pass `likelihood`).
-        x: the data, an array of shape `(n, ...)`.
+        x: the data: an array of shape `(n, ...)`, which is also the target
+            of the likelihood, or a batched `tf.data.Dataset` yielding `x`,
+            `(x, y)` or `(x, y, sample_weight)` (target `y` where given; the
+            weights are not used).
         num_samples: samples of z per example. Defaults to `1`.
-        batch_size: examples per step. Defaults to `100`.
+        batch_size: examples per step of an array (a dataset keeps its
+            own batches). Defaults to `100`.
         likelihood: a callable `(y_true, y_pred) -> -log p` per example, used
             in place of the compiled loss. Defaults to `None`.
         seed: seed of the samples. Defaults to `None`.
@@ -130,28 +228,32 @@ def evaluate_elbo(
     num_samples = _math.integer("num_samples", num_samples)
     batch_size = _math.integer("batch_size", batch_size)
     parts = _LatentModel(model, likelihood)
+    batches, specs, steps = _data(x, batch_size, parts.body.inputs[0].shape)
     seeds = keras.random.SeedGenerator(seed)
     regularizer = parts.posterior.kl_regularizer
 
-    @tf.function(input_signature=[_batch_spec(x), _SEED_SPEC])
-    def step(x, seed):
+    @tf.function(input_signature=[*specs, _SEED_SPEC])
+    def step(x, target, seed):
         q, _ = parts.posterior_and_prior(x)
         seed_z, seed_kl = tfp.random.split_seed(seed, n=2)
         z = q.sample(num_samples, seed=seed_z)
-        reconstruction = -tf.reduce_mean(parts.log_likelihood(x, z), axis=0)
+        reconstruction = -keras.ops.mean(parts.log_likelihood(target, z), axis=0)
         # The KL's own sample, passed as the very tensor q returned: a slice of
         # z would miss TFP's bijector cache and invert a flow posterior.
         kl_sample = q.sample(seed=seed_kl)
         kl = regularizer.kl_divergence(q, sample=kl_sample, posterior_layer=parts.posterior)
-        return reconstruction, kl
+        # One KL per example: summed over the positions of a latent map.
+        return reconstruction, _math.sum_event_dims(kl)
 
     results = {"reconstruction": [], "kl": []}
-    progbar = keras.utils.Progbar(math.ceil(len(x) / batch_size), verbose=verbose)
-    for i, batch in enumerate(_batches(x, batch_size)):
-        reconstruction, kl = step(batch, _math.tfp_seed(seeds, "evaluation"))
+    progbar = keras.utils.Progbar(steps, verbose=verbose)
+    for i, (inputs, targets) in enumerate(batches):
+        reconstruction, kl = step(inputs, targets, _math.tfp_seed(seeds, "evaluation"))
         results["reconstruction"].append(reconstruction.numpy())
         results["kl"].append(kl.numpy())
         progbar.update(i + 1)
+    if not results["kl"]:
+        raise _empty_dataset()
     out = {key: np.concatenate(values) for key, values in results.items()}
     out["elbo"] = -out["reconstruction"] - out["kl"]
     return out
@@ -174,7 +276,9 @@ def importance_weighted_log_likelihood(
     `num_samples`, equals the ELBO in expectation at `num_samples=1`, and
     reaches log p(x) as `num_samples` grows. Samples are drawn in chunks so
     that the decoder never sees more than `max_decoder_batch` rows at once:
-    memory stays bounded for `num_samples=5000` on any data set size.
+    memory stays bounded for `num_samples=5000` on any data set size. Each
+    chunk draws new samples. For a latent map, log p(z) and log q(z|x) are
+    summed over its positions.
 
     Formula:
 
@@ -186,11 +290,16 @@ def importance_weighted_log_likelihood(
     Args:
         model: a model with one posterior layer, compiled with a
             `keras_elbo` reconstruction loss (or pass `likelihood`).
-        x: the data, an array of shape `(n, ...)`.
+        x: the data: an array of shape `(n, ...)`, which is also the target
+            of the likelihood, or a batched `tf.data.Dataset` yielding `x`,
+            `(x, y)` or `(x, y, sample_weight)` (target `y` where given; the
+            weights are not used).
         num_samples: importance samples K per example. Defaults to `5000`.
-        batch_size: examples per step. Defaults to `20`.
+        batch_size: examples per step of an array (a dataset keeps its
+            own batches). Defaults to `20`.
         max_decoder_batch: most latent samples decoded at once (samples per
-            chunk times `batch_size`). Defaults to `20000`.
+            chunk times the batch size), at least the batch size. Defaults
+            to `20000`.
         likelihood: a callable `(y_true, y_pred) -> -log p` per example, used
             in place of the compiled loss. Defaults to `None`.
         seed: seed of the samples. Defaults to `None`.
@@ -202,27 +311,45 @@ def importance_weighted_log_likelihood(
     """
     num_samples = _math.integer("num_samples", num_samples)
     batch_size = _math.integer("batch_size", batch_size)
-    # Each chunk decodes at least one sample of every example of a batch.
-    max_decoder_batch = _math.integer("max_decoder_batch", max_decoder_batch, minimum=batch_size)
+    # Each chunk decodes at least one sample of every example of a batch (a
+    # dataset's batches are checked as they come).
+    is_dataset = isinstance(x, tf.data.Dataset)
+    max_decoder_batch = _math.integer(
+        "max_decoder_batch", max_decoder_batch, minimum=1 if is_dataset else batch_size
+    )
     parts = _LatentModel(model, likelihood)
+    batches, specs, steps = _data(x, batch_size, parts.body.inputs[0].shape)
     seeds = keras.random.SeedGenerator(seed)
-    chunk = min(num_samples, max_decoder_batch // batch_size)
 
-    @tf.function(input_signature=[_batch_spec(x), tf.TensorSpec([], tf.int32), _SEED_SPEC])
-    def log_weights(x, count, seed):
+    @tf.function(input_signature=[*specs, tf.TensorSpec([], tf.int32), _SEED_SPEC])
+    def log_weights(x, target, count, seed):
         q, p = parts.posterior_and_prior(x)
         z = q.sample(count, seed=seed)
-        return parts.log_likelihood(x, z) + p.log_prob(z) - q.log_prob(z)
+        log_ratio = _sum_positions(p.log_prob(z) - q.log_prob(z))
+        return parts.log_likelihood(target, z) + log_ratio
 
     estimates = []
-    progbar = keras.utils.Progbar(math.ceil(len(x) / batch_size), verbose=verbose)
-    for i, batch in enumerate(_batches(x, batch_size)):
-        # Running log-sum-exp over chunks of samples.
-        total = tf.fill([len(batch)], -np.inf)
+    progbar = keras.utils.Progbar(steps, verbose=verbose)
+    for i, (inputs, targets) in enumerate(batches):
+        size = len(inputs)
+        if size > max_decoder_batch:
+            raise _math.invalid_argument(
+                "max_decoder_batch",
+                f"an integer >= {size}, the size of a batch of the dataset `x` (each "
+                "chunk decodes at least one sample of every example)",
+                max_decoder_batch,
+            )
+        chunk = min(num_samples, max_decoder_batch // size)
+        # Running log-sum-exp over chunks of samples, each with its own seed.
+        total = tf.fill([size], -np.inf)
         for start in range(0, num_samples, chunk):
             count = min(chunk, num_samples - start)
-            log_w = log_weights(batch, tf.constant(count), _math.tfp_seed(seeds, "evaluation"))
+            log_w = log_weights(
+                inputs, targets, tf.constant(count), _math.tfp_seed(seeds, "evaluation")
+            )
             total = tf.reduce_logsumexp(tf.concat([total[tf.newaxis], log_w], axis=0), axis=0)
         estimates.append((total - math.log(num_samples)).numpy())
         progbar.update(i + 1)
+    if not estimates:
+        raise _empty_dataset()
     return np.concatenate(estimates)
