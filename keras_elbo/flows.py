@@ -44,6 +44,15 @@ def made_degrees(event_size, hidden_units, reverse=False):
     return order, hidden
 
 
+def _broadcast_shapes(a, b):
+    """NumPy broadcasting of two shapes whose sizes may be `None` (unknown)."""
+    rank = max(len(a), len(b))
+    a, b = (1,) * (rank - len(a)) + a, (1,) * (rank - len(b)) + b
+    return tuple(
+        m if n == 1 else n if m == 1 or m is None else m for m, n in zip(a, b, strict=True)
+    )
+
+
 @keras.saving.register_keras_serializable(package="keras_elbo")
 class MADE(keras.layers.Layer):
     """Masked autoregressive dense network: the shift and log-scale of a flow.
@@ -169,6 +178,17 @@ class MADE(keras.layers.Layer):
                 h = self.activation(h)
         d = self.event_size
         return h[..., :d], h[..., d:]
+
+    def compute_output_shape(self, inputs_shape, context_shape=None):
+        # Declared rather than traced: Keras then gives the symbolic outputs
+        # the compute dtype (float16 under "mixed_float16"), as the eager call
+        # returns; tracing `call` outside `__call__` reads the variables
+        # uncast and would announce float32.
+        batch = tuple(inputs_shape[:-1])
+        if context_shape is not None:
+            batch = _broadcast_shapes(batch, tuple(context_shape[:-1]))
+        shape = (*batch, inputs_shape[-1])
+        return shape, shape
 
     def get_config(self):
         config = super().get_config()
