@@ -25,6 +25,7 @@ from keras_elbo.divergence import KLRegularizer
 from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
 from keras_elbo.flows import MADE, FlowPosterior, InverseAutoregressiveFlow
 from keras_elbo.losses import BernoulliNLL, GaussianNLL, bernoulli_nll, gaussian_nll
+from keras_elbo.model import ELBOModel, _FunctionalELBOModel
 from keras_elbo.posteriors import GaussianPosterior, Posterior
 from keras_elbo.predictive import predictive_moments
 from keras_elbo.priors import MixturePrior, NormalPrior, Prior, ScaleMixturePrior, VampPrior
@@ -36,6 +37,7 @@ __all__ = [
     "BayesianDense",
     "BernoulliNLL",
     "CyclicalAnnealing",
+    "ELBOModel",
     "FlowPosterior",
     "GaussianNLL",
     "GaussianPosterior",
@@ -63,6 +65,7 @@ _SERIALIZABLE = (
     BayesianConv2D,
     BayesianDense,
     BernoulliNLL,
+    _FunctionalELBOModel,  # what ELBOModel(inputs, outputs) returns and saves
     FlowPosterior,
     GaussianNLL,
     GaussianPosterior,

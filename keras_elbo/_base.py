@@ -1,4 +1,4 @@
-"""Private base class and saving helper for layers that hold other layers."""
+"""Private base class and helpers for layers that hold other layers."""
 
 import keras
 
@@ -26,3 +26,18 @@ def deserialize_nested(config, *keys):
     for key in keys:
         config[key] = keras.saving.deserialize_keras_object(config[key])
     return config
+
+
+def find_layers(model, cls):
+    """Every layer of `model` (itself and nested ones, at any depth) that is an
+    instance of `cls`, each once, in layer order.
+
+    The one place that uses Keras's private `_flatten_layers`, stable across
+    Keras 3: it walks sublayers held as attributes (a posterior's regularizer)
+    and nested models, and skips a layer already seen (shared layers).
+    """
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if isinstance(layer, cls)
+    ]

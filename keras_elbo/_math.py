@@ -18,6 +18,13 @@ def positive_scale(raw, min_scale):
     return tf.nn.softplus(raw) + min_scale
 
 
+def density_dtype():
+    """The dtype of log-densities and KL: float64 under a float64 `floatx`,
+    else float32 (also under a mixed-precision policy, whose float16 would
+    overflow a KL of a few thousand nats)."""
+    return "float64" if keras.config.floatx() == "float64" else "float32"
+
+
 def inverse_positive_scale(scale, min_scale):
     """The `raw` value for which `positive_scale(raw, min_scale) == scale`."""
     y = float(scale) - float(min_scale)
@@ -50,6 +57,21 @@ def check_finite(tensor, layer_name, what):
         "the layer's input for NaN/Inf values and the learning rate for "
         "divergence",
     )
+
+
+def finite_gate(tensors, message):
+    """A float32 scalar 1.0 that raises at run time, before the step's weight
+    update, if any of `tensors` holds NaN or Inf.
+
+    Multiply the loss by it: the gradients, and so the optimizer's update,
+    then depend on the check. (A check whose output is unused runs, but
+    TensorFlow does not order it before the update.) XLA compiles
+    `CheckNumerics` away: under `jit_compile=True` nothing is checked.
+    """
+    finite = keras.ops.all(keras.ops.stack([keras.ops.all(keras.ops.isfinite(t)) for t in tensors]))
+    # log(1) = 0 passes the check; log(0) = -inf fails it with `message`.
+    checked = tf.debugging.check_numerics(keras.ops.log(keras.ops.cast(finite, "float32")), message)
+    return keras.ops.exp(checked)
 
 
 def sum_event_dims(values):

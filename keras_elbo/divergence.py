@@ -126,21 +126,45 @@ def kl_estimate(q, p, method, samples=None, path_derivative=False):
     return mean_over_samples(q_density.log_prob(samples)) + cross_entropy
 
 
+def _batch_mean(terms):
+    """`(*batch, num_terms)` per-element KL terms to nats per example.
+
+    The first batch axis is the batch: summed over the other batch axes
+    (positions of a latent map, elements of an elementwise posterior), then
+    averaged over the batch; an empty batch gives 0, not the NaN of a mean
+    over nothing. With no batch axis (a Bayesian layer's weights) the terms
+    are the whole KL.
+    """
+    if len(terms.shape) == 1:
+        return terms
+    per_example = keras.ops.sum(terms, axis=tuple(range(1, len(terms.shape) - 1)))
+    count = keras.ops.cast(keras.ops.shape(per_example)[0], per_example.dtype)
+    return keras.ops.sum(per_example, axis=0) / keras.ops.maximum(count, 1.0)
+
+
 @keras.saving.register_keras_serializable(package="keras_elbo")
 class KLRegularizer(keras.layers.Layer):
     """Adds `weight * KL[q(z|x) || p(z)]` to the model's loss through `add_loss`.
 
     Called as `kl_regularizer(z, posterior=q)`, with `z` a sample of the TFP
     distribution `q`: it returns `z` unchanged and records one loss, the KL
-    summed over latent dimensions and averaged over the batch (nats per
-    example). A reconstruction loss such as `BernoulliNLL` given to `compile`
-    then makes the model's `loss` the negative ELBO. Posterior layers such as
-    `GaussianPosterior` call it for you; any layer of your own that builds a TFP
-    distribution can call it the same way.
+    in nats per example. The first axis of q's batch shape is the batch: the
+    KL is summed over every other axis (latent dimensions, and the positions
+    of a latent map of shape `(batch, h, w, latent_dim)` or of an elementwise
+    `tfd.Normal` of batch shape `(batch, latent_dim)`) and averaged over the
+    batch. A posterior with an empty batch shape (the weights of a Bayesian
+    layer) adds its whole KL. A reconstruction loss such as `BernoulliNLL`
+    given to `compile` then makes the model's `loss` the negative ELBO.
+    Posterior layers such as `GaussianPosterior` call it for you; any layer of
+    your own that builds a TFP distribution can call it the same way.
 
-    The unweighted KL is logged as the metric `metric_name` (default `"kl"`) in
-    `fit` and `evaluate`. The weight is held in the non-trainable variable
-    `kl_weight`, which a callback may change during training (`KLAnnealing`).
+    The KL is not logged by the layer itself: `keras_elbo.ELBOModel` logs the
+    unweighted KL of each regularizer (named by `metric_name`), the
+    reconstruction term and the negative ELBO at weight 1, in `fit` and
+    `evaluate`. The layer keeps the last batch's KL and added loss in two
+    non-trainable variables (`last_kl`, `last_penalty`) for that
+    purpose. The weight is held in the non-trainable variable `kl_weight`,
+    which a callback may change during training (`KLAnnealing`).
 
     Modes:
 
@@ -159,8 +183,8 @@ class KLRegularizer(keras.layers.Layer):
       the estimate is 4.4 times lower than `"mc"`'s. Its gradient is the
       same as `"mc"`'s, sample by sample: for a location-scale q the
       reparameterised gradient of log q(z) is already exact. Near the prior
-      (scales about 1) the value's variance is higher instead (0.13 times
-      `"mc"`'s).
+      (scales about 1) it is the other way round: `"mc"` is better there,
+      its variance only 0.13 times `"mc_entropy"`'s.
     - `"auto"`: the closed form where one is registered for the pair of
       distribution types, else `"mc_entropy"` where q has a closed-form
       entropy, else `"mc"`. Decided once per pair of types, when the layer
@@ -189,9 +213,12 @@ class KLRegularizer(keras.layers.Layer):
             posterior's shape. A prior layer (`MixturePrior`, `NormalPrior`, or
             a subclass of `Prior`) trains with the model and saves with it;
             one with `latent_dim=None` takes the posterior's event size when
-            first used (see `check_posterior`). A
-            TFP distribution object also trains, but cannot be saved:
-            `model.save` raises an error that names the layer to use instead.
+            first used (see `check_posterior`). A fixed TFP distribution
+            object (one that holds no `tf.Variable`) also works, but cannot
+            be saved: `model.save` raises an error that names the layer to
+            use instead. A TFP distribution holding variables is refused: a
+            Keras 3 model does not train `tf.Variable`s it does not own; use a
+            prior layer for a trainable prior.
         mode: `"auto"`, `"analytic"`, `"mc"` or `"mc_entropy"`. Defaults to
             `"auto"`.
         num_samples: Monte Carlo samples per example, a positive integer.
@@ -209,8 +236,10 @@ class KLRegularizer(keras.layers.Layer):
             With `mode="auto"` it selects `"mc"` where there is no closed
             form, instead of `"mc_entropy"`. Defaults to `False`.
         seed: seed of the Monte Carlo samples. Defaults to `None`.
-        metric_name: name of the logged KL metric; give each regularizer of a
-            model its own. Defaults to `"kl"`.
+        metric_name: name under which `ELBOModel` logs this KL, or `None`:
+            `"kl"` when the model has one regularizer, else
+            `"<posterior layer name>_kl"`. Names must differ within a model.
+            Defaults to `None`.
 
     Call arguments:
         z: a sample of `posterior`, returned unchanged.
@@ -243,18 +272,28 @@ class KLRegularizer(keras.layers.Layer):
         free_bits: float = 0.0,
         path_derivative: bool = False,
         seed: int | None = None,
-        metric_name: str = "kl",
+        metric_name: str | None = None,
         **kwargs,
     ):
-        # Log-densities and KL are computed in float32, whatever the policy.
-        kwargs.setdefault("dtype", "float32")
+        # Log-densities and KL are computed in float32 (float64 under a
+        # float64 floatx), whatever the policy.
+        kwargs.setdefault("dtype", _math.density_dtype())
         super().__init__(**kwargs)
-        if not isinstance(metric_name, str) or not metric_name:
-            raise _math.invalid_argument("metric_name", "a non-empty string", metric_name)
+        if metric_name is not None and (not isinstance(metric_name, str) or not metric_name):
+            raise _math.invalid_argument("metric_name", "None or a non-empty string", metric_name)
         if prior is not None and not isinstance(prior, Prior | tfd.Distribution):
             raise _math.invalid_argument(
                 "prior",
                 "None, a prior layer (e.g. keras_elbo.MixturePrior) or a TFP distribution",
+                prior,
+            )
+        if isinstance(prior, tfd.Distribution) and prior.variables:
+            raise _math.invalid_argument(
+                "prior",
+                "a TFP distribution without variables: a Keras 3 model does not train "
+                f"the {len(prior.variables)} tf.Variable(s) this one holds. For a "
+                "trainable prior use a prior layer (keras_elbo.NormalPrior, "
+                "keras_elbo.MixturePrior, or a subclass of keras_elbo.Prior)",
                 prior,
             )
         self.prior = prior
@@ -266,7 +305,6 @@ class KLRegularizer(keras.layers.Layer):
         self.seed = _math.seed("seed", seed)
         self.metric_name = metric_name
         self.seed_generator = keras.random.SeedGenerator(self.seed)
-        self.kl_metric = keras.metrics.Mean(name=metric_name)
         self._methods = {}  # (type(q), type(p)) -> estimator, chosen on first sight
 
     def build(self, input_shape=None):
@@ -276,7 +314,27 @@ class KLRegularizer(keras.layers.Layer):
             trainable=False,
             name="kl_weight",
         )
+        # The last batch's KL and added loss, for `ELBOModel` to log. State
+        # written in `call` and read in the model's `compute_loss`: unlike a
+        # metric updated in `call`, this works on every backend (JAX threads
+        # non-trainable variables through the step). Aggregation "none": with
+        # "mean" or "sum" the assignment's cross-replica merge under
+        # MirroredStrategy cuts the first replica's gradient tape.
+        self.last_kl = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="last_kl"
+        )
+        self.last_penalty = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="last_penalty"
+        )
         self.built = True
+
+    def load_own_variables(self, store):
+        # Files written before `last_kl` and `last_penalty` existed hold
+        # `kl_weight` alone.
+        if len(store.keys()) == 1:
+            self.kl_weight.assign(store["0"])
+        else:
+            super().load_own_variables(store)
 
     def prior_distribution(self, posterior, posterior_layer=None):
         """p(z) as a TFP distribution, for the given posterior q(z|x).
@@ -315,9 +373,10 @@ class KLRegularizer(keras.layers.Layer):
         self.method(posterior, prior)
 
     def kl_divergence(self, posterior, sample=None, posterior_layer=None):
-        """KL[q || p] per example (a tensor of q's batch shape), by `mode`."""
+        """KL[q || p] per example, by `mode`: shape `(batch,)`, summed over
+        every other axis of q's batch shape (a scalar when it is empty)."""
         terms = self._kl_terms(posterior, sample, posterior_layer, per_dimension=False)
-        return tf.reduce_sum(terms, axis=-1)
+        return _math.sum_event_dims(terms[..., 0])
 
     def call(self, z, posterior=None, posterior_layer=None):
         if not isinstance(posterior, tfd.Distribution):
@@ -326,22 +385,20 @@ class KLRegularizer(keras.layers.Layer):
                 f"with q a TFP distribution. Received: posterior={posterior!r}"
             )
         terms = self._kl_terms(posterior, z, posterior_layer, self.free_bits > 0)
-        batch_axes = list(range(len(terms.shape) - 1))
-        # The mean over the batch, one KL per term; an empty batch adds 0, not
-        # the NaN of a mean over nothing.
-        count = tf.cast(tf.reduce_prod(tf.shape(terms)[:-1]), terms.dtype)
-        terms = tf.reduce_sum(terms, axis=batch_axes) / tf.maximum(count, 1.0)
-        kl = tf.reduce_sum(terms)
+        terms = _batch_mean(terms)  # (num_terms,): nats per example, per term
+        kl = keras.ops.sum(terms)
         objective = kl
         if self.free_bits > 0:
-            # One term per latent dimension, or one for the whole KL.
-            dims_per_term = posterior.event_shape.num_elements() // terms.shape[-1]
-            objective = tf.reduce_sum(tf.maximum(terms, self.free_bits * dims_per_term))
-        self.add_loss(tf.cast(self.kl_weight, objective.dtype) * objective)
-        # Weighted by batch size, as Keras weights `loss`, so that a short
-        # last batch does not skew the epoch's average.
-        batch_size = tf.reduce_prod(posterior.batch_shape_tensor())
-        self.kl_metric.update_state(kl, sample_weight=tf.cast(batch_size, kl.dtype))
+            # One term per latent dimension, or one for the whole KL; a term
+            # stands for this many latent scalars of one example.
+            batch_rank = len(posterior.batch_shape)
+            positions = posterior.batch_shape[1:].num_elements() if batch_rank > 1 else 1
+            per_term = positions * posterior.event_shape.num_elements() // terms.shape[-1]
+            objective = keras.ops.sum(keras.ops.maximum(terms, self.free_bits * per_term))
+        penalty = keras.ops.cast(self.kl_weight, objective.dtype) * objective
+        self.add_loss(penalty)
+        self.last_kl.assign(keras.ops.stop_gradient(kl))
+        self.last_penalty.assign(keras.ops.stop_gradient(penalty))
         return z
 
     def _kl_terms(self, q, sample, posterior_layer, per_dimension):

@@ -1,7 +1,6 @@
 """Posterior layers: project features to q(z|x), sample it, hand it to the KL."""
 
 import keras
-import tensorflow as tf
 import tensorflow_probability as tfp
 
 from keras_elbo import _math
@@ -63,10 +62,16 @@ class Posterior(ParentLayer):
             )
         self.build_sublayers(input_shape)
         if self.kl_regularizer is not None:
+            # Its variables (the KL weight) exist once this layer is built, so
+            # that `load_weights` and a subclassed model's `build` restore them.
+            if not self.kl_regularizer.built:
+                self.kl_regularizer.build()
             # Fail now, with the regularizer's own message, if it cannot handle
             # this posterior (a prior of another size, an impossible mode),
-            # rather than from inside Keras's symbolic call.
-            example = self.distribution(tf.zeros([1, *input_shape[1:]], self.compute_dtype))
+            # rather than from inside Keras's symbolic call. Unknown sizes
+            # (the positions of a latent map) are taken as 1 here.
+            shape = [1] + [1 if n is None else n for n in input_shape[1:]]
+            example = self.distribution(keras.ops.zeros(shape, self.compute_dtype))
             self.kl_regularizer.check_posterior(example, posterior_layer=self)
         self.built = True
 
@@ -74,7 +79,8 @@ class Posterior(ParentLayer):
         """Builds the sublayers that map features to q's parameters."""
 
     def distribution(self, inputs):
-        """q(z|x) for a batch of inputs, as a TFP distribution (float32)."""
+        """q(z|x) for a batch of inputs, as a TFP distribution (float32, or
+        float64 under a float64 `floatx`: `_math.density_dtype()`)."""
         raise NotImplementedError
 
     def mean(self, q):
@@ -88,7 +94,7 @@ class Posterior(ParentLayer):
             z = self.kl_regularizer(z, posterior=q, posterior_layer=self)
         if not training and self.inference == "mean":
             z = self.mean(q)
-        return tf.cast(z, self.compute_dtype)
+        return keras.ops.cast(z, self.compute_dtype)
 
     def get_config(self):
         config = super().get_config()
@@ -194,8 +200,9 @@ class GaussianPosterior(Posterior):
         self.projection.build(input_shape)
 
     def distribution(self, inputs):
-        """q(z|x) for a batch of inputs, as a TFP distribution (float32)."""
-        params = tf.cast(self.projection(inputs), tf.float32)
+        """q(z|x) for a batch of inputs, as a TFP distribution (float32, or
+        float64 under a float64 `floatx`)."""
+        params = keras.ops.cast(self.projection(inputs), _math.density_dtype())
         params = _math.check_finite(params, self.name, "posterior parameters")
         d = self.latent_dim
         loc, raw = params[..., :d], params[..., d:]
@@ -204,8 +211,13 @@ class GaussianPosterior(Posterior):
                 loc=loc, scale_diag=_math.positive_scale(raw, self.min_scale)
             )
         tril = tfp.math.fill_triangular(raw)
-        diag = _math.positive_scale(tf.linalg.diag_part(tril), self.min_scale)
-        return tfd.MultivariateNormalTriL(loc=loc, scale_tril=tf.linalg.set_diag(tril, diag))
+        # The diagonal replaced by its positive scale with a mask, not
+        # `tf.linalg.set_diag`, whose gradient XLA cannot compile for a
+        # dynamic batch size (issue 10, point 5).
+        eye = keras.ops.eye(d, dtype=tril.dtype)
+        diag = _math.positive_scale(keras.ops.diagonal(tril, axis1=-2, axis2=-1), self.min_scale)
+        scale_tril = tril * (1.0 - eye) + eye * diag[..., None, :]
+        return tfd.MultivariateNormalTriL(loc=loc, scale_tril=scale_tril)
 
     def get_config(self):
         config = super().get_config()

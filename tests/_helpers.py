@@ -57,11 +57,11 @@ TOY_LEARNED_NATS = 10.5
 
 
 def assert_vae_trains_and_logs_kl_once(model):
-    """Fits a compiled VAE on `TOY_DATA` for 8 epochs: only `loss` and `kl`
-    are logged, the loss falls below `TOY_LEARNED_NATS`, and the model has
-    one KL metric and one added loss."""
+    """Fits a compiled `ELBOModel` VAE on `TOY_DATA` for 8 epochs: it logs
+    `loss`, `kl`, `reconstruction` and `neg_elbo` only, the loss falls below
+    `TOY_LEARNED_NATS`, and the model has one KL metric and one added loss."""
     history = model.fit(TOY_DATA, TOY_DATA, epochs=8, batch_size=32, verbose=0).history
-    assert sorted(history) == ["kl", "loss"]
+    assert sorted(history) == ["kl", "loss", "neg_elbo", "reconstruction"]
     losses = history["loss"]
     assert losses[0] > losses[-1] and losses[-1] < TOY_LEARNED_NATS, losses
     assert model.metrics_names.count("kl") == 1

@@ -79,7 +79,8 @@ class TestKL:
     def test_loss_is_kl_over_data_set_size(self, prior, prior_scale):
         n_train = 250
         layer = BayesianDense(3, prior=prior, kl_weight=1 / n_train, seed=0)
-        model = keras.Sequential([keras.Input((4,)), layer])
+        inputs = keras.Input((4,))
+        model = ke.ELBOModel(inputs, layer(inputs))
         spread_posterior(layer)
         k_loc, k_scale, b_loc, b_scale = numpy_posterior(layer)
         kl = h.kl_diag_normal(
@@ -108,12 +109,13 @@ class TestKL:
 
     def test_two_layers_add_two_losses_and_log_two_metrics(self):
         first = BayesianDense(5, activation="relu", kl_weight=0.1, name="first")
-        model = keras.Sequential([keras.Input((4,)), first, BayesianDense(2, name="second")])
+        inputs = keras.Input((4,))
+        model = ke.ELBOModel(inputs, BayesianDense(2, name="second")(first(inputs)))
         model.compile(keras.optimizers.Adam(1e-2), ke.GaussianNLL())
         history = model.fit(X, X[:, :2], epochs=1, verbose=0).history
-        assert sorted(history) == ["first_kl", "loss", "second_kl"]
+        assert sorted(history) == ["first_kl", "loss", "neg_elbo", "reconstruction", "second_kl"]
         assert len(model.losses) == 2
-        assert len(model.evaluate(X, X[:, :2], verbose=0)) == 3  # each metric once
+        assert len(model.evaluate(X, X[:, :2], verbose=0)) == 5  # each metric once
 
     def test_scale_mixture_prior_kl_is_unbiased_monte_carlo(self):
         layer = BayesianDense(2, prior=ScaleMixturePrior(scale2=0.05), seed=3)

@@ -418,8 +418,7 @@ def make_vae(inference="sample", context=True, prior=None):
         3, hidden_units=(16,), context=context, kl_regularizer=reg, inference=inference, seed=2
     )(hidden)
     logits = keras.layers.Dense(PIXELS)(keras.layers.Dense(32, activation="relu")(z))
-    model = keras.Model(x, logits)
-    return model
+    return ke.ELBOModel(x, logits)
 
 
 def compile_vae(model, jit_compile=False):

@@ -167,3 +167,74 @@ def test_config_round_trip():
     )
     clone = h.config_round_trip(layer)
     assert clone.kl_regularizer.prior.scale == 2.0
+
+
+class TestLatentMaps:
+    """Issue 10, point 2a: a posterior on a feature map returns a latent map,
+    whose KL is summed over positions (nats per example)."""
+
+    @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 6, 5)], ids=["image", "sequence"])
+    def test_added_kl_is_summed_over_positions(self, shape):
+        x = np.random.default_rng(1).normal(size=shape).astype("float32")
+        layer = ke.GaussianPosterior(
+            3, kl_regularizer=ke.KLRegularizer(mode="analytic"), min_scale=1e-3
+        )
+        z = layer(x)
+        assert tuple(z.shape) == (*shape[:-1], 3)
+        flat = x.reshape(-1, shape[-1])
+        loc, raw = numpy_params(layer, flat)
+        per_position = h.kl_diag_normal(loc, h.softplus(raw) + 1e-3)
+        expected = per_position.reshape(shape[0], -1).sum(axis=1).mean()
+        np.testing.assert_allclose(float(layer.losses[0]), expected, rtol=1e-5)
+
+
+class TestBuildCreatesTheKLWeight:
+    """Issue 10, point 3: every variable exists after `build`."""
+
+    def test_build_creates_the_regularizers_weight(self):
+        layer = built_posterior(kl_regularizer=ke.KLRegularizer(weight=0.5))
+        assert float(layer.kl_regularizer.kl_weight.numpy()) == 0.5
+
+    @pytest.mark.parametrize("how", ["save", "weights"])
+    def test_annealed_weight_survives_in_a_subclassed_model(self, how, tmp_path):
+        @keras.saving.register_keras_serializable(package="tests")
+        class Encoder(keras.Model):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self.posterior = ke.GaussianPosterior(2, kl_regularizer=ke.KLRegularizer())
+
+            def build(self, input_shape):
+                self.posterior.build(input_shape)
+
+            def call(self, x):
+                return self.posterior(x)
+
+        model = Encoder()
+        model.build((None, 5))
+        model.posterior.kl_regularizer.kl_weight.assign(0.25)
+        if how == "save":
+            model.save(tmp_path / "m.keras")
+            loaded = keras.saving.load_model(tmp_path / "m.keras")
+        else:
+            model.save_weights(tmp_path / "m.weights.h5")
+            loaded = Encoder()
+            loaded.build((None, 5))
+            loaded.load_weights(tmp_path / "m.weights.h5")
+        assert float(loaded.posterior.kl_regularizer.kl_weight.numpy()) == 0.25
+
+
+class TestFullCovarianceUnderXLA:
+    """Issue 10, point 5: a dynamic batch size under jit_compile=True."""
+
+    def test_fit_with_a_short_last_batch_and_tf_data(self):
+        keras.utils.set_random_seed(0)
+        x = keras.Input((5,))
+        reg = ke.KLRegularizer(mode="analytic")
+        z = ke.GaussianPosterior(3, covariance="full", kl_regularizer=reg, seed=1)(x)
+        model = ke.ELBOModel(x, keras.layers.Dense(5)(z))
+        model.compile("adam", ke.GaussianNLL(), jit_compile=True)
+        data = np.random.default_rng(0).normal(size=(10, 5)).astype("float32")
+        history = model.fit(data, data, batch_size=4, epochs=2, verbose=0).history
+        dataset = tf.data.Dataset.from_tensor_slices((data, data)).batch(3)
+        history_ds = model.fit(dataset, epochs=1, verbose=0).history
+        assert np.all(np.isfinite(history["loss"] + history_ds["loss"]))

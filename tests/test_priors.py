@@ -89,7 +89,7 @@ def vamp_vae(num_components=3, seed=0):
         2, kl_regularizer=ke.KLRegularizer(prior=prior, seed=1), inference="mean", seed=2
     )
     x = keras.Input((6,))
-    model = keras.Model(x, keras.layers.Dense(6)(posterior(body(x))))
+    model = ke.ELBOModel(x, keras.layers.Dense(6)(posterior(body(x))))
     model.compile(keras.optimizers.Adam(1e-2), ke.BernoulliNLL(from_logits=True))
     return model, body, prior, posterior
 
