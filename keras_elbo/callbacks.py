@@ -6,6 +6,7 @@ from collections.abc import Callable
 import keras
 
 from keras_elbo import _math
+from keras_elbo._base import find_layers
 from keras_elbo.divergence import KLRegularizer
 
 UNITS = ("epoch", "step")
@@ -148,18 +149,6 @@ class CyclicalAnnealing(_Schedule):
         }
 
 
-def _find_kl_regularizers(model: keras.layers.Layer) -> list[KLRegularizer]:
-    """Every `KLRegularizer` in `model`, at any depth, each once, in layer order."""
-    # `_flatten_layers` is private but has been stable across Keras 3: it walks
-    # sublayers held as attributes (a posterior's regularizer) and nested
-    # models, and skips a layer it has already seen (shared layers).
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
-        if isinstance(layer, KLRegularizer)
-    ]
-
-
 class KLAnnealing(keras.callbacks.Callback):
     """Sets the KL weight of every `KLRegularizer` of a model by a schedule.
 
@@ -171,19 +160,24 @@ class KLAnnealing(keras.callbacks.Callback):
     shown by the progress bar and recorded in `history.history["kl_weight"]`.
     Callbacks listed before this one in `fit(callbacks=...)` (a `CSVLogger`,
     say) do not see it. Validation, `evaluate` and `predict` use the weight
-    last set. The weight is a variable of the model and is saved with it; a
-    reloaded model trained with a new `KLAnnealing` follows that schedule
-    from its start (pass `initial_epoch` to `fit` to resume one in epochs).
+    last set. The weight is a variable of the model and is saved with it.
 
-    Units of progress:
+    Units of progress, both read from the state Keras keeps, so that a run
+    resumed by `keras.callbacks.BackupAndRestore` (or from a saved model and
+    optimizer) continues its schedule, even with a new `KLAnnealing`:
 
     - `"epoch"`: the epoch index plus the fraction of the epoch done,
       `epoch + batch / steps`, when the number of steps per epoch is known,
       else the epoch index alone. The index is the one Keras counts: it starts
-      again from `initial_epoch` (default 0) at each `fit` call.
-    - `"step"`: the number of training steps this callback has seen. The count
-      goes on across `fit` calls with the same callback; use a new
-      `KLAnnealing` to start again from 0.
+      from `initial_epoch` (default 0) at each `fit` call, and from the epoch
+      after the last one backed up when `BackupAndRestore` resumes a run.
+    - `"step"`: the optimizer's iteration count, `model.optimizer.iterations`:
+      the training steps the model has taken, across `fit` calls, restored
+      by `BackupAndRestore` and saved with the model. To start a schedule
+      again from 0, compile the model with a new optimizer. With
+      `gradient_accumulation_steps`, it counts weight updates, not batches;
+      under a `LossScaleOptimizer` (mixed precision), a step skipped for
+      non-finite gradients does not count.
 
     With `steps_per_execution > 1`, Keras runs several steps per call, and the
     weight is set once per call, from its first step.
@@ -192,7 +186,7 @@ class KLAnnealing(keras.callbacks.Callback):
 
     ```python
     progress = epoch + batch / steps_per_epoch     # unit="epoch"
-    progress = steps_seen_so_far                   # unit="step"
+    progress = model.optimizer.iterations          # unit="step"
     kl_weight = schedule(progress)                 # each batch
     ```
 
@@ -233,13 +227,11 @@ class KLAnnealing(keras.callbacks.Callback):
         self.verbose = verbose
         self.regularizers = []  # found when training begins
         self._epoch = 0
-        self._steps_done = 0  # steps of the epochs already over, across fit calls
-        self._epoch_steps = 0  # steps of the current epoch
         self._weight = None  # last weight set
 
     def on_train_begin(self, logs=None):
         # Searched at each fit: the callback may be reused with another model.
-        self.regularizers = _find_kl_regularizers(self.model)
+        self.regularizers = find_layers(self.model, KLRegularizer)
         if not self.regularizers:
             raise ValueError(
                 f"KLAnnealing found no KLRegularizer in model '{self.model.name}'. "
@@ -249,22 +241,21 @@ class KLAnnealing(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
-        self._epoch_steps = 0
 
     def on_train_batch_begin(self, batch, logs=None):
-        # `batch` is the index of the execution's first step in the epoch.
-        self._epoch_steps = batch + (getattr(self.model, "steps_per_execution", 1) or 1)
         if self.unit == "step":
-            progress = float(self._steps_done + batch)
+            # Steps already taken: the first step of this execution. Read
+            # here, not when training begins: `BackupAndRestore` may restore
+            # the optimizer after this callback's `on_train_begin`.
+            iterations = self.model.optimizer.iterations
+            progress = float(keras.ops.convert_to_numpy(iterations))
         else:
+            # `batch` is the index of the execution's first step in the epoch.
             steps = self.params.get("steps") if self.params else None
             progress = self._epoch + (batch / steps if steps else 0.0)
         self._set_weight(self._weight_at(progress))
 
     def on_epoch_end(self, epoch, logs=None):
-        steps = self.params.get("steps") if self.params else None
-        # The last execution of an epoch may run fewer steps than it asked for.
-        self._steps_done += min(self._epoch_steps, steps) if steps else self._epoch_steps
         weight = self._weight
         if weight is None:  # no batch ran: report the weight as it is
             first = self.regularizers[0]

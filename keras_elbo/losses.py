@@ -17,6 +17,51 @@ from keras_elbo import _math
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+def _checked_targets(y_true, loss_name, unit_interval=False):
+    """`y_true`, checked at run time to be finite (and within [0, 1]).
+
+    A NaN target would make the loss NaN, and the NaN weights of the next
+    step would be blamed on the first layer that checks its input; a target
+    outside [0, 1] would give a Bernoulli likelihood a meaningless (even
+    negative) value. Both stop here with an `InvalidArgumentError` that names
+    the loss and the cause: at once in eager mode, and in a `tf.function`
+    (`fit`) before the step updates any weight. XLA (`jit_compile=True`)
+    compiles assertions away; there, the invalid targets are replaced by NaN,
+    so that the loss is NaN instead of a plausible wrong number.
+
+    The one place that checks targets, TensorFlow's version: other backends
+    get theirs here.
+    """
+    finite = tf.math.is_finite(y_true)
+    valid = finite
+    if unit_interval:
+        valid = finite & (y_true >= 0) & (y_true <= 1)
+    not_finite = [
+        f"{loss_name}: the targets (y_true) contain NaN or Inf. Remove or impute "
+        "them (check the data pipeline) before training"
+    ]
+    # The range of an empty batch is (inf, -inf): valid, as it should be.
+    low, high = tf.reduce_min(y_true), tf.reduce_max(y_true)
+    out_of_range = [
+        f"{loss_name}: the targets (y_true) must lie in [0, 1], but they range from",
+        low,
+        "to",
+        high,
+        "; scale the data to [0, 1] (divide 8-bit images by 255)",
+    ]
+    all_finite, all_valid = tf.reduce_all(finite), tf.reduce_all(valid)
+    if tf.executing_eagerly():  # the same message, without the graph's brackets
+        if not all_valid:
+            parts = not_finite if not all_finite else out_of_range
+            text = " ".join(f"{float(p):g}" if tf.is_tensor(p) else p for p in parts)
+            raise tf.errors.InvalidArgumentError(None, None, text.replace(" ;", ";"))
+        return y_true
+    tf.debugging.Assert(all_finite, not_finite)
+    # Checked only when every target is finite: a NaN is reported as such.
+    tf.debugging.Assert(all_valid | ~all_finite, out_of_range)
+    return tf.where(valid, y_true, tf.constant(math.nan, y_true.dtype))
+
+
 def bernoulli_nll(y_true, y_pred, from_logits=False):
     """Bernoulli negative log-likelihood, summed over each example's events.
 
@@ -34,9 +79,15 @@ def bernoulli_nll(y_true, y_pred, from_logits=False):
 
     Returns:
         The negative log-likelihood of each example, shape `(batch,)`.
+
+    Raises:
+        InvalidArgumentError: at run time (in `fit` too), if `y_true` holds
+            NaN, Inf or a value outside [0, 1], such as raw 8-bit pixels.
+            Under XLA (`jit_compile=True`), which drops run-time checks, the
+            loss is NaN instead.
     """
     y_pred = tf.convert_to_tensor(y_pred)
-    y_true = tf.cast(y_true, y_pred.dtype)
+    y_true = _checked_targets(tf.cast(y_true, y_pred.dtype), "BernoulliNLL", unit_interval=True)
     if from_logits:
         nll = tf.nn.sigmoid_cross_entropy_with_logits(labels=y_true, logits=y_pred)
     else:
@@ -71,9 +122,14 @@ def gaussian_nll(y_true, y_pred, scale=1.0, min_scale=1e-3):
 
     Returns:
         The negative log-likelihood of each example, shape `(batch,)`.
+
+    Raises:
+        InvalidArgumentError: at run time (in `fit` too), if `y_true` holds
+            NaN or Inf. Under XLA (`jit_compile=True`), which drops run-time
+            checks, the loss is NaN instead.
     """
     y_pred = tf.convert_to_tensor(y_pred)
-    y_true = tf.cast(y_true, y_pred.dtype)
+    y_true = _checked_targets(tf.cast(y_true, y_pred.dtype), "GaussianNLL")
     if scale is None:
         d = y_true.shape[-1]
         if y_pred.shape[-1] is not None and d is not None and y_pred.shape[-1] != 2 * d:
@@ -99,7 +155,9 @@ class BernoulliNLL(keras.losses.Loss):
     The reconstruction term of a VAE on binary (or [0, 1]) data: the decoder
     outputs one logit (or probability) per pixel. Summed over pixels and
     averaged over the batch, unlike `keras.losses.BinaryCrossentropy`, which
-    averages over pixels.
+    averages over pixels. The targets must lie in [0, 1] (divide 8-bit images
+    by 255): a target outside, NaN or Inf stops `fit` with an error that says
+    so (see `bernoulli_nll`).
 
     Formula:
 
@@ -148,7 +206,8 @@ class GaussianNLL(keras.losses.Loss):
     With a fixed `scale` (default 1.0) the decoder outputs the mean. With
     `scale=None` the decoder also learns the scale of each output: its last
     layer has twice as many units as the data, the means followed by raw
-    scales (`softplus(raw) + min_scale`).
+    scales (`softplus(raw) + min_scale`). A NaN or Inf target stops `fit`
+    with an error that says so (see `gaussian_nll`).
 
     Formula:
 

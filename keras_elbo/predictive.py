@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_elbo import _math
+from keras_elbo._base import find_layers
 from keras_elbo.posteriors import Posterior
 
 TASKS = ("regression", "classification")
@@ -16,9 +17,70 @@ def _stochastic_layers(model):
     """The layers of `model` (nested ones included) with an `inference` switch."""
     return [
         layer
-        for layer in model._flatten_layers(include_self=True)
+        for layer in find_layers(model, keras.layers.Layer)
         if isinstance(getattr(layer, "inference", None), str)
     ]
+
+
+def _input_rank(model):
+    """The rank of the model's one input, batch axis included, if known."""
+    try:
+        inputs = model.inputs  # unset in a subclassed or unbuilt model
+    except (AttributeError, ValueError):
+        return None
+    return len(inputs[0].shape) if inputs and len(inputs) == 1 else None
+
+
+def _as_input(batch):
+    """A batch of inputs as passed to the model: floats as float32."""
+    batch = tf.convert_to_tensor(batch)
+    return tf.cast(batch, tf.float32) if batch.dtype.is_floating else batch
+
+
+def _input_batches(model, x, batch_size):
+    """The inputs `x` in batches: `(spec, steps, batches)`, with `spec` the
+    `tf.TensorSpec` of one batch, `steps` the number of batches (`None` if
+    unknown) and `batches` an iterable of batches.
+
+    `x` is what `Model.evaluate` takes as inputs: an array of shape `(n,
+    ...)`, cut in batches of `batch_size`, or a batched `tf.data.Dataset`
+    yielding `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`, of which only
+    `x` is used.
+    """
+    if isinstance(x, tf.data.Dataset):
+        x_spec = keras.utils.unpack_x_y_sample_weight(x.element_spec)[0]
+        if not isinstance(x_spec, tf.TensorSpec) or x_spec.shape.rank in (None, 0):
+            raise _math.invalid_argument(
+                "x",
+                "a batched tf.data.Dataset whose elements are x, (x, y) or (x, y, "
+                "sample_weight), with x one tensor of shape (batch, ...)",
+                f"a dataset of element_spec {x.element_spec}",
+            )
+        rank = _input_rank(model)
+        if rank == x_spec.shape.rank + 1:
+            raise _math.invalid_argument(
+                "x",
+                f"a batched tf.data.Dataset (model '{model.name}' takes inputs of rank "
+                f"{rank}, batch axis included): call `dataset.batch(batch_size)`",
+                f"a dataset of element_spec {x.element_spec}",
+            )
+        dtype = tf.float32 if x_spec.dtype.is_floating else x_spec.dtype
+        spec = tf.TensorSpec([None, *x_spec.shape[1:]], dtype)
+        cardinality = int(x.cardinality())
+        if cardinality == 0:
+            raise _math.invalid_argument("x", "at least one example", x)
+        steps = cardinality if cardinality > 0 else None
+        batches = (_as_input(keras.utils.unpack_x_y_sample_weight(e)[0]) for e in x)
+        return spec, steps, batches
+    x = np.asarray(x)
+    if x.ndim < 1 or len(x) == 0:
+        expected = "at least one example: an array of shape (n, ...) with n >= 1"
+        raise _math.invalid_argument("x", expected, f"an array of shape {x.shape}")
+    if np.issubdtype(x.dtype, np.floating):
+        x = x.astype("float32")
+    spec = tf.TensorSpec([None, *x.shape[1:]], tf.as_dtype(x.dtype))
+    batches = (x[start : start + batch_size] for start in range(0, len(x), batch_size))
+    return spec, math.ceil(len(x) / batch_size), batches
 
 
 class _Moments:
@@ -52,6 +114,51 @@ def _probabilities(outputs, from_logits):
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
+# Machine epsilon of the float types a model may output, by name (NumPy has
+# no `finfo` for bfloat16).
+_EPSILON = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
+
+
+def _check_probabilities(outputs, model_name):
+    """Raises `ValueError` unless `outputs` (one pass, NumPy, in the model's
+    output dtype) hold probabilities: within [0, 1], and along a class axis
+    of size C > 1, rows summing to 1.
+
+    A softmax computed in floating point, `exp(x - max) / sum(exp(x - max))`,
+    has rows summing to 1 within about (C + 3) round-offs of eps / 2 (the
+    exponentials, the sum of C terms, the division); the check allows
+    (C + 8) * eps, twice that and then some, which logits all but never meet.
+    """
+    fix = (
+        "If the model outputs logits, add a softmax (a sigmoid for one output) "
+        "as its last activation, or pass from_logits=True."
+    )
+    if outputs.size == 0:
+        return
+    if not np.all(np.isfinite(outputs)):
+        raise ValueError(
+            f"predictive_moments(task='classification'): model '{model_name}' returned NaN or Inf."
+        )
+    low, high = float(outputs.min()), float(outputs.max())
+    if low < 0 or high > 1:
+        raise ValueError(
+            f"predictive_moments(task='classification', from_logits=False) expects "
+            f"probabilities, but model '{model_name}' returned values from {low:g} to "
+            f"{high:g}. {fix}"
+        )
+    classes = outputs.shape[-1]
+    if classes > 1:
+        error = np.abs(outputs.astype(np.float64).sum(axis=-1) - 1.0)
+        tolerance = (classes + 8) * _EPSILON.get(outputs.dtype.name, _EPSILON["float32"])
+        if error.max() > tolerance:
+            raise ValueError(
+                f"predictive_moments(task='classification', from_logits=False) expects "
+                f"class probabilities that sum to 1 over the last axis, but rows of "
+                f"model '{model_name}' sum to 1 +- {error.max():.3g} (allowed: "
+                f"{tolerance:.2g}). {fix}"
+            )
+
+
 def _entropy(p):
     """-sum(p * log(p)) over the last axis (0 * log 0 = 0), in nats."""
     if p.shape[-1] == 1:
@@ -80,8 +187,7 @@ def predictive_moments(
     call, so that it samples even if it was built with `inference="mean"`,
     and switched back afterwards, also when the call fails. The model runs
     with `training=False`: dropout is off and batch normalization uses its
-    moving statistics, so the spread comes from the posteriors alone. As in
-    `predict`, each pass also updates the models' logged KL metrics.
+    moving statistics, so the spread comes from the posteriors alone.
 
     The passes are vectorised when every stochastic layer draws independent
     samples per example (only posterior layers such as `GaussianPosterior`):
@@ -110,16 +216,21 @@ def predictive_moments(
 
     Args:
         model: a Keras model with a single tensor output.
-        x: the inputs, an array of shape `(n, ...)`.
+        x: the inputs, as `Model.evaluate` takes them: an array of shape
+            `(n, ...)`, or a batched `tf.data.Dataset` yielding `x`, `(x, y)`
+            or `(x, y, sample_weight)`, of which only `x` is used (its
+            batches replace `batch_size`).
         num_samples: number of passes S, at least 2. Defaults to `100`.
         task: `"regression"` or `"classification"`. For classification the
             model outputs class probabilities over its last axis (softmax),
             or one probability of the positive class (sigmoid) when the last
             axis has size 1. Defaults to `"regression"`.
-        batch_size: examples of `x` per model call (times `num_samples` when
-            the passes are vectorised). Defaults to `256`.
+        batch_size: examples of an array `x` per model call (times
+            `num_samples` when the passes are vectorised). Defaults to `256`.
         from_logits: whether a classifier outputs logits instead of
-            probabilities. Defaults to `False`.
+            probabilities. With `False`, outputs that are not probabilities
+            (below 0, above 1, or rows not summing to 1) raise a
+            `ValueError`. Defaults to `False`.
         verbose: `1` shows a progress bar over the batches. Defaults to `0`.
 
     Returns:
@@ -150,11 +261,7 @@ def predictive_moments(
     task = _math.choice("task", task, TASKS)
     batch_size = _math.integer("batch_size", batch_size)
     from_logits = _math.boolean("from_logits", from_logits)
-    x = np.asarray(x)
-    if x.ndim < 1 or len(x) == 0:
-        raise _math.invalid_argument("x", "an array of shape (n, ...) with n >= 1", x.shape)
-    if np.issubdtype(x.dtype, np.floating):
-        x = x.astype("float32")
+    spec, steps, batches = _input_batches(model, x, batch_size)
 
     stochastic = _stochastic_layers(model)
     # Tiling x is only right when each example gets its own samples.
@@ -163,14 +270,13 @@ def predictive_moments(
     try:
         for layer in stochastic:
             layer.inference = "sample"
-        # Traced after the switch: the layers read `inference` when traced.
-        spec = tf.TensorSpec([None, *x.shape[1:]], tf.as_dtype(x.dtype))
 
+        # Traced after the switch: the layers read `inference` when traced.
         @tf.function(input_signature=[spec])
         def passes(batch):
             """Outputs of shape (k, b, ...): k = num_samples passes, or 1."""
             if vectorised:
-                multiples = [num_samples] + [1] * (len(x.shape) - 1)
+                multiples = [num_samples] + [1] * (len(spec.shape) - 1)
                 outputs = model(tf.tile(batch, multiples), training=False)
             else:
                 outputs = model(batch, training=False)
@@ -184,20 +290,22 @@ def predictive_moments(
                 outputs, tf.concat([[k, tf.shape(batch)[0]], tf.shape(outputs)[1:]], 0)
             )
 
-        steps = math.ceil(len(x) / batch_size)
         progbar = keras.utils.Progbar(steps, verbose=verbose)
         results = []
-        for i, start in enumerate(range(0, len(x), batch_size)):
-            batch = x[start : start + batch_size]
-            results.append(_summarise(passes, batch, num_samples, vectorised, task, from_logits))
+        for i, batch in enumerate(batches):
+            results.append(
+                _summarise(passes, batch, num_samples, vectorised, task, from_logits, model.name)
+            )
             progbar.update(i + 1)
     finally:
         for layer, inference in saved:
             layer.inference = inference
+    if not results:  # a dataset of unknown length that held nothing
+        raise _math.invalid_argument("x", "at least one example", x)
     return {key: np.concatenate([r[key] for r in results]) for key in results[0]}
 
 
-def _summarise(passes, batch, num_samples, vectorised, task, from_logits):
+def _summarise(passes, batch, num_samples, vectorised, task, from_logits, model_name):
     """The moments over `num_samples` passes of one batch."""
     calls = 1 if vectorised else num_samples
     if task == "regression":
@@ -207,7 +315,10 @@ def _summarise(passes, batch, num_samples, vectorised, task, from_logits):
         return {"mean": moments.mean, "stddev": np.sqrt(moments.m2 / (num_samples - 1))}
     total_probs, total_entropy = 0.0, 0.0
     for _ in range(calls):
-        probs = _probabilities(passes(batch).numpy().astype(np.float64), from_logits)
+        outputs = passes(batch).numpy()
+        if not from_logits:
+            _check_probabilities(outputs, model_name)
+        probs = _probabilities(outputs.astype(np.float64), from_logits)
         total_probs = total_probs + probs.sum(axis=0)
         total_entropy = total_entropy + _entropy(probs).sum(axis=0)
     probabilities = total_probs / num_samples

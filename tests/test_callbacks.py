@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import keras_elbo as ke
 from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
+from tests import _helpers as h
 
 PIXELS, LATENT = 16, 2
 DATA = (np.random.default_rng(0).random((64, PIXELS)) < 0.3).astype("float32")
@@ -42,7 +43,11 @@ def regularizers_of(model):
 
 
 class WeightRecorder(keras.callbacks.Callback):
-    """Records, after each training batch, the `kl_weight` of each regularizer."""
+    """Records, after each training batch, the `kl_weight` of each regularizer.
+
+    The weights are read back from float32 variables: a relative round-off of
+    2**-24 (6e-8) from the float64 schedule, hence rtol=1e-6 below.
+    """
 
     def __init__(self, regularizers):
         super().__init__()
@@ -267,13 +272,67 @@ class TestKLAnnealingFit:
         _, weights = fit(model, KLAnnealing(LinearWarmup(4), unit="epoch"), epochs=2, data=data)
         np.testing.assert_allclose(weights[:, 0], [0.0] * 4 + [0.25] * 4, rtol=1e-6)
 
-    def test_step_count_continues_across_fit_calls(self):
+    @pytest.mark.parametrize("callback", ["same", "new"])
+    def test_step_count_continues_across_fit_calls(self, callback):
+        # The step is the model's (its optimizer's iteration count), not the
+        # callback's: a new KLAnnealing continues where the last one stopped.
         model = make_vae()
         annealing = KLAnnealing(LinearWarmup(6), unit="step")
         _, first = fit(model, annealing, epochs=1)
+        if callback == "new":
+            annealing = KLAnnealing(LinearWarmup(6), unit="step")
         _, second = fit(model, annealing, epochs=1)
         weights = np.concatenate([first[:, 0], second[:, 0]])
         np.testing.assert_allclose(weights, linear_reference(np.arange(8), 6), rtol=1e-6)
+
+    @pytest.mark.parametrize(
+        "unit, duration, progress",
+        [("step", 20, np.arange(16)), ("epoch", 5, np.arange(16) / 4)],
+        ids=["step", "epoch"],
+    )
+    def test_run_resumed_by_backup_and_restore_continues_the_schedule(
+        self, unit, duration, progress, tmp_path
+    ):
+        # A run of 4 epochs (16 steps) crashes at the start of epoch 2 and is
+        # resumed, as by a new process, with a new model and a new
+        # KLAnnealing: the 8 + 8 weights are those of an uninterrupted run
+        # (the schedule at steps 0..15). KLAnnealing comes first in the
+        # callbacks, before BackupAndRestore restores the model and optimizer.
+        class Crash(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                if epoch == 2:
+                    raise RuntimeError("crash at epoch 2")
+
+        def run(model, *extra):
+            """Fits `model` for 4 epochs; returns the weights it recorded,
+            also when the fit crashes."""
+            recorder = WeightRecorder(regularizers_of(model))
+            callbacks = [
+                KLAnnealing(LinearWarmup(duration), unit=unit),
+                keras.callbacks.BackupAndRestore(str(tmp_path / "backup")),
+                recorder,
+                *extra,
+            ]
+            try:
+                model.fit(
+                    DATA,
+                    DATA,
+                    epochs=4,
+                    batch_size=BATCH,
+                    shuffle=False,
+                    verbose=0,
+                    callbacks=callbacks,
+                )
+            except RuntimeError as error:
+                assert str(error) == "crash at epoch 2"
+            return recorder.weights
+
+        crashed = run(make_vae(), Crash())
+        assert len(crashed) == 8
+        resumed = run(make_vae())
+        weights = np.array(crashed + resumed)[:, 0]
+        # Stored in a float32 variable: relative round-off 2**-24.
+        np.testing.assert_allclose(weights, linear_reference(progress, duration), rtol=1e-6)
 
     @pytest.mark.parametrize("layout", ["two-posteriors", "nested-model"])
     def test_every_regularizer_is_set(self, layout):
@@ -366,3 +425,86 @@ class TestKLAnnealingFit:
         (loss_0, kl_0), (loss_w, kl_w) = first_step(0.0), first_step(2.5)
         np.testing.assert_allclose(kl_0, kl_w, rtol=1e-6)
         np.testing.assert_allclose(loss_w - loss_0, 2.5 * kl_0, rtol=1e-4)
+
+
+class TestFreeBitsWithWeight:
+    """The added loss is `kl_weight * sum_j max(free_bits, kl_j)`, the weight
+    multiplying the clamped dimensions too, at the constructor's weight and
+    at the weights KLAnnealing sets in fit."""
+
+    FREE_BITS, WEIGHT, MIN_SCALE = 0.3, 2.5, 1e-4
+    # Per latent dimension: near the prior (KL about 0.00 and 0.015, below
+    # the free bits) or far from it (KL about 1.44 and 2.75, above).
+    LOC = np.array([0.0, 0.1, 1.5, -2.0])
+    SCALE = np.array([1.0, 0.9, 0.5, 0.3])
+
+    def model(self):
+        keras.utils.set_random_seed(0)
+        regularizer = ke.KLRegularizer(
+            mode="analytic", weight=self.WEIGHT, free_bits=self.FREE_BITS, seed=1
+        )
+        posterior = ke.GaussianPosterior(
+            4, kl_regularizer=regularizer, min_scale=self.MIN_SCALE, seed=2
+        )
+        x = keras.Input((PIXELS,))
+        model = compile_vae(keras.Model(x, keras.layers.Dense(PIXELS)(posterior(x))))
+        kernel = np.random.default_rng(3).normal(scale=0.02, size=(PIXELS, 8))
+        raw = np.log(np.expm1(self.SCALE - self.MIN_SCALE))  # softplus^-1
+        posterior.projection.set_weights([kernel, np.concatenate([self.LOC, raw])])
+        return model, posterior
+
+    def expected(self, posterior, x, weight):
+        """NumPy float64: weight * sum_j max(free_bits, mean_i kl_ij)."""
+        kernel, bias = (np.asarray(v, np.float64) for v in posterior.projection.get_weights())
+        params = np.asarray(x, np.float64) @ kernel + bias
+        loc, scale = params[:, :4], h.softplus(params[:, 4:]) + self.MIN_SCALE
+        kl_j = np.mean(0.5 * (loc**2 + scale**2 - 1.0 - 2.0 * np.log(scale)), axis=0)
+        return weight * np.sum(np.maximum(self.FREE_BITS, kl_j)), kl_j
+
+    def added_loss(self, model, x):
+        model(x)
+        assert len(model.losses) == 1
+        return float(model.losses[0])
+
+    # Float32 forward pass (a 16-term matmul, softplus, log, a mean over 16
+    # examples, a sum over 4 dimensions): about 50 round-offs of 2**-24, 3e-6,
+    # relative to the unclamped KL terms (of one sign); rtol 1e-5.
+    RTOL = 1e-5
+
+    def test_constructor_weight(self):
+        model, posterior = self.model()
+        x = DATA[:BATCH]
+        expected, kl_j = self.expected(posterior, x, self.WEIGHT)
+        # The free bits clamp some dimensions and not others.
+        assert np.any(kl_j < self.FREE_BITS) and np.any(kl_j > self.FREE_BITS), kl_j
+        np.testing.assert_allclose(self.added_loss(model, x), expected, rtol=self.RTOL)
+
+    def test_annealed_weight_in_fit(self):
+        model, posterior = self.model()
+        x = DATA[:BATCH]
+        test = self
+
+        class Probe(keras.callbacks.Callback):
+            """After each step: the KL weight, the added loss on `x` and its
+            NumPy value at the current weights."""
+
+            def __init__(self):
+                super().__init__()
+                self.rows = []
+
+            def on_train_batch_end(self, batch, logs=None):
+                weight = float(posterior.kl_regularizer.kl_weight.numpy())
+                expected, kl_j = test.expected(posterior, x, weight)
+                clamped = np.any(kl_j < test.FREE_BITS)
+                self.rows.append((weight, test.added_loss(self.model, x), expected, clamped))
+
+        probe = Probe()
+        schedule = LinearWarmup(8, start=0.5, end=3.0)
+        model.fit(
+            DATA, DATA, epochs=2, batch_size=BATCH, shuffle=False, verbose=0,
+            callbacks=[KLAnnealing(schedule, unit="step"), probe],
+        )  # fmt: skip
+        weights, actual, expected, clamped = (np.array(c) for c in zip(*probe.rows, strict=True))
+        np.testing.assert_allclose(weights, linear_reference(np.arange(8), 8, 0.5, 3.0), rtol=1e-6)
+        assert np.all(clamped)
+        np.testing.assert_allclose(actual, expected, rtol=self.RTOL)

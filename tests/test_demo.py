@@ -39,7 +39,8 @@ class TestMain:
     def test_numbers(self, run):
         _, result = run
         history = result["history"]
-        assert set(history) == {"loss", "kl", "val_loss", "val_kl"}
+        logged = {"loss", "kl", "reconstruction", "neg_elbo"}  # an ELBOModel's logs
+        assert set(history) == logged | {f"val_{key}" for key in logged}
         assert all(len(values) == 2 for values in history.values())
         assert math.isfinite(result["test_elbo"]) and result["test_elbo"] < 0
         assert math.isfinite(result["reloaded_test_elbo"])
@@ -90,14 +91,27 @@ class TestCommandLine:
         assert exit_info.value.code == 2
         assert "absent.npz" in capsys.readouterr().err
 
-    def test_subprocess(self, tmp_path):
-        command = [sys.executable, "-m", "keras_elbo.demo", "--epochs", "1", "--verbose", "0"]
+    def test_subprocess_output(self, tmp_path):
+        # As a user runs it: without the TF_CPP_MIN_LOG_LEVEL of conftest.py.
+        env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+        command = [sys.executable, "-m", "keras_elbo.demo", "--epochs", "2", "--iw-samples", "5"]
         completed = subprocess.run(
-            [*command, "--output", str(tmp_path)], capture_output=True, text=True, timeout=300
+            [*command, "--output", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
         )
         assert completed.returncode == 0, completed.stderr[-2000:]
-        assert "epoch 1/1" in completed.stdout
         assert (tmp_path / "vae.keras").exists()
+        # One display per epoch, its report line: no progress bar besides.
+        training = completed.stdout.split("final test ELBO")[0].split("\n")
+        lines = [line for line in training if line.strip()]
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("epoch 1/2  train loss") and lines[1].startswith("epoch 2/2")
+        # No TensorFlow start-up lines (oneDNN, CUDA drivers, cuInit).
+        output = (completed.stdout + completed.stderr).lower()
+        assert "onednn" not in output and "cuda" not in output, completed.stderr[-2000:]
 
 
 def test_build_vae_with_normal_prior():
@@ -110,8 +124,11 @@ def test_build_vae_with_normal_prior():
 def test_vamp_prior_with_warmup(tmp_path):
     argv = ["--prior", "vamp", "--warmup", "1", "--epochs", "2", "--iw-samples", "5"]
     result = demo.main([*argv, "--output", str(tmp_path), "--verbose", "0"])
+    # LinearWarmup(1) in epochs: set before each step from epoch + step /
+    # steps, so epoch 0 ends at (steps - 1) / steps, and epoch 1 at 1.
+    steps = math.ceil(len(datasets.load_digits(seed=0)[0]) / 64)
     weights = result["history"]["kl_weight"]
-    assert 0 < weights[0] < 1 and weights[1] == 1.0
+    assert weights == [pytest.approx((steps - 1) / steps, rel=1e-6), 1.0]
     assert all((tmp_path / name).read_bytes().startswith(PNG_MAGIC) for name in PLOTS)
     assert math.isfinite(result["test_log_likelihood"])
 

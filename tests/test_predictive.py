@@ -12,6 +12,17 @@ from tests import _helpers as h
 from tests.test_bayesian import numpy_posterior, spread_posterior
 
 X = np.random.default_rng(0).normal(size=(7, 4)).astype("float32")
+U = 2.0**-24  # float32 unit round-off
+
+
+def dense_reference(layer, x):
+    """A Dense layer's output in float64, and a bound on its float32 error:
+    each output is a sum of n + 1 terms (n inputs times kernel, and the
+    bias), off by at most (n + 2) * U times the sum of their magnitudes."""
+    kernel, bias = (w.astype(np.float64) for w in layer.get_weights())
+    x = np.asarray(x, np.float64)
+    bound = (x.shape[-1] + 2) * U * (np.abs(x) @ np.abs(kernel) + np.abs(bias))
+    return x @ kernel + bias, bound
 
 
 def numpy_entropy(p):
@@ -58,8 +69,62 @@ class TestRegression:
     def test_deterministic_model_has_zero_spread(self):
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
         moments = predictive_moments(model, X, num_samples=3)
-        np.testing.assert_allclose(moments["mean"], model.predict(X, verbose=0), rtol=1e-6)
-        np.testing.assert_allclose(moments["stddev"], 0.0, atol=1e-7)
+        expected, bound = dense_reference(model.layers[0], X)
+        assert np.all(np.abs(moments["mean"] - expected) <= bound)
+        # Three identical passes: no spread at all.
+        np.testing.assert_array_equal(moments["stddev"], 0.0)
+
+
+def dataset_of(structure, batch=3):
+    """X as a batched tf.data.Dataset whose elements are `structure`."""
+    y, w = np.ones((len(X), 1), "float32"), np.ones(len(X), "float32")
+    slices = {"x": X, "(x,)": (X,), "(x, y)": (X, y), "(x, y, w)": (X, y, w)}[structure]
+    return tf.data.Dataset.from_tensor_slices(slices).batch(batch)
+
+
+class TestInputs:
+    @pytest.mark.parametrize("structure", ["x", "(x,)", "(x, y)", "(x, y, w)"])
+    def test_batched_dataset_uses_x(self, structure):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        moments = predictive_moments(model, dataset_of(structure), num_samples=2)
+        expected, bound = dense_reference(model.layers[0], X)
+        assert moments["mean"].shape == (7, 2)
+        assert np.all(np.abs(moments["mean"] - expected) <= bound)
+
+    def test_float64_dataset_through_vectorised_posterior(self):
+        # Tiled passes over batches of 3, 3 and 1: the posterior's samples
+        # have its moments; checked as in TestRegression.
+        n = 2000
+        posterior = ke.GaussianPosterior(3, seed=1)
+        model = keras.Sequential([keras.Input((4,)), posterior])
+        data = tf.data.Dataset.from_tensor_slices(X.astype("float64")).batch(3)
+        moments = predictive_moments(model, data, num_samples=n)
+        w, b = (v.numpy().astype(np.float64) for v in posterior.projection.weights)
+        params = X @ w + b
+        scale = h.softplus(params[:, 3:]) + posterior.min_scale
+        assert_gaussian_moments(moments, params[:, :3], scale**2, n)
+
+    def test_unbatched_dataset_is_refused(self):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        data = tf.data.Dataset.from_tensor_slices(X)
+        with pytest.raises(ValueError, match=r"`x`.*dataset\.batch"):
+            predictive_moments(model, data, num_samples=2)
+
+    @pytest.mark.parametrize(
+        "x",
+        [
+            np.zeros((0, 4), "float32"),
+            [],
+            tf.data.Dataset.from_tensor_slices(np.zeros((0, 4), "float32")).batch(2),
+            # Of unknown length: found empty only when read.
+            tf.data.Dataset.from_tensor_slices(X).filter(lambda x: False).batch(2),
+        ],
+        ids=["array", "list", "dataset", "filtered-dataset"],
+    )
+    def test_empty_input_is_refused(self, x):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        with pytest.raises(ValueError, match="`x`. Expected at least one example"):
+            predictive_moments(model, x, num_samples=2)
 
 
 class Alternating(keras.layers.Layer):
@@ -95,6 +160,9 @@ class TestClassification:
         # mutual information = H[mean p] - mean H[p].
         model = keras.Sequential([keras.Input((4,)), Alternating(PROBS)])
         moments = predictive_moments(model, X, num_samples=2, task="classification")
+        # The table passes through float32 (relative round-off U = 6e-8);
+        # the rest is float64. The mutual information, a difference of
+        # entropies of about 0.9 and 0.7, loses a factor 0.9 / 0.2 more.
         mean = PROBS.mean(axis=0)
         np.testing.assert_allclose(moments["probabilities"], np.tile(mean, (7, 1)), rtol=1e-6)
         np.testing.assert_allclose(moments["entropy"], numpy_entropy(mean), rtol=1e-6)
@@ -110,19 +178,60 @@ class TestClassification:
         moments = predictive_moments(
             model, X, num_samples=2, task="classification", from_logits=from_logits
         )
-        out = model.predict(X, verbose=0).astype(np.float64)
-        p = np.exp(out) / np.exp(out).sum(-1, keepdims=True) if from_logits else out
+        logits, bound = dense_reference(model.layers[0], X)
+        p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        # A softmax's relative error is at most twice its logits' absolute
+        # error, plus a few U; entropies of about 1 nat, (1 + 1 / H) times
+        # that. Both stay below 1e-5 while the logits' bound is below 2e-6.
+        assert bound.max() < 2e-6
         np.testing.assert_allclose(moments["probabilities"], p, rtol=1e-5)
         np.testing.assert_allclose(moments["entropy"], numpy_entropy(p), rtol=1e-5)
-        np.testing.assert_allclose(moments["mutual_information"], 0.0, atol=1e-7)
+        # Two identical passes: no mutual information at all.
+        np.testing.assert_array_equal(moments["mutual_information"], 0.0)
 
     def test_single_sigmoid_output_is_bernoulli(self):
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, "sigmoid")])
         moments = predictive_moments(model, X, num_samples=2, task="classification")
-        p = model.predict(X, verbose=0).astype(np.float64)[:, 0]
+        logits, bound = dense_reference(model.layers[0], X)
+        p = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+        # As for the softmax above: a logit error below 2e-6.
+        assert bound.max() < 2e-6
         np.testing.assert_allclose(
             moments["entropy"], -(p * np.log(p) + (1 - p) * np.log(1 - p)), rtol=1e-5
         )
+
+
+class TestNotProbabilities:
+    @pytest.mark.parametrize(
+        "table, shown",
+        [
+            ([[2.0, -1.0, 0.5]], "values from -1 to 2"),  # softmax logits
+            ([[1.7]], "values from 1.7 to 1.7"),  # a sigmoid's logit
+            ([[0.3, 0.3, 0.401]], "sum to 1 \\+- 0.001"),  # in [0, 1], sum 1.001
+            ([[0.9, 0.8]], "sum to 1 \\+- 0.7"),  # one sigmoid per class
+        ],
+        ids=["logits", "logit", "sum-1.001", "sigmoids"],
+    )
+    def test_outputs_that_are_not_probabilities_raise(self, table, shown):
+        model = keras.Sequential([keras.Input((4,)), Alternating(table)])
+        with pytest.raises(ValueError, match=shown) as info:
+            predictive_moments(model, X, num_samples=2, task="classification")
+        assert "add a softmax" in str(info.value) and "from_logits=True" in str(info.value)
+        assert model.layers[0].inference == "mean"
+
+    def test_float32_softmax_of_many_classes_is_accepted(self):
+        # 1000 classes, logits of spread 30: the float32 softmax's rows sum
+        # to 1 only within its round-off, which the check allows.
+        init = keras.initializers.RandomNormal(stddev=15.0, seed=0)
+        model = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(1000, kernel_initializer=init),
+                keras.layers.Softmax(),
+            ]
+        )
+        moments = predictive_moments(model, X, num_samples=2, task="classification")
+        assert moments["probabilities"].shape == (7, 1000)
 
 
 class TestRestore:
