@@ -76,18 +76,21 @@ def config_round_trip(obj):
     return clone
 
 
-def save_and_load(model, path, use_custom_objects, monkeypatch=None):
+def save_and_load(model, path, use_custom_objects, monkeypatch=None, user_objects=None):
     """Saves `model` to `path` (.keras) and loads it back.
 
     With `use_custom_objects`, the library's classes are first removed from
     Keras's global registry (through `monkeypatch`), so the load succeeds only
     if `keras_elbo.custom_objects()` is complete; without it, the load relies
-    on the registration done at import.
+    on the registration done at import. `user_objects`, a test's own classes
+    by registered name (`{"tests>Name": Name}`), are then removed too and
+    passed along with the library's, as a user passes their classes.
     """
     model.save(path)
     if not use_custom_objects:
         return keras.saving.load_model(path)
+    user_objects = user_objects or {}
     registry = keras.saving.get_custom_objects()
-    for key in [k for k in registry if k.startswith("keras_elbo>")]:
+    for key in [k for k in registry if k.startswith("keras_elbo>") or k in user_objects]:
         monkeypatch.delitem(registry, key)
-    return keras.saving.load_model(path, custom_objects=ke.custom_objects())
+    return keras.saving.load_model(path, custom_objects={**ke.custom_objects(), **user_objects})
