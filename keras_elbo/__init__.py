@@ -6,7 +6,11 @@ ELBO, and `model.fit` trains it. Every loss is in nats per example: summed
 over event dimensions, averaged over the batch.
 """
 
-import keras
+from keras_elbo._quiet import quiet_demo_start
+
+quiet_demo_start()
+
+import keras  # noqa: E402
 
 # The layers are still built on TensorFlow Probability's TensorFlow substrate:
 # they need Keras's TensorFlow backend (the move to every backend, issue 11,

@@ -25,7 +25,7 @@ def make_vae(**compile_kwargs):
     keras.utils.set_random_seed(0)
     x = keras.Input((PIXELS,))
     z = posterior()(keras.layers.Dense(8, activation="relu")(x))
-    return compile_vae(keras.Model(x, keras.layers.Dense(PIXELS)(z)), **compile_kwargs)
+    return compile_vae(ke.ELBOModel(x, keras.layers.Dense(PIXELS)(z)), **compile_kwargs)
 
 
 def compile_vae(model, jit_compile=False, steps_per_execution=1):
@@ -241,7 +241,7 @@ class TestKLAnnealingFit:
         np.testing.assert_allclose(weights[:, 0], expected, rtol=1e-6)
         # Weights at epoch ends: those of the last batch of each epoch.
         np.testing.assert_allclose(history["kl_weight"], expected[[3, 7]], rtol=1e-6)
-        assert sorted(history) == ["kl", "kl_weight", "loss"]
+        assert sorted(history) == ["kl", "kl_weight", "loss", "neg_elbo", "reconstruction"]
 
     def test_epoch_unit_uses_fractional_epochs(self):
         model = make_vae()
@@ -346,7 +346,7 @@ class TestKLAnnealingFit:
             encoder = keras.Model(inner, posterior("kl_inner")(inner), name="encoder")
             z = posterior("kl_outer")(keras.layers.Dense(4)(encoder(x)))
             expected_metrics = ["kl_inner", "kl_outer"]
-        model = compile_vae(keras.Model(x, keras.layers.Dense(PIXELS)(z)))
+        model = compile_vae(ke.ELBOModel(x, keras.layers.Dense(PIXELS)(z)))
         annealing = KLAnnealing(CyclicalAnnealing(period=3, ratio=1.0, start=0.1), unit="step")
         history, weights = fit(model, annealing)
         assert sorted(r.metric_name for r in annealing.regularizers) == expected_metrics

@@ -47,15 +47,17 @@ decoder = keras.Sequential(
     [keras.Input((2,)), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(64)],
     name="decoder",
 )
-vae = keras.Model(x, decoder(z), name="vae")
+vae = ke.ELBOModel(x, decoder(z), name="vae")
 vae.compile(optimizer=keras.optimizers.Adam(2e-3), loss=ke.BernoulliNLL(from_logits=True))
 vae.summary()
 
 # %% [markdown]
 # ## Train
 #
-# `fit` logs `loss` (the negative ELBO) and `kl` for the training and the
-# validation data.
+# `ELBOModel` is a `keras.Model` that logs the parts of the ELBO: `fit` logs
+# `loss` (here the negative ELBO), `kl`, `reconstruction` and `neg_elbo` (the
+# negative ELBO at KL weight 1, which stays comparable across epochs under KL
+# annealing) for the training and the validation data.
 
 # %%
 history = vae.fit(

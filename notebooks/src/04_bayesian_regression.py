@@ -49,14 +49,11 @@ print(f"{N} training points, a gap in (-0.5, 0.5)")
 # %%
 def build(kl_weight, seed=0):
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential(
-        [
-            keras.Input((1,)),
-            BayesianDense(64, activation="relu", kl_weight=kl_weight, seed=seed),
-            BayesianDense(64, activation="relu", kl_weight=kl_weight, seed=seed + 1),
-            BayesianDense(1, kl_weight=kl_weight, seed=seed + 2),
-        ]
-    )
+    x = keras.Input((1,))
+    h = BayesianDense(64, activation="relu", kl_weight=kl_weight, seed=seed)(x)
+    h = BayesianDense(64, activation="relu", kl_weight=kl_weight, seed=seed + 1)(h)
+    # ELBOModel logs each layer's KL (`<layer name>_kl`) beside the loss.
+    model = ke.ELBOModel(x, BayesianDense(1, kl_weight=kl_weight, seed=seed + 2)(h))
     model.compile(keras.optimizers.Adam(1e-2), ke.GaussianNLL(scale=NOISE))
     return model
 
