@@ -1,0 +1,873 @@
+"""Probability distributions written in `keras.ops`, for every Keras backend.
+
+Small distribution objects with TensorFlow Probability's method names
+(`sample`, `log_prob`, `mean`, `stddev`, `entropy`), computed with
+`keras.ops` and `keras.random` only, so the same code runs on the TensorFlow,
+JAX and PyTorch backends (TFP's JAX substrate breaks on current JAX, and
+there is none for PyTorch). Closed-form KL divergences live in a table keyed
+by the pair of types, looked up along the class hierarchy as in TFP's
+`kullback_leibler.py`: `register_kl`, `kl_divergence`, `has_closed_form_kl`.
+
+Parameters are float32 unless one of them is float64, in which case all are
+float64 (on JAX only with `jax_enable_x64`). Float16 and bfloat16 parameters
+(mixed precision) are computed in float32: a log-density or KL of a few
+thousand nats overflows float16.
+
+Randomness: `sample(..., seed=...)` takes a `keras.random.SeedGenerator`
+(each call draws new noise), an integer (the same draws at each call) or None
+(Keras's global generator, refused inside a compiled JAX function).
+"""
+
+import math
+import numbers
+
+import keras
+import numpy as np
+from keras import ops
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+# ---------------------------------------------------------------------------
+# Private helpers.
+
+
+def _invalid_argument(name, expected, received):
+    """The constructor error, in `keras_elbo._math.invalid_argument`'s form.
+
+    (`_math` imports TensorFlow; this module must not.)
+    """
+    return ValueError(
+        f"Invalid value received for argument `{name}`. Expected {expected}. "
+        f"Received: {name}={received}"
+    )
+
+
+def _as_float(**values):
+    """Converts parameters to tensors of one float dtype, returned in order.
+
+    float64 if any parameter is float64, else float32.
+    """
+    tensors = [ops.convert_to_tensor(value) for value in values.values()]
+    dtype = "float64" if "float64" in {_dtype(t) for t in tensors} else "float32"
+    return [_cast(t, dtype) for t in tensors]
+
+
+def _dtype(tensor):
+    return keras.backend.standardize_dtype(tensor.dtype)
+
+
+def _cast(x, dtype):
+    """`x` as a tensor of `dtype`, with no op when it already is one."""
+    x = ops.convert_to_tensor(x)
+    return x if _dtype(x) == dtype else ops.cast(x, dtype)
+
+
+def _broadcast_batch(**params):
+    """Broadcasts the batch axes of several parameters against each other.
+
+    Each keyword is `name=(tensor, event_rank)`; the last `event_rank` axes
+    are left alone. Returns the tensors in order. Done once at construction,
+    so that the methods need no broadcasting logic of their own.
+    """
+    items = [(name, t, len(t.shape) - rank) for name, (t, rank) in params.items()]
+    batch_shapes = [_shape(t)[:split] for _, t, split in items]
+    if any(None in shape for shape in batch_shapes):
+        # Unknown sizes (a symbolic batch axis on TensorFlow): let the ops
+        # broadcast at run time, adding zeros of every parameter's batch shape.
+        out = []
+        for _, t, split in items:
+            for _, other, other_split in items:
+                zeros = ops.zeros_like(other[(Ellipsis,) + (0,) * (len(other.shape) - other_split)])
+                for _ in range(len(t.shape) - split):
+                    zeros = zeros[..., None]
+                t = t + zeros
+            out.append(t)
+        return out
+    try:
+        batch = np.broadcast_shapes(*batch_shapes)
+    except ValueError:
+        name = items[-1][0]
+        expected = "batch axes that broadcast against " + ", ".join(
+            f"`{other}`'s {shape}"
+            for (other, _, _), shape in zip(items[:-1], batch_shapes[:-1], strict=True)
+        )
+        raise _invalid_argument(
+            name, expected, f"a tensor of shape {_shape(items[-1][1])}"
+        ) from None
+    out = []
+    for _, t, split in items:
+        target = batch + _shape(t)[split:]
+        out.append(t if _shape(t) == target else ops.broadcast_to(t, target))
+    return out
+
+
+def _shape(tensor):
+    """The static shape as a tuple (ints, or None where unknown)."""
+    return tuple(tensor.shape)
+
+
+def _check_rank(name, tensor, minimum, what):
+    if len(tensor.shape) < minimum:
+        raise _invalid_argument(name, what, f"a tensor of shape {_shape(tensor)}")
+
+
+def _sample_shape(sample_shape):
+    """`sample_shape` as a tuple of non-negative ints (an int is one axis)."""
+    items = (sample_shape,) if isinstance(sample_shape, numbers.Integral) else sample_shape
+    try:
+        items = tuple(items)
+    except TypeError:
+        items = None
+    if items is None or any(
+        isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0 for n in items
+    ):
+        raise _invalid_argument(
+            "sample_shape", "a non-negative integer or a tuple of them", repr(sample_shape)
+        )
+    return tuple(int(n) for n in items)
+
+
+def _check_seed(seed):
+    if seed is None or isinstance(seed, keras.random.SeedGenerator):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise _invalid_argument(
+            "seed", "None, a non-negative integer or a keras.random.SeedGenerator", repr(seed)
+        )
+    return int(seed)
+
+
+def _seeds(seed, count):
+    """`count` seeds for `count` independent draws from one `seed` argument.
+
+    A `SeedGenerator` (or None, the global one) advances at each draw, so it
+    serves every draw. An integer must not: the same integer gives the same
+    random bits to each `keras.random` call, so the draws would be dependent
+    (a mixture's component choice and its noise). Integers are spread by
+    NumPy's `SeedSequence`, a hash of `(seed, i)`.
+    """
+    if not isinstance(seed, int):
+        return [seed] * count
+    return [int(np.random.SeedSequence([seed, i]).generate_state(1)[0] >> 1) for i in range(count)]
+
+
+def _log_abs_diagonal(matrix):
+    """log|diagonal| of a batch of matrices, shape `(..., d)`."""
+    return ops.log(ops.abs(ops.diagonal(matrix, axis1=-2, axis2=-1)))
+
+
+def _solve_lower(tril, rhs):
+    """`tril^-1 @ rhs` for lower-triangular `tril` `(..., d, d)` and `rhs`
+    `(..., d, m)`, broadcasting the batch axes (`keras.ops.solve_triangular`
+    refuses operands whose batch axes differ, on every backend)."""
+    tril = tril + ops.zeros_like(rhs[..., :1, :1])
+    rhs = rhs + ops.zeros_like(tril[..., :, :1])
+    return ops.solve_triangular(tril, rhs, lower=True)
+
+
+# ---------------------------------------------------------------------------
+# Distributions.
+
+
+class Distribution:
+    """Base class: a batch of probability distributions.
+
+    A distribution has a `batch_shape` (independent distributions with
+    different parameters) and an `event_shape` (the shape of one draw).
+    `sample(sample_shape)` returns `sample_shape + batch_shape + event_shape`;
+    `log_prob(x)` sums over the event axes and returns the broadcast of
+    `x.shape[:-len(event_shape)]` against `batch_shape`.
+
+    Subclasses implement `_sample(sample_shape, seed)` and whichever of
+    `log_prob`, `mean`, `stddev`, `entropy` they can; the others raise
+    `NotImplementedError`. `reparameterized` (a class attribute) says whether
+    gradients flow from samples back to the parameters.
+    """
+
+    reparameterized = False
+
+    def sample(
+        self,
+        sample_shape: int | tuple[int, ...] = (),
+        seed: int | keras.random.SeedGenerator | None = None,
+    ):
+        """Draws samples of shape `sample_shape + batch_shape + event_shape`.
+
+        Args:
+            sample_shape: an int or a tuple of ints, the leading axes of the
+                result.
+            seed: a `keras.random.SeedGenerator` (new draws at each call),
+                an integer (the same draws at each call) or None (Keras's
+                global generator, which Keras refuses inside a compiled JAX
+                function: there, pass a generator held by the layer).
+
+        Returns:
+            A tensor of dtype `self.dtype`.
+        """
+        return self._sample(_sample_shape(sample_shape), _check_seed(seed))
+
+    def _sample(self, sample_shape, seed):
+        raise NotImplementedError(f"{type(self).__name__} does not implement `sample`.")
+
+    def log_prob(self, x):
+        """The log-density (or log-mass) of `x`, summed over the event axes."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement `log_prob`.")
+
+    def mean(self):
+        """The mean, of shape `batch_shape + event_shape`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement `mean`.")
+
+    def stddev(self):
+        """The standard deviation of each coordinate, `batch_shape + event_shape`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement `stddev`.")
+
+    def entropy(self):
+        """The differential (or Shannon) entropy in nats, of shape `batch_shape`."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form entropy.")
+
+    @property
+    def batch_shape(self) -> tuple:
+        """The shape of the batch of distributions, a tuple."""
+        raise NotImplementedError
+
+    @property
+    def event_shape(self) -> tuple:
+        """The shape of one draw, a tuple."""
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> str:
+        """The dtype of samples and densities, `"float32"` or `"float64"`."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        return (
+            f"<{type(self).__name__} batch_shape={self.batch_shape} "
+            f"event_shape={self.event_shape} dtype={self.dtype}>"
+        )
+
+
+class Normal(Distribution):
+    """Elementwise normal distributions, `N(loc, scale**2)`; event shape `()`.
+
+    Formula:
+
+    ```python
+    log_prob(x) = -0.5 * ((x - loc) / scale)**2 - log(scale) - 0.5 * log(2 * pi)
+    entropy() = 0.5 + 0.5 * log(2 * pi) + log(scale)
+    sample() = loc + scale * eps,  eps ~ N(0, 1)   # reparameterised
+    ```
+
+    Args:
+        loc: the mean, a tensor broadcastable against `scale`.
+        scale: the standard deviation, positive.
+
+    Example:
+
+    >>> d = Normal(loc=0.0, scale=2.0)
+    >>> round(float(d.log_prob(0.0)), 4)  # -log(2) - 0.5 * log(2 * pi)
+    -1.6121
+    >>> tuple(Normal([0.0, 1.0], 1.0).sample(5, seed=1).shape)
+    (5, 2)
+    """
+
+    reparameterized = True
+
+    def __init__(self, loc, scale):
+        loc, scale = _as_float(loc=loc, scale=scale)
+        self._loc, self._scale = _broadcast_batch(loc=(loc, 0), scale=(scale, 0))
+
+    @property
+    def loc(self):
+        return self._loc
+
+    @property
+    def scale(self):
+        return self._scale
+
+    @property
+    def batch_shape(self) -> tuple:
+        return _shape(self._loc)
+
+    @property
+    def event_shape(self) -> tuple:
+        return ()
+
+    @property
+    def dtype(self) -> str:
+        return _dtype(self._loc)
+
+    def _sample(self, sample_shape, seed):
+        shape = sample_shape + tuple(ops.shape(self._loc))
+        eps = keras.random.normal(shape, dtype=self.dtype, seed=seed)
+        return self._loc + self._scale * eps
+
+    def log_prob(self, x):
+        z = (_cast(x, self.dtype) - self._loc) / self._scale
+        return -0.5 * ops.square(z) - ops.log(self._scale) - _HALF_LOG_2PI
+
+    def mean(self):
+        return self._loc
+
+    def stddev(self):
+        return self._scale
+
+    def entropy(self):
+        return 0.5 + _HALF_LOG_2PI + ops.log(self._scale)
+
+
+class MultivariateNormalDiag(Distribution):
+    """Gaussians with diagonal covariance, `N(loc, diag(scale_diag**2))`.
+
+    Event shape `(d,)`: `log_prob` and `entropy` sum the `Normal` terms over
+    the last axis. Sampling is reparameterised.
+
+    Args:
+        loc: the mean, shape `(..., d)`.
+        scale_diag: the standard deviations, positive, broadcastable
+            against `loc`, at least 1-D.
+
+    Example:
+
+    >>> d = MultivariateNormalDiag(loc=[0.0, 0.0], scale_diag=[1.0, 2.0])
+    >>> round(float(d.entropy()), 4)  # 2 * (0.5 + 0.5 * log(2 * pi)) + log(2)
+    3.531
+    >>> tuple(d.sample((4, 3), seed=1).shape)
+    (4, 3, 2)
+    """
+
+    reparameterized = True
+
+    def __init__(self, loc, scale_diag):
+        loc, scale_diag = _as_float(loc=loc, scale_diag=scale_diag)
+        _check_rank("loc", loc, 1, "a tensor of rank >= 1, shape (..., d)")
+        _check_rank("scale_diag", scale_diag, 1, "a tensor of rank >= 1, shape (..., d)")
+        # The event axis broadcasts too (a scalar scale for every coordinate).
+        self._marginals = Normal(*_broadcast_batch(loc=(loc, 0), scale_diag=(scale_diag, 0)))
+
+    @property
+    def loc(self):
+        return self._marginals.loc
+
+    @property
+    def scale_diag(self):
+        return self._marginals.scale
+
+    @property
+    def batch_shape(self) -> tuple:
+        return self._marginals.batch_shape[:-1]
+
+    @property
+    def event_shape(self) -> tuple:
+        return self._marginals.batch_shape[-1:]
+
+    @property
+    def dtype(self) -> str:
+        return self._marginals.dtype
+
+    def _sample(self, sample_shape, seed):
+        return self._marginals._sample(sample_shape, seed)
+
+    def log_prob(self, x):
+        return ops.sum(self._marginals.log_prob(x), axis=-1)
+
+    def mean(self):
+        return self._marginals.mean()
+
+    def stddev(self):
+        return self._marginals.stddev()
+
+    def entropy(self):
+        return ops.sum(self._marginals.entropy(), axis=-1)
+
+
+class MultivariateNormalTriL(Distribution):
+    """Gaussians `N(loc, scale_tril @ scale_tril.T)` with a lower-triangular scale.
+
+    Only the lower triangle of `scale_tril` is read (as in TFP); its diagonal
+    must be non-zero (the sign does not matter: `L` and `L` with a column
+    negated give the same covariance). Event shape `(d,)`.
+
+    Formula:
+
+    ```python
+    z = solve_triangular(scale_tril, x - loc, lower=True)
+    log_prob(x) = -0.5 * sum(z**2) - sum(log(abs(diag(scale_tril)))) - 0.5 * d * log(2 * pi)
+    entropy() = 0.5 * d * (1 + log(2 * pi)) + sum(log(abs(diag(scale_tril))))
+    sample() = loc + scale_tril @ eps,  eps ~ N(0, I)   # reparameterised
+    ```
+
+    Args:
+        loc: the mean, shape `(..., d)`.
+        scale_tril: the Cholesky factor of the covariance, shape `(..., d, d)`.
+
+    Example:
+
+    >>> d = MultivariateNormalTriL(loc=[0.0, 0.0], scale_tril=[[1.0, 0.0], [1.0, 1.0]])
+    >>> [round(float(s), 4) for s in d.stddev()]  # sqrt of diag(L @ L.T) = [1, 2]
+    [1.0, 1.4142]
+    >>> round(float(d.log_prob([0.0, 0.0])), 4)  # -log(2 * pi), det(L) = 1
+    -1.8379
+    """
+
+    reparameterized = True
+
+    def __init__(self, loc, scale_tril):
+        loc, scale_tril = _as_float(loc=loc, scale_tril=scale_tril)
+        _check_rank("loc", loc, 1, "a tensor of rank >= 1, shape (..., d)")
+        expected = f"a tensor of shape (..., d, d) with d = {_shape(loc)[-1]} (from `loc`)"
+        _check_rank("scale_tril", scale_tril, 2, expected)
+        sizes = {_shape(loc)[-1], *_shape(scale_tril)[-2:]} - {None}
+        if len(sizes) > 1:
+            raise _invalid_argument(
+                "scale_tril", expected, f"a tensor of shape {_shape(scale_tril)}"
+            )
+        self._loc, self._scale_tril = _broadcast_batch(
+            loc=(loc, 1), scale_tril=(ops.tril(scale_tril), 2)
+        )
+
+    @property
+    def loc(self):
+        return self._loc
+
+    @property
+    def scale_tril(self):
+        return self._scale_tril
+
+    @property
+    def batch_shape(self) -> tuple:
+        return _shape(self._loc)[:-1]
+
+    @property
+    def event_shape(self) -> tuple:
+        return _shape(self._loc)[-1:]
+
+    @property
+    def dtype(self) -> str:
+        return _dtype(self._loc)
+
+    def _sample(self, sample_shape, seed):
+        shape = sample_shape + tuple(ops.shape(self._loc))
+        eps = keras.random.normal(shape, dtype=self.dtype, seed=seed)
+        return self._loc + ops.squeeze(ops.matmul(self._scale_tril, eps[..., None]), axis=-1)
+
+    def log_prob(self, x):
+        diff = _cast(x, self.dtype) - self._loc
+        z = _solve_lower(self._scale_tril, diff[..., None])[..., 0]
+        d = self.event_shape[0]
+        log_det = ops.sum(_log_abs_diagonal(self._scale_tril), axis=-1)
+        return -0.5 * ops.sum(ops.square(z), axis=-1) - log_det - d * _HALF_LOG_2PI
+
+    def mean(self):
+        return self._loc
+
+    def stddev(self):
+        # Var(x_i) = (L @ L.T)_ii = sum_j L_ij**2.
+        return ops.sqrt(ops.sum(ops.square(self._scale_tril), axis=-1))
+
+    def entropy(self):
+        d = self.event_shape[0]
+        log_det = ops.sum(_log_abs_diagonal(self._scale_tril), axis=-1)
+        return d * (0.5 + _HALF_LOG_2PI) + log_det
+
+
+class MixtureSameFamily(Distribution):
+    """A mixture of `K` distributions of one family, with weights `softmax(logits)`.
+
+    The components are one distribution with batch shape `batch_shape + (K,)`
+    (e.g. `MultivariateNormalDiag` with `loc` of shape `(..., K, d)`); the
+    mixture has batch shape `batch_shape` and the components' event shape.
+
+    Formula:
+
+    ```python
+    log_prob(x) = logsumexp(log_softmax(mixture_logits) + components.log_prob(x[..., None, :]))
+    mean() = sum(w * mu_k),  w = softmax(mixture_logits)
+    stddev() = sqrt(sum(w * (sigma_k**2 + mu_k**2)) - mean()**2)   # per coordinate
+    ```
+
+    Sampling draws a component index with `keras.random.categorical`, then a
+    sample of that component. It is not reparameterisable through the
+    component choice: gradients reach the chosen component's parameters but
+    not `mixture_logits`. A Monte Carlo KL against a mixture prior (the use
+    here) samples the posterior, not the mixture, so this does not bite.
+    `entropy()` has no closed form and raises `NotImplementedError`.
+
+    Args:
+        mixture_logits: unnormalised log-weights, shape `batch_shape + (K,)`.
+        components: a `Distribution` with batch shape `batch_shape + (K,)`.
+
+    Example:
+
+    >>> components = MultivariateNormalDiag(loc=[[-1.0], [1.0]], scale_diag=[[1.0], [1.0]])
+    >>> d = MixtureSameFamily(mixture_logits=[0.0, 0.0], components=components)
+    >>> [round(float(v), 4) for v in (d.mean()[0], d.stddev()[0])]  # 0, sqrt(1 + 1)
+    [0.0, 1.4142]
+    """
+
+    reparameterized = False
+
+    def __init__(self, mixture_logits, components):
+        if not isinstance(components, Distribution):
+            raise _invalid_argument(
+                "components", "a keras_elbo.distributions.Distribution", repr(components)
+            )
+        logits = _cast(mixture_logits, components.dtype)
+        target = components.batch_shape
+        expected = (
+            "a tensor of shape (K,) or batch_shape + (K,), broadcastable to the "
+            f"components' batch shape {target} = batch_shape + (K,)"
+        )
+        _check_rank("mixture_logits", logits, 1, expected)
+        if not target:
+            raise _invalid_argument(
+                "mixture_logits", expected, f"a tensor of shape {_shape(logits)}"
+            )
+        if None not in target + _shape(logits):
+            # Logits shared by a batch of mixtures broadcast up to it; the
+            # reverse (components shared by a batch of logits) would give
+            # the batch the same component draws, so it is refused.
+            try:
+                broadcastable = np.broadcast_shapes(_shape(logits), target) == target
+            except ValueError:
+                broadcastable = False
+            if not broadcastable:
+                raise _invalid_argument(
+                    "mixture_logits", expected, f"a tensor of shape {_shape(logits)}"
+                )
+            if _shape(logits) != target:
+                logits = ops.broadcast_to(logits, target)
+        self._logits = logits
+        self._components = components
+
+    @property
+    def mixture_logits(self):
+        return self._logits
+
+    @property
+    def components(self):
+        return self._components
+
+    @property
+    def num_components(self):
+        return _shape(self._logits)[-1]
+
+    @property
+    def batch_shape(self) -> tuple:
+        return _shape(self._logits)[:-1]
+
+    @property
+    def event_shape(self) -> tuple:
+        return self._components.event_shape
+
+    @property
+    def dtype(self) -> str:
+        return self._components.dtype
+
+    def _expand_weights(self, weights):
+        """`batch_shape + (K,)` -> `batch_shape + (K,) + (1,) * event rank`."""
+        for _ in self.event_shape:
+            weights = weights[..., None]
+        return weights
+
+    def _sample(self, sample_shape, seed):
+        choice_seed, component_seed = _seeds(seed, 2)
+        num_components = self.num_components
+        count = math.prod(sample_shape)
+        # keras.random.categorical takes 2-D logits (rows, K) and gives (rows, count).
+        flat_logits = ops.reshape(self._logits, (-1, num_components))
+        index = keras.random.categorical(flat_logits, count, seed=choice_seed)
+        index = ops.reshape(
+            ops.transpose(index), sample_shape + tuple(ops.shape(self._logits))[:-1]
+        )
+        # Draw every component and keep the chosen one: K times the noise of
+        # one draw, but one `keras.random` call and no gather.
+        draws = self._components._sample(sample_shape, component_seed)
+        one_hot = self._expand_weights(ops.one_hot(index, num_components, dtype=self.dtype))
+        return ops.sum(one_hot * draws, axis=-1 - len(self.event_shape))
+
+    def log_prob(self, x):
+        x = _cast(x, self.dtype)
+        # Insert the component axis before the event axes.
+        x = ops.expand_dims(x, axis=-1 - len(self.event_shape))
+        log_weights = ops.log_softmax(self._logits, axis=-1)
+        return ops.logsumexp(log_weights + self._components.log_prob(x), axis=-1)
+
+    def mean(self):
+        weights = self._expand_weights(ops.softmax(self._logits, axis=-1))
+        return ops.sum(weights * self._components.mean(), axis=-1 - len(self.event_shape))
+
+    def stddev(self):
+        weights = self._expand_weights(ops.softmax(self._logits, axis=-1))
+        axis = -1 - len(self.event_shape)
+        means = self._components.mean()
+        second_moment = ops.square(self._components.stddev()) + ops.square(means)
+        variance = ops.sum(weights * second_moment, axis=axis) - ops.square(
+            ops.sum(weights * means, axis=axis)
+        )
+        # The difference can round below zero when the components coincide.
+        return ops.sqrt(ops.maximum(variance, 0.0))
+
+
+class Bernoulli(Distribution):
+    """Elementwise Bernoulli distributions, `P(x = 1) = sigmoid(logits)`.
+
+    Event shape `()`. `log_prob` also takes `x` in `[0, 1]` (then it is minus
+    the binary cross-entropy, as for a grey-level image). Samples are 0.0 and
+    1.0 in `self.dtype`, not reparameterised.
+
+    Formula:
+
+    ```python
+    log_prob(x) = x * logits - softplus(logits)
+    entropy() = softplus(logits) - logits * sigmoid(logits)
+    ```
+
+    Args:
+        logits: log-odds of a 1.
+
+    Example:
+
+    >>> d = Bernoulli(logits=0.0)
+    >>> round(float(d.log_prob(1.0)), 4), round(float(d.mean()), 4)  # log(0.5), 0.5
+    (-0.6931, 0.5)
+    """
+
+    reparameterized = False
+
+    def __init__(self, logits):
+        (self._logits,) = _as_float(logits=logits)
+
+    @property
+    def logits(self):
+        return self._logits
+
+    @property
+    def batch_shape(self) -> tuple:
+        return _shape(self._logits)
+
+    @property
+    def event_shape(self) -> tuple:
+        return ()
+
+    @property
+    def dtype(self) -> str:
+        return _dtype(self._logits)
+
+    def _sample(self, sample_shape, seed):
+        shape = sample_shape + tuple(ops.shape(self._logits))
+        uniform = keras.random.uniform(shape, dtype=self.dtype, seed=seed)
+        return ops.cast(ops.less(uniform, ops.sigmoid(self._logits)), self.dtype)
+
+    def log_prob(self, x):
+        return _cast(x, self.dtype) * self._logits - ops.softplus(self._logits)
+
+    def mean(self):
+        return ops.sigmoid(self._logits)
+
+    def stddev(self):
+        return ops.sqrt(ops.sigmoid(self._logits) * ops.sigmoid(-self._logits))
+
+    def entropy(self):
+        return ops.softplus(self._logits) - self._logits * ops.sigmoid(self._logits)
+
+
+# ---------------------------------------------------------------------------
+# KL divergences: a table keyed by the pair of types.
+
+_KL_TABLE = {}
+
+
+def register_kl(type_q: type, type_p: type):
+    """Decorator registering `fn(q, p)` as the closed form of `KL(q || p)`.
+
+    The arguments are in the order of `kl_divergence(q, p)`. A pair is
+    registered once: a second registration is a `ValueError`. Subclasses
+    inherit registrations (see `kl_divergence`).
+
+    Args:
+        type_q: the class of the first argument (the posterior).
+        type_p: the class of the second argument (the prior).
+
+    Returns:
+        A decorator that registers its function and returns it unchanged.
+
+    Example:
+
+    >>> class Dirac(Distribution):
+    ...     pass
+    >>> @register_kl(Dirac, Dirac)
+    ... def _kl_dirac_dirac(q, p):
+    ...     return 0.0
+    >>> kl_divergence(Dirac(), Dirac())
+    0.0
+    """
+    for name, value in (("type_q", type_q), ("type_p", type_p)):
+        if not isinstance(value, type):
+            raise _invalid_argument(name, "a class", repr(value))
+
+    def register(fn):
+        key = (type_q, type_p)
+        if key in _KL_TABLE:
+            raise ValueError(
+                f"KL({type_q.__name__} || {type_p.__name__}) is already registered, "
+                f"to {_KL_TABLE[key].__name__}; a pair of types is registered once."
+            )
+        _KL_TABLE[key] = fn
+        return fn
+
+    return register
+
+
+def _lookup_kl(type_q, type_p):
+    """The registered function nearest along both class hierarchies.
+
+    Distance is the sum of the two positions in the method resolution
+    orders; at equal distance the first found (nearest in `type_q`) wins, as
+    in TFP.
+    """
+    best, best_distance = None, None
+    for distance_q, parent_q in enumerate(type_q.__mro__):
+        for distance_p, parent_p in enumerate(type_p.__mro__):
+            fn = _KL_TABLE.get((parent_q, parent_p))
+            distance = distance_q + distance_p
+            if fn is not None and (best is None or distance < best_distance):
+                best, best_distance = fn, distance
+    return best
+
+
+def has_closed_form_kl(q: Distribution, p: Distribution) -> bool:
+    """Whether `kl_divergence(q, p)` has a registered closed form.
+
+    Example:
+
+    >>> has_closed_form_kl(Normal(0.0, 1.0), Normal(0.0, 2.0))
+    True
+    >>> has_closed_form_kl(Normal(0.0, 1.0), Bernoulli(0.0))
+    False
+    """
+    return _lookup_kl(type(q), type(p)) is not None
+
+
+def kl_divergence(q: Distribution, p: Distribution):
+    """The closed-form `KL(q || p) = E_q[log q(z) - log p(z)]`, of shape the batch.
+
+    Looks the pair of types up in the table filled by `register_kl`, along
+    both class hierarchies (a subclass of `Normal` uses the `Normal` form
+    unless a nearer pair is registered).
+
+    Args:
+        q: a `Distribution` (the posterior).
+        p: a `Distribution` (the prior), with the same event shape.
+
+    Returns:
+        The KL in nats, broadcast over both batch shapes.
+
+    Raises:
+        NotImplementedError: if no closed form is registered for the pair;
+            estimate it by Monte Carlo instead.
+
+    Example:
+
+    >>> round(float(kl_divergence(Normal(1.0, 1.0), Normal(0.0, 1.0))), 4)  # 0.5 * 1**2
+    0.5
+    """
+    fn = _lookup_kl(type(q), type(p))
+    if fn is None:
+        raise NotImplementedError(
+            f"No closed-form KL divergence is registered for KL({type(q).__name__} || "
+            f"{type(p).__name__}). Register one with keras_elbo.distributions.register_kl"
+            f"({type(q).__name__}, {type(p).__name__}), or estimate it by Monte Carlo."
+        )
+    return fn(q, p)
+
+
+@register_kl(Normal, Normal)
+def _kl_normal_normal(q, p):
+    """Elementwise; written as in distrax so it stays accurate when q is close to p:
+
+    ```python
+    log_ratio = log(q.scale) - log(p.scale)
+    kl = 0.5 * ((q.loc - p.loc) / p.scale)**2 + 0.5 * expm1(2 * log_ratio) - log_ratio
+    ```
+    """
+    log_ratio = ops.log(q.scale) - ops.log(p.scale)
+    return (
+        0.5 * ops.square((q.loc - p.loc) / p.scale) + 0.5 * ops.expm1(2.0 * log_ratio) - log_ratio
+    )
+
+
+@register_kl(MultivariateNormalDiag, MultivariateNormalDiag)
+def _kl_diag_diag(q, p):
+    """The `Normal` KL summed over the event axis."""
+    return ops.sum(_kl_normal_normal(q._marginals, p._marginals), axis=-1)
+
+
+def _kl_gaussians(loc_q, trace, loc_p, solve_p, log_det_q, log_det_p, d):
+    """`0.5 * (trace + |solve_p(loc_p - loc_q)|**2 - d + 2 * (log_det_p - log_det_q))`.
+
+    `trace = tr(Sigma_p^-1 Sigma_q)`, `solve_p(v) = L_p^-1 v` (batched
+    over the last axis of `v`), `log_det_* = log|det L_*|`.
+    """
+    mahalanobis = ops.sum(ops.square(solve_p(loc_p - loc_q)), axis=-1)
+    return 0.5 * (trace + mahalanobis - d) + log_det_p - log_det_q
+
+
+@register_kl(MultivariateNormalTriL, MultivariateNormalDiag)
+def _kl_tril_diag(q, p):
+    """`tr(Sigma_p^-1 Sigma_q) = sum((L_q / scale_p[:, None])**2)`; no solve needed."""
+    scale_p = p.scale_diag
+    trace = ops.sum(ops.square(q.scale_tril / scale_p[..., None]), axis=(-2, -1))
+    return _kl_gaussians(
+        q.loc,
+        trace,
+        p.loc,
+        lambda v: v / scale_p,
+        ops.sum(_log_abs_diagonal(q.scale_tril), axis=-1),
+        ops.sum(ops.log(scale_p), axis=-1),
+        q.event_shape[0],
+    )
+
+
+def _kl_to_tril(loc_q, tril_q, log_det_q, d, p):
+    """KL to a `MultivariateNormalTriL` p: `tr = |L_p^-1 L_q|_F**2` by a triangular solve."""
+    tril_p = p.scale_tril
+    trace = ops.sum(ops.square(_solve_lower(tril_p, tril_q)), axis=(-2, -1))
+    return _kl_gaussians(
+        loc_q,
+        trace,
+        p.loc,
+        lambda v: _solve_lower(tril_p, v[..., None])[..., 0],
+        log_det_q,
+        ops.sum(_log_abs_diagonal(tril_p), axis=-1),
+        d,
+    )
+
+
+@register_kl(MultivariateNormalTriL, MultivariateNormalTriL)
+def _kl_tril_tril(q, p):
+    log_det_q = ops.sum(_log_abs_diagonal(q.scale_tril), axis=-1)
+    return _kl_to_tril(q.loc, q.scale_tril, log_det_q, q.event_shape[0], p)
+
+
+@register_kl(MultivariateNormalDiag, MultivariateNormalTriL)
+def _kl_diag_tril(q, p):
+    d = q.event_shape[0]
+    # diag(scale_q) as a matrix: eye * scale_q broadcast along the rows.
+    tril_q = ops.eye(d, dtype=q.dtype) * q.scale_diag[..., None, :]
+    log_det_q = ops.sum(ops.log(q.scale_diag), axis=-1)
+    return _kl_to_tril(q.loc, tril_q, log_det_q, d, p)
+
+
+__all__ = [
+    "Bernoulli",
+    "Distribution",
+    "MixtureSameFamily",
+    "MultivariateNormalDiag",
+    "MultivariateNormalTriL",
+    "Normal",
+    "has_closed_form_kl",
+    "kl_divergence",
+    "register_kl",
+]
