@@ -12,30 +12,42 @@ quiet_demo_start()
 
 import keras  # noqa: E402
 
-# The layers are still built on TensorFlow Probability's TensorFlow substrate:
-# they need Keras's TensorFlow backend (the move to every backend, issue 11,
-# is under way: `keras_elbo.distributions` already runs on all three). On
-# another backend the package imports without TensorFlow, and each layer
-# name raises one clear error when used.
+# Every module computes with `keras.ops` and runs on TensorFlow, JAX and
+# PyTorch, except those still being moved (issue 11), which are imported on
+# TensorFlow only; on another backend their names raise one clear error.
+from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
+from keras_elbo.divergence import KLRegularizer
+from keras_elbo.model import ELBOModel, _FunctionalELBOModel
+from keras_elbo.posteriors import GaussianPosterior, Posterior
+from keras_elbo.priors import MixturePrior, NormalPrior, Prior, ScaleMixturePrior, VampPrior
+
 _BACKEND_ERROR = (
-    "keras_elbo's layers, losses and tools need the TensorFlow backend of Keras for "
-    "now, but Keras is using the '{backend}' backend. Set the environment variable "
-    'KERAS_BACKEND=tensorflow before Python imports keras (or set "backend": '
-    '"tensorflow" in ~/.keras/keras.json). keras_elbo.distributions works on every '
-    "backend."
+    "keras_elbo.{name} needs the TensorFlow backend of Keras for now (its move to "
+    "every backend is under way), but Keras is using the '{backend}' backend. Set "
+    "the environment variable KERAS_BACKEND=tensorflow before Python imports keras "
+    '(or set "backend": "tensorflow" in ~/.keras/keras.json).'
 )
+_TENSORFLOW_ONLY = {
+    "BayesianConv2D",
+    "BayesianDense",
+    "BernoulliNLL",
+    "FlowPosterior",
+    "GaussianNLL",
+    "InverseAutoregressiveFlow",
+    "MADE",
+    "bernoulli_nll",
+    "evaluate_elbo",
+    "gaussian_nll",
+    "importance_weighted_log_likelihood",
+    "predictive_moments",
+}
 
 if keras.backend.backend() == "tensorflow":
     from keras_elbo.bayesian import BayesianConv2D, BayesianDense
-    from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
-    from keras_elbo.divergence import KLRegularizer
     from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
     from keras_elbo.flows import MADE, FlowPosterior, InverseAutoregressiveFlow
     from keras_elbo.losses import BernoulliNLL, GaussianNLL, bernoulli_nll, gaussian_nll
-    from keras_elbo.model import ELBOModel, _FunctionalELBOModel
-    from keras_elbo.posteriors import GaussianPosterior, Posterior
     from keras_elbo.predictive import predictive_moments
-    from keras_elbo.priors import MixturePrior, NormalPrior, Prior, ScaleMixturePrior, VampPrior
 
 __version__ = "0.1.0"
 
@@ -68,31 +80,29 @@ __all__ = [
     "predictive_moments",
 ]
 
-_TENSORFLOW_ONLY = [name for name in __all__ if name not in ("__version__", "custom_objects")]
-
+_SERIALIZABLE = [
+    GaussianPosterior,
+    KLRegularizer,
+    MixturePrior,
+    NormalPrior,
+    ScaleMixturePrior,
+    VampPrior,
+    _FunctionalELBOModel,  # what ELBOModel(inputs, outputs) returns and saves
+]
 if keras.backend.backend() == "tensorflow":
-    _SERIALIZABLE = (
+    _SERIALIZABLE += [
         BayesianConv2D,
         BayesianDense,
         BernoulliNLL,
-        _FunctionalELBOModel,  # what ELBOModel(inputs, outputs) returns and saves
         FlowPosterior,
         GaussianNLL,
-        GaussianPosterior,
-        KLRegularizer,
         MADE,
-        MixturePrior,
-        NormalPrior,
-        ScaleMixturePrior,
-        VampPrior,
-    )
-
-
+    ]
 else:
 
     def __getattr__(name):
         if name in _TENSORFLOW_ONLY:
-            raise ImportError(_BACKEND_ERROR.format(backend=keras.backend.backend()))
+            raise ImportError(_BACKEND_ERROR.format(name=name, backend=keras.backend.backend()))
         raise AttributeError(f"module 'keras_elbo' has no attribute {name!r}")
 
 
@@ -109,6 +119,4 @@ def custom_objects():
     """
     # Keys are the registered names (`package>Class`), which is what a saved
     # `.keras` config records and what `load_model` looks up.
-    if keras.backend.backend() != "tensorflow":
-        raise ImportError(_BACKEND_ERROR.format(backend=keras.backend.backend()))
     return {keras.saving.get_registered_name(cls): cls for cls in _SERIALIZABLE}

@@ -2,12 +2,13 @@
 
 import math
 import numbers
+import zlib
 from collections.abc import Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
-import tensorflow_probability as tfp
+
+from keras_elbo import _backend
 
 
 def positive_scale(raw, min_scale):
@@ -15,7 +16,7 @@ def positive_scale(raw, min_scale):
 
     The floor keeps log-densities finite when an encoder drives a scale to zero.
     """
-    return tf.nn.softplus(raw) + min_scale
+    return keras.ops.softplus(raw) + min_scale
 
 
 def density_dtype():
@@ -34,44 +35,31 @@ def inverse_positive_scale(scale, min_scale):
     return float(y + np.log(-np.expm1(-y)))
 
 
-def tfp_seed(seed_generator, salt):
-    """Draws a stateless TFP seed (shape [2], int32) from a Keras SeedGenerator.
+def seed_generator(seed, salt):
+    """A `keras.random.SeedGenerator` for a layer given `seed`, salted.
 
-    `SeedGenerator.next()` returns int64; TFP's stateless samplers want int32.
     The salt (the drawing layer's class name) decorrelates layers built with
     the same integer seed: a posterior and its regularizer given `seed=1`
-    would otherwise draw the same noise.
+    would otherwise draw the same noise. `seed=None` draws a random seed.
     """
-    return tfp.random.sanitize_seed(tf.cast(seed_generator.next(), tf.int32), salt=salt)
+    if seed is not None:
+        seed = (seed + zlib.crc32(salt.encode())) % (2**31 - 1)
+    return keras.random.SeedGenerator(seed)
 
 
 def check_finite(tensor, layer_name, what):
-    """Raises `InvalidArgumentError` at run time if `tensor` has NaN or Inf.
+    """`tensor`, raising at run time if it has NaN or Inf (where the backend
+    can: `keras_elbo._backend`).
 
     The message names the layer and the parameters, so a bad input batch or a
     diverged encoder stops `fit` with a readable error instead of a NaN loss.
     """
-    return tf.debugging.check_numerics(
+    return _backend.check_finite(
         tensor,
         f"Layer '{layer_name}' received non-finite {what} (NaN or Inf). Check "
         "the layer's input for NaN/Inf values and the learning rate for "
         "divergence",
     )
-
-
-def finite_gate(tensors, message):
-    """A float32 scalar 1.0 that raises at run time, before the step's weight
-    update, if any of `tensors` holds NaN or Inf.
-
-    Multiply the loss by it: the gradients, and so the optimizer's update,
-    then depend on the check. (A check whose output is unused runs, but
-    TensorFlow does not order it before the update.) XLA compiles
-    `CheckNumerics` away: under `jit_compile=True` nothing is checked.
-    """
-    finite = keras.ops.all(keras.ops.stack([keras.ops.all(keras.ops.isfinite(t)) for t in tensors]))
-    # log(1) = 0 passes the check; log(0) = -inf fails it with `message`.
-    checked = tf.debugging.check_numerics(keras.ops.log(keras.ops.cast(finite, "float32")), message)
-    return keras.ops.exp(checked)
 
 
 def sum_event_dims(values):
@@ -163,3 +151,13 @@ def seed(name, value):
 
 
 _FLOAT32 = np.finfo(np.float32)
+
+
+def tfp_seed(seed_generator, salt):
+    """A stateless TFP seed from a Keras SeedGenerator (TensorFlow only).
+
+    Kept for the modules still on TFP while they move to `keras.ops`."""
+    import tensorflow as tf
+    import tensorflow_probability as tfp
+
+    return tfp.random.sanitize_seed(tf.cast(seed_generator.next(), tf.int32), salt=salt)

@@ -1,27 +1,51 @@
-"""KL divergence between a posterior and a prior, added to the model's loss."""
+"""KL divergence between a posterior and a prior, added to the model's loss.
+
+The distributions are the library's own (`keras_elbo.distributions`, on
+every backend) or, on TensorFlow, users' TFP distributions; `_tfp` converts
+TFP Gaussians so that one KL table serves both.
+"""
+
+import math
 
 import keras
-import tensorflow as tf
-import tensorflow_probability as tfp
 
-from keras_elbo import _math
+from keras_elbo import _math, _tfp
+from keras_elbo import distributions as kd
 from keras_elbo._base import deserialize_nested
 from keras_elbo.priors import Prior
 
-tfd = tfp.distributions
-
 MODES = ("auto", "analytic", "mc", "mc_entropy")
-_DIAGONAL_SCALES = (
-    tf.linalg.LinearOperatorDiag,
-    tf.linalg.LinearOperatorIdentity,
-    tf.linalg.LinearOperatorScaledIdentity,
-)
+
+
+def is_distribution(obj):
+    """Whether `obj` is a distribution the regularizer takes: the library's
+    own, or a TFP one on the TensorFlow backend."""
+    return isinstance(obj, kd.Distribution) or _tfp.is_distribution(obj)
+
+
+def _shape(shape):
+    """A batch or event shape (a tuple, or TFP's TensorShape) as a tuple."""
+    return tuple(shape) if isinstance(shape, tuple) else tuple(shape.as_list())
+
+
+def closed_form_kl(q, p):
+    """KL[q || p] in closed form, from the library's table (TFP Gaussians
+    converted to the library's) or, between two other TFP distributions,
+    TFP's. Raises `NotImplementedError` where neither has one."""
+    q_lib, p_lib = _tfp.to_library(q), _tfp.to_library(p)
+    if isinstance(q_lib, kd.Distribution) and isinstance(p_lib, kd.Distribution):
+        return kd.kl_divergence(q_lib, p_lib)
+    if _tfp.is_distribution(q) and _tfp.is_distribution(p):
+        return _tfp.kl_divergence(q, p)
+    raise NotImplementedError(
+        f"No closed-form KL is registered between {type(q).__name__} and {type(p).__name__}."
+    )
 
 
 def has_closed_form_kl(q, p):
-    """Whether TFP has a KL registered between the types of `q` and `p`."""
+    """Whether a closed-form KL is registered between the types of `q` and `p`."""
     try:
-        tfd.kl_divergence(q, p)
+        closed_form_kl(q, p)
     except NotImplementedError:
         return False
     return True
@@ -39,23 +63,29 @@ def has_closed_form_entropy(q):
 def standard_normal_like(q):
     """N(0, I) with the event shape and dtype of the distribution `q`.
 
-    A multivariate normal for multivariate-normal posteriors (TFP registers no
-    KL between `MultivariateNormalTriL` and `Independent(Normal)`), and an
-    `Independent(Normal)` for any other posterior.
+    A `MultivariateNormalDiag` for posteriors with one event axis (the closed
+    form then applies to diagonal and full-covariance Gaussians alike), an
+    elementwise `Normal` for elementwise posteriors (event shape `()`), and
+    TFP's equivalents for a TFP posterior.
     """
-    event_shape = q.event_shape
-    if not event_shape.is_fully_defined():
+    event_shape = _shape(q.event_shape)
+    if None in event_shape:
         raise ValueError(f"The posterior's event shape must be known; got {event_shape}.")
-    if isinstance(q, tfd.MultivariateNormalLinearOperator):
-        return tfd.MultivariateNormalDiag(loc=tf.zeros(event_shape, q.dtype))
-    normal = tfd.Normal(tf.zeros(event_shape, q.dtype), tf.ones(event_shape, q.dtype))
-    return tfd.Independent(normal, reinterpreted_batch_ndims=len(event_shape))
+    if _tfp.is_distribution(q):
+        return _tfp.standard_normal_like(q)
+    dtype = keras.backend.standardize_dtype(q.dtype)
+    zeros, ones = keras.ops.zeros(event_shape, dtype), keras.ops.ones(event_shape, dtype)
+    if len(event_shape) == 0:
+        return kd.Normal(zeros, ones)
+    if len(event_shape) == 1:
+        return kd.MultivariateNormalDiag(zeros, ones)
+    return kd.Independent(kd.Normal(zeros, ones), len(event_shape))
 
 
 def _event_size(q):
     """The size of the one event axis of `q`, for a prior of unset `latent_dim`."""
-    event_shape = q.event_shape
-    if event_shape.rank != 1 or not event_shape.is_fully_defined():
+    event_shape = _shape(q.event_shape)
+    if len(event_shape) != 1 or event_shape[0] is None:
         raise ValueError(
             "A prior with latent_dim=None takes its size from the posterior, which "
             f"needs a known event shape of one axis; got {event_shape}. Give the "
@@ -65,24 +95,33 @@ def _event_size(q):
 
 
 def diagonal_normal_marginals(dist):
-    """The `tfd.Normal` of the dimensions of a factorised Gaussian, else None.
-
-    Covers `MultivariateNormalDiag` (and the identity-scale normal) and
-    `Independent(Normal)` with one event axis: the distributions whose KL is a
-    sum over latent dimensions, as free bits needs.
-    """
-    if isinstance(dist, tfd.Independent) and isinstance(dist.distribution, tfd.Normal):
-        return dist.distribution if len(dist.event_shape) == 1 else None
-    if isinstance(dist, tfd.MultivariateNormalLinearOperator) and isinstance(
-        dist.scale, _DIAGONAL_SCALES
+    """The elementwise `Normal` of the dimensions of a factorised Gaussian
+    with one event axis, else None: the distributions whose KL is a sum over
+    latent dimensions, as free bits needs."""
+    dist = _tfp.to_library(dist)
+    if isinstance(dist, kd.MultivariateNormalDiag):
+        return kd.Normal(dist.mean(), dist.stddev())
+    if (
+        isinstance(dist, kd.Independent)
+        and isinstance(dist.distribution, kd.Normal)
+        and dist.reinterpreted_batch_ndims == 1
     ):
-        return tfd.Normal(dist.mean(), dist.stddev())
+        return dist.distribution
     return None
 
 
 def stop_parameter_gradients(dist):
-    """`dist` with every parameter behind `tf.stop_gradient`."""
-    return tf.nest.map_structure(tf.stop_gradient, dist, expand_composites=True)
+    """`dist` with every parameter behind `stop_gradient`."""
+    if _tfp.is_distribution(dist):
+        return _tfp.stop_parameter_gradients(dist)
+    return kd.stop_parameter_gradients(dist)
+
+
+def draw(dist, sample_shape, seed_generator):
+    """Reparameterised samples of a library or TFP distribution."""
+    if _tfp.is_distribution(dist):
+        return _tfp.sample(dist, sample_shape, seed_generator)
+    return dist.sample(sample_shape, seed=seed_generator)
 
 
 def kl_estimate(q, p, method, samples=None, path_derivative=False):
@@ -94,7 +133,7 @@ def kl_estimate(q, p, method, samples=None, path_derivative=False):
     Formula:
 
     ```python
-    analytic:   kl = KL[q || p]                       # TFP's closed form
+    analytic:   kl = KL[q || p]                       # the registered closed form
     mc:         kl = mean_s(log q(z_s) - log p(z_s))
     mc_entropy: kl = -H[q] - mean_s(log p(z_s))       # exact entropy
     ```
@@ -113,11 +152,11 @@ def kl_estimate(q, p, method, samples=None, path_derivative=False):
             unchanged.
     """
     if method == "analytic":
-        return tfd.kl_divergence(q, p)
-    several = samples.shape.rank > q.batch_shape.rank + q.event_shape.rank
+        return closed_form_kl(q, p)
+    several = len(samples.shape) > len(_shape(q.batch_shape)) + len(_shape(q.event_shape))
 
     def mean_over_samples(values):
-        return tf.reduce_mean(values, axis=0) if several else values
+        return keras.ops.mean(values, axis=0) if several else values
 
     cross_entropy = -mean_over_samples(p.log_prob(samples))
     if method == "mc_entropy":
@@ -243,8 +282,9 @@ class KLRegularizer(keras.layers.Layer):
 
     Call arguments:
         z: a sample of `posterior`, returned unchanged.
-        posterior: the TFP distribution q(z|x), as a keyword argument (Keras
-            layers take only tensors positionally).
+        posterior: the distribution q(z|x) (a `keras_elbo.distributions`
+            object, or on TensorFlow a TFP distribution), as a keyword
+            argument (Keras layers take only tensors positionally).
         posterior_layer: the layer that made `posterior`, passed on to the
             prior (a `VampPrior` needs it). Posterior layers pass themselves.
 
@@ -253,10 +293,10 @@ class KLRegularizer(keras.layers.Layer):
 
     Example:
 
-    >>> import tensorflow_probability as tfp
-    >>> q = tfp.distributions.MultivariateNormalDiag(loc=[[1.0, 0.0]])
+    >>> from keras_elbo.distributions import MultivariateNormalDiag
+    >>> q = MultivariateNormalDiag(loc=[[1.0, 0.0]], scale_diag=[[1.0, 1.0]])
     >>> reg = KLRegularizer()
-    >>> z = reg(q.sample(seed=(0, 0)), posterior=q)
+    >>> z = reg(q.sample(seed=0), posterior=q)
     >>> [round(float(loss), 4) for loss in reg.losses]  # 0.5 * 1.0**2
     [0.5]
 
@@ -265,7 +305,7 @@ class KLRegularizer(keras.layers.Layer):
 
     def __init__(
         self,
-        prior: Prior | tfd.Distribution | None = None,
+        prior=None,
         mode: str = "auto",
         num_samples: int = 1,
         weight: float = 1.0,
@@ -281,13 +321,14 @@ class KLRegularizer(keras.layers.Layer):
         super().__init__(**kwargs)
         if metric_name is not None and (not isinstance(metric_name, str) or not metric_name):
             raise _math.invalid_argument("metric_name", "None or a non-empty string", metric_name)
-        if prior is not None and not isinstance(prior, Prior | tfd.Distribution):
+        if prior is not None and not (isinstance(prior, Prior) or is_distribution(prior)):
             raise _math.invalid_argument(
                 "prior",
-                "None, a prior layer (e.g. keras_elbo.MixturePrior) or a TFP distribution",
+                "None, a prior layer (e.g. keras_elbo.MixturePrior), a "
+                "keras_elbo.distributions object or (on TensorFlow) a TFP distribution",
                 prior,
             )
-        if isinstance(prior, tfd.Distribution) and prior.variables:
+        if _tfp.is_distribution(prior) and prior.variables:
             raise _math.invalid_argument(
                 "prior",
                 "a TFP distribution without variables: a Keras 3 model does not train "
@@ -304,7 +345,7 @@ class KLRegularizer(keras.layers.Layer):
         self.path_derivative = _math.boolean("path_derivative", path_derivative)
         self.seed = _math.seed("seed", seed)
         self.metric_name = metric_name
-        self.seed_generator = keras.random.SeedGenerator(self.seed)
+        self.seed_generator = _math.seed_generator(self.seed, "KLRegularizer")
         self._methods = {}  # (type(q), type(p)) -> estimator, chosen on first sight
 
     def build(self, input_shape=None):
@@ -379,10 +420,11 @@ class KLRegularizer(keras.layers.Layer):
         return _math.sum_event_dims(terms[..., 0])
 
     def call(self, z, posterior=None, posterior_layer=None):
-        if not isinstance(posterior, tfd.Distribution):
+        if not is_distribution(posterior):
             raise TypeError(
                 "KLRegularizer must be called as `kl_regularizer(z, posterior=q)` "
-                f"with q a TFP distribution. Received: posterior={posterior!r}"
+                "with q a keras_elbo.distributions object (or, on TensorFlow, a TFP "
+                f"distribution). Received: posterior={posterior!r}"
             )
         terms = self._kl_terms(posterior, z, posterior_layer, self.free_bits > 0)
         terms = _batch_mean(terms)  # (num_terms,): nats per example, per term
@@ -391,9 +433,8 @@ class KLRegularizer(keras.layers.Layer):
         if self.free_bits > 0:
             # One term per latent dimension, or one for the whole KL; a term
             # stands for this many latent scalars of one example.
-            batch_rank = len(posterior.batch_shape)
-            positions = posterior.batch_shape[1:].num_elements() if batch_rank > 1 else 1
-            per_term = positions * posterior.event_shape.num_elements() // terms.shape[-1]
+            positions = math.prod(_shape(posterior.batch_shape)[1:])
+            per_term = positions * math.prod(_shape(posterior.event_shape)) // terms.shape[-1]
             objective = keras.ops.sum(keras.ops.maximum(terms, self.free_bits * per_term))
         penalty = keras.ops.cast(self.kl_weight, objective.dtype) * objective
         self.add_loss(penalty)
@@ -409,17 +450,19 @@ class KLRegularizer(keras.layers.Layer):
         method = self.method(q, p)
         samples = None
         if method != "analytic":
+            dtype = keras.backend.standardize_dtype(q.dtype)
             if self.num_samples == 1 and sample is not None:
-                samples = sample if sample.dtype == q.dtype else tf.cast(sample, q.dtype)
+                # The very tensor q returned (not a cast copy, where the dtype
+                # already agrees): a flow posterior then has log q(z) cached.
+                same = keras.backend.standardize_dtype(sample.dtype) == dtype
+                samples = sample if same else keras.ops.cast(sample, dtype)
             else:
-                samples = q.sample(
-                    self.num_samples, seed=_math.tfp_seed(self.seed_generator, "KLRegularizer")
-                )
+                samples = draw(q, (self.num_samples,), self.seed_generator)
         if per_dimension:
             q_dims, p_dims = diagonal_normal_marginals(q), diagonal_normal_marginals(p)
             if q_dims is not None and p_dims is not None:
                 return kl_estimate(q_dims, p_dims, method, samples, self.path_derivative)
-        return kl_estimate(q, p, method, samples, self.path_derivative)[..., tf.newaxis]
+        return kl_estimate(q, p, method, samples, self.path_derivative)[..., None]
 
     def _resolve_method(self, q, p):
         closed_form = self.mode in ("auto", "analytic") and has_closed_form_kl(q, p)
@@ -427,7 +470,7 @@ class KLRegularizer(keras.layers.Layer):
             return "analytic"
         if self.mode == "analytic":
             raise ValueError(
-                "KLRegularizer(mode='analytic'): TFP has no closed-form KL "
+                "KLRegularizer(mode='analytic'): no closed-form KL is registered "
                 f"between {type(q).__name__} (posterior) and {type(p).__name__} "
                 "(prior). Use mode='mc' for a Monte Carlo estimate, or "
                 "mode='auto' to use the closed form where one exists."
@@ -443,19 +486,17 @@ class KLRegularizer(keras.layers.Layer):
         return "mc"
 
     def _check_event_shapes(self, q, p):
-        if q.event_shape.is_fully_defined() and p.event_shape.is_fully_defined():
-            if q.event_shape != p.event_shape:
-                raise ValueError(
-                    f"The prior of '{self.name}' has event shape "
-                    f"{tuple(p.event_shape)} but the posterior has "
-                    f"{tuple(q.event_shape)}: give the prior the posterior's "
-                    "latent_dim."
-                )
+        q_shape, p_shape = _shape(q.event_shape), _shape(p.event_shape)
+        if None not in q_shape + p_shape and q_shape != p_shape:
+            raise ValueError(
+                f"The prior of '{self.name}' has event shape {p_shape} but the "
+                f"posterior has {q_shape}: give the prior the posterior's latent_dim."
+            )
 
     def get_config(self):
-        if isinstance(self.prior, tfd.Distribution):
+        if is_distribution(self.prior):
             raise ValueError(
-                f"KLRegularizer '{self.name}' has a TFP distribution object "
+                f"KLRegularizer '{self.name}' has a distribution object "
                 f"({type(self.prior).__name__}) as its prior, which cannot be "
                 "saved. To save the model, use a prior layer instead: "
                 "keras_elbo.NormalPrior for a fixed normal, "

@@ -10,7 +10,7 @@ from keras.src.models.model import functional_init_arguments
 from keras.src.trainers.trainer import Trainer
 from keras.src.utils.naming import auto_name
 
-from keras_elbo import _math
+from keras_elbo import _backend
 from keras_elbo._base import find_layers
 from keras_elbo.divergence import KLRegularizer
 
@@ -142,7 +142,7 @@ class ELBOModel(keras.Model):
             if t is not None and keras.backend.is_float_dtype(t.dtype)
         ]
         if inputs:
-            gate = _math.finite_gate(
+            gate = _backend.finite_gate(
                 inputs,
                 f"ELBOModel '{self.name}': the inputs of this batch contain NaN or Inf. "
                 "Remove or impute them before training",

@@ -1,15 +1,31 @@
 """Posterior layers: project features to q(z|x), sample it, hand it to the KL."""
 
 import keras
-import tensorflow_probability as tfp
+import numpy as np
 
 from keras_elbo import _math
+from keras_elbo import distributions as kd
 from keras_elbo._base import ParentLayer, deserialize_nested
-from keras_elbo.divergence import KLRegularizer
-
-tfd = tfp.distributions
+from keras_elbo.divergence import KLRegularizer, draw
 
 COVARIANCES = ("diag", "full")
+
+
+def fill_triangular(values, d):
+    """A `(..., d, d)` lower-triangular matrix from `(..., d * (d + 1) / 2)` values.
+
+    The entries are placed in the order of TFP's `tfp.math.fill_triangular`
+    (so that models saved when this layer used TFP keep their meaning):
+    `[1, 2, 3, 4, 5, 6]` gives `[[4, 0, 0], [6, 5, 0], [3, 2, 1]]`. One
+    gather with a constant index map, on every backend.
+    """
+    m = d * (d + 1) // 2
+    order = np.concatenate([np.arange(d, m), np.arange(m)[::-1]]).reshape(d, d)
+    index = np.where(np.tril(np.ones((d, d), bool)), order, m)  # m: a zero
+    padded = keras.ops.concatenate([values, keras.ops.zeros_like(values[..., :1])], axis=-1)
+    return keras.ops.take(padded, keras.ops.convert_to_tensor(index), axis=-1)
+
+
 INFERENCE_OUTPUTS = ("sample", "mean")
 
 
@@ -52,7 +68,7 @@ class Posterior(ParentLayer):
         self.kl_regularizer = kl_regularizer
         self.inference = _math.choice("inference", inference, INFERENCE_OUTPUTS)
         self.seed = _math.seed("seed", seed)
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed_generator = _math.seed_generator(self.seed, type(self).__name__)
 
     def build(self, input_shape):
         if input_shape[-1] is None:
@@ -79,8 +95,9 @@ class Posterior(ParentLayer):
         """Builds the sublayers that map features to q's parameters."""
 
     def distribution(self, inputs):
-        """q(z|x) for a batch of inputs, as a TFP distribution (float32, or
-        float64 under a float64 `floatx`: `_math.density_dtype()`)."""
+        """q(z|x) for a batch of inputs, as a `keras_elbo.distributions`
+        object (float32, or float64 under a float64 `floatx`:
+        `_math.density_dtype()`)."""
         raise NotImplementedError
 
     def mean(self, q):
@@ -89,7 +106,8 @@ class Posterior(ParentLayer):
 
     def call(self, inputs, training=None):
         q = self.distribution(inputs)
-        z = q.sample(seed=_math.tfp_seed(self.seed_generator, type(self).__name__))
+        # `draw`: a subclass's `distribution` may return a TFP one (TensorFlow).
+        z = draw(q, (), self.seed_generator)
         if self.kl_regularizer is not None:
             z = self.kl_regularizer(z, posterior=q, posterior_layer=self)
         if not training and self.inference == "mean":
@@ -123,9 +141,9 @@ class GaussianPosterior(Posterior):
     to the model's loss), and returns `z` as a plain tensor of shape
     `(batch, latent_dim)`.
 
-    - `covariance="diag"`: q is `tfd.MultivariateNormalDiag`; the scale of
+    - `covariance="diag"`: q is a `MultivariateNormalDiag`; the scale of
       each dimension is `softplus(raw) + min_scale`.
-    - `covariance="full"`: q is `tfd.MultivariateNormalTriL`; the lower
+    - `covariance="full"`: q is a `MultivariateNormalTriL`; the lower
       triangular scale has diagonal `softplus(raw) + min_scale` and free
       entries below it (`latent_dim * (latent_dim + 1) / 2` parameters).
 
@@ -207,17 +225,15 @@ class GaussianPosterior(Posterior):
         d = self.latent_dim
         loc, raw = params[..., :d], params[..., d:]
         if self.covariance == "diag":
-            return tfd.MultivariateNormalDiag(
-                loc=loc, scale_diag=_math.positive_scale(raw, self.min_scale)
-            )
-        tril = tfp.math.fill_triangular(raw)
-        # The diagonal replaced by its positive scale with a mask, not
-        # `tf.linalg.set_diag`, whose gradient XLA cannot compile for a
-        # dynamic batch size (issue 10, point 5).
+            return kd.MultivariateNormalDiag(loc, _math.positive_scale(raw, self.min_scale))
+        tril = fill_triangular(raw, d)
+        # The diagonal replaced by its positive scale with a mask, not a
+        # `set_diag`, whose gradient XLA cannot compile for a dynamic batch
+        # size (issue 10, point 5).
         eye = keras.ops.eye(d, dtype=tril.dtype)
         diag = _math.positive_scale(keras.ops.diagonal(tril, axis1=-2, axis2=-1), self.min_scale)
         scale_tril = tril * (1.0 - eye) + eye * diag[..., None, :]
-        return tfd.MultivariateNormalTriL(loc=loc, scale_tril=scale_tril)
+        return kd.MultivariateNormalTriL(loc, scale_tril)
 
     def get_config(self):
         config = super().get_config()

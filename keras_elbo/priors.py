@@ -1,6 +1,6 @@
 """Prior layers: Keras layers that own the parameters of a prior p(z).
 
-Every prior layer has a `distribution()` method returning a TFP distribution
+Every prior layer has a `distribution()` method returning a `keras_elbo.distributions` object
 with event shape `(latent_dim,)`; `KLRegularizer` calls it at each step, so a
 trainable prior trains with the model and its weights are saved with it.
 """
@@ -8,20 +8,17 @@ trainable prior trains with the model and its weights are saved with it.
 import math
 
 import keras
-import tensorflow as tf
-import tensorflow_probability as tfp
 
 from keras_elbo import _math
+from keras_elbo import distributions as kd
 from keras_elbo._base import deserialize_nested
-
-tfd = tfp.distributions
 
 
 class Prior(keras.layers.Layer):
     """Base class of prior layers: a layer with a `distribution()` method.
 
     Subclass it for a prior of your own: create weights in `build` (called from
-    `__init__`, since a prior takes no input), return a TFP distribution with
+    `__init__`, since a prior takes no input), return a `keras_elbo.distributions` object with
     event shape `(latent_dim,)` from `distribution()`, and list the constructor
     arguments in `get_config`. A prior whose size should follow the posterior
     it is used with stores `latent_dim = None`: `KLRegularizer` then sets the
@@ -30,7 +27,7 @@ class Prior(keras.layers.Layer):
     """
 
     def distribution(self, posterior_layer=None):
-        """Returns p(z) as a TFP distribution with event shape `(latent_dim,)`.
+        """Returns p(z) as a `keras_elbo.distributions` object with event shape `(latent_dim,)`.
 
         Args:
             posterior_layer: the posterior layer whose KL uses this prior,
@@ -79,7 +76,7 @@ class NormalPrior(Prior):
 
     `KLRegularizer(prior=None)` already uses the standard normal; use this layer
     for another location or scale, in place of a hand-built
-    `tfd.MultivariateNormalDiag`, so that the model saves to `.keras`.
+    `MultivariateNormalDiag`, so that the model saves to `.keras`.
 
     With `latent_dim=None` the prior takes the size of the posterior it is
     used with: `KLRegularizer.check_posterior` (called when the posterior or
@@ -98,7 +95,8 @@ class NormalPrior(Prior):
             Defaults to `1.0`.
 
     Returns (from `distribution()`):
-        A `tfd.MultivariateNormalDiag` with event shape `(latent_dim,)`.
+        A `keras_elbo.distributions.MultivariateNormalDiag` with event shape
+        `(latent_dim,)`.
 
     Example:
 
@@ -120,9 +118,10 @@ class NormalPrior(Prior):
 
     def distribution(self, posterior_layer=None):
         latent_dim = _known_latent_dim(self)
-        loc = tf.fill([latent_dim], tf.constant(self.loc, tf.float32))
-        scale = tf.fill([latent_dim], tf.constant(self.scale, tf.float32))
-        return tfd.MultivariateNormalDiag(loc=loc, scale_diag=scale)
+        dtype = _math.density_dtype()
+        loc = keras.ops.full((latent_dim,), self.loc, dtype=dtype)
+        scale = keras.ops.full((latent_dim,), self.scale, dtype=dtype)
+        return kd.MultivariateNormalDiag(loc, scale)
 
     def get_config(self):
         config = super().get_config()
@@ -164,7 +163,7 @@ class ScaleMixturePrior(Prior):
             Defaults to `exp(-6)` (about 0.0025), one of the paper's settings.
 
     Returns (from `distribution()`):
-        A `tfd.Independent` of a `tfd.MixtureSameFamily` of two `tfd.Normal`
+        An `Independent` of a `MixtureSameFamily` of two `Normal`
         per dimension, with event shape `(latent_dim,)`.
 
     Example:
@@ -197,15 +196,12 @@ class ScaleMixturePrior(Prior):
 
     def distribution(self, posterior_layer=None):
         shape = [_known_latent_dim(self), 2]
-        probs = tf.constant([self.mixture_weight, 1.0 - self.mixture_weight], tf.float32)
-        scales = tf.constant([self.scale1, self.scale2], tf.float32)
-        mixture = tfd.MixtureSameFamily(
-            mixture_distribution=tfd.Categorical(probs=tf.broadcast_to(probs, shape)),
-            components_distribution=tfd.Normal(
-                loc=tf.zeros(shape, tf.float32), scale=tf.broadcast_to(scales, shape)
-            ),
-        )
-        return tfd.Independent(mixture, reinterpreted_batch_ndims=1)
+        dtype = _math.density_dtype()
+        weights = [self.mixture_weight, 1.0 - self.mixture_weight]
+        logits = keras.ops.broadcast_to(keras.ops.log(keras.ops.array(weights, dtype)), shape)
+        scales = keras.ops.broadcast_to(keras.ops.array([self.scale1, self.scale2], dtype), shape)
+        mixture = kd.MixtureSameFamily(logits, kd.Normal(keras.ops.zeros(shape, dtype), scales))
+        return kd.Independent(mixture, reinterpreted_batch_ndims=1)
 
     def get_config(self):
         config = super().get_config()
@@ -251,7 +247,7 @@ class MixturePrior(Prior):
         seed: seed of that draw. Defaults to `None`.
 
     Returns (from `distribution()`):
-        A `tfd.MixtureSameFamily` of `tfd.MultivariateNormalDiag` components
+        A `MixtureSameFamily` of `MultivariateNormalDiag` components
         with event shape `(latent_dim,)`.
 
     Example:
@@ -317,12 +313,11 @@ class MixturePrior(Prior):
         self.built = True
 
     def distribution(self, posterior_layer=None):
-        scale = _math.positive_scale(tf.convert_to_tensor(self.raw_scale), self.min_scale)
-        return tfd.MixtureSameFamily(
-            mixture_distribution=tfd.Categorical(logits=tf.convert_to_tensor(self.logits)),
-            components_distribution=tfd.MultivariateNormalDiag(
-                loc=tf.convert_to_tensor(self.loc), scale_diag=scale
-            ),
+        dtype = _math.density_dtype()
+        scale = _math.positive_scale(keras.ops.cast(self.raw_scale, dtype), self.min_scale)
+        return kd.MixtureSameFamily(
+            keras.ops.cast(self.logits, dtype),
+            kd.MultivariateNormalDiag(keras.ops.cast(self.loc, dtype), scale),
         )
 
     def get_config(self):
@@ -447,11 +442,10 @@ class VampPrior(Prior):
                 "keras_elbo posterior layer, which passes itself. Received: "
                 f"posterior_layer={posterior_layer!r}"
             )
-        u = self.activation(tf.convert_to_tensor(self.pseudo_inputs))
+        u = self.activation(keras.ops.convert_to_tensor(self.pseudo_inputs))
         components = posterior_layer.distribution(self.encoder(u))
-        return tfd.MixtureSameFamily(
-            mixture_distribution=tfd.Categorical(logits=tf.zeros([self.num_components])),
-            components_distribution=components,
+        return kd.MixtureSameFamily(
+            keras.ops.zeros((self.num_components,), components.dtype), components
         )
 
     def get_config(self):

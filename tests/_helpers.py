@@ -6,6 +6,7 @@ from TFP, so that they check the library rather than repeat it.
 
 import keras
 import numpy as np
+import pytest
 from scipy.special import logsumexp
 
 import keras_elbo as ke
@@ -94,3 +95,41 @@ def save_and_load(model, path, use_custom_objects, monkeypatch=None, user_object
     for key in [k for k in registry if k.startswith("keras_elbo>") or k in user_objects]:
         monkeypatch.delitem(registry, key)
     return keras.saving.load_model(path, custom_objects={**ke.custom_objects(), **user_objects})
+
+
+BACKEND = keras.backend.backend()
+
+
+def numpy(x):
+    """A backend tensor (or array) as a float64 NumPy array."""
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
+
+
+def gradients(fn, *arrays):
+    """Gradients of `sum(fn(*tensors))` w.r.t. each array, on the active backend.
+
+    `fn` is written in `keras.ops` and receives backend tensors.
+    """
+    if BACKEND == "jax":
+        import jax
+
+        argnums = tuple(range(len(arrays)))
+        grads = jax.grad(lambda *a: keras.ops.sum(fn(*a)), argnums=argnums)(
+            *map(jax.numpy.asarray, arrays)
+        )
+        return [np.asarray(g, np.float64) for g in grads]
+    if BACKEND == "torch":
+        import torch
+
+        tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
+        keras.ops.sum(fn(*tensors)).backward()
+        return [t.grad.numpy().astype(np.float64) for t in tensors]
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        tensors = [tf.constant(a) for a in arrays]
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            total = keras.ops.sum(fn(*tensors))
+        return [g.numpy().astype(np.float64) for g in tape.gradient(total, tensors)]
+    pytest.skip(f"no gradient helper for the {BACKEND} backend")

@@ -11,6 +11,8 @@ import keras_elbo as ke
 from keras_elbo import datasets, demo
 from keras_elbo.flows import FlowPosterior
 
+pytestmark = pytest.mark.slow  # whole trainings, subprocesses (README: Tests)
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("reconstructions.png", "samples.png", "curves.png")
 

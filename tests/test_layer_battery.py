@@ -344,6 +344,7 @@ def test_mixed_precision(case, mixed_precision):
 
 
 @each_layer
+@pytest.mark.slow
 def test_trains_then_saves_and_loads(case, tmp_path, monkeypatch):
     keras.utils.set_random_seed(0)
     layer = case.make()

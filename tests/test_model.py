@@ -113,6 +113,7 @@ def _learned_scale_vae():
     return keras.Model(x, keras.layers.Dense(2 * PIXELS)(z))
 
 
+@pytest.mark.slow
 class TestSaveLoad:
     @pytest.mark.parametrize("use_custom_objects", [False, True], ids=["registered", "custom"])
     @pytest.mark.parametrize("name", sorted(MODELS))

@@ -6,6 +6,8 @@ import pathlib
 import nbformat
 import pytest
 
+pytestmark = pytest.mark.slow  # whole trainings, subprocesses (README: Tests)
+
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 spec = importlib.util.spec_from_file_location("notebook_build", NOTEBOOKS / "build.py")
 build = importlib.util.module_from_spec(spec)

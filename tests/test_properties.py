@@ -35,6 +35,8 @@ from hypothesis.extra import numpy as hnp
 import keras_elbo as ke
 from tests import _helpers as h
 
+pytestmark = pytest.mark.slow  # whole trainings, subprocesses (README: Tests)
+
 tfd = tfp.distributions
 
 

@@ -3,6 +3,10 @@
 import pathlib
 import re
 
+import pytest
+
+pytestmark = pytest.mark.slow  # whole trainings, subprocesses (README: Tests)
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 

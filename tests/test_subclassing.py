@@ -8,12 +8,10 @@ base classes' docstrings alone, and registered under the package `"tests"`.
 import keras
 import numpy as np
 import pytest
-import tensorflow_probability as tfp
 
 import keras_elbo as ke
+from keras_elbo import distributions as kd
 from tests import _helpers as h
-
-tfd = tfp.distributions
 
 LATENT = 2
 X = np.random.default_rng(0).normal(size=(6, 5)).astype("float32")
@@ -34,7 +32,7 @@ class FixedScalePosterior(ke.Posterior):
 
     def distribution(self, inputs):
         loc = keras.ops.cast(self.loc_projection(inputs), "float32")
-        return tfd.MultivariateNormalDiag(loc=loc, scale_diag=keras.ops.full_like(loc, self.scale))
+        return kd.MultivariateNormalDiag(loc, keras.ops.full_like(loc, self.scale))
 
     def get_config(self):
         config = super().get_config()
@@ -58,7 +56,7 @@ class LearnedLocationPrior(ke.Prior):
 
     def distribution(self, posterior_layer=None):
         loc = keras.ops.convert_to_tensor(self.loc)
-        return tfd.MultivariateNormalDiag(loc=loc, scale_diag=keras.ops.full_like(loc, self.scale))
+        return kd.MultivariateNormalDiag(loc, keras.ops.full_like(loc, self.scale))
 
     def get_config(self):
         config = super().get_config()

@@ -44,8 +44,8 @@ def test_components_are_the_posterior_at_the_activated_pseudo_inputs(activation)
     loc = params[:, :LATENT]
     scale = h.softplus(params[:, LATENT:]) + posterior.min_scale
 
-    np.testing.assert_allclose(p.components_distribution.mean(), loc, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(p.components_distribution.stddev(), scale, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h.numpy(p.components.mean()), loc, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h.numpy(p.components.stddev()), scale, rtol=1e-5, atol=1e-6)
     # p(z) = mean_k N(z; loc_k, scale_k**2): equal weights, by logsumexp.
     z = np.random.default_rng(2).normal(size=(5, LATENT))
     expected = h.mixture_logpdf(z, np.zeros(COMPONENTS), loc, scale)

@@ -1,0 +1,67 @@
+"""Everything that differs between the Keras backends, in one place.
+
+The layers compute with `keras.ops` and `keras.random` alone; what cannot be
+written that way (run-time checks that stop training with a message) lives
+here, one function each, with a branch per backend.
+
+What each backend can check:
+
+- TensorFlow: `CheckNumerics` and `Assert` raise at run time, in graph mode
+  too, before the step's weight update; XLA (`jit_compile=True`) drops them.
+- PyTorch: the step runs eagerly, so a check raises at once (it reads one
+  boolean from the device: a small synchronisation per check).
+- JAX: nothing can raise inside a jitted step; the checks are no-ops there
+  (and raise eagerly outside `jit`).
+"""
+
+import keras
+
+BACKEND = keras.backend.backend()
+
+
+def _is_traced_jax(tensor):
+    import jax
+
+    return isinstance(tensor, jax.core.Tracer)
+
+
+def check_finite(tensor, message):
+    """`tensor`, raising at run time where the backend can if it holds NaN or
+    Inf (see the module docstring). Use the returned tensor, so that the
+    check stays in the graph."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.debugging.check_numerics(tensor, message)
+    assert_condition(keras.ops.all(keras.ops.isfinite(tensor)), message)
+    return tensor
+
+
+def assert_condition(ok, message):
+    """Raises `ValueError(message)` at run time where the backend can if the
+    boolean scalar `ok` is false. On TensorFlow it returns the assert op,
+    which `tf.function` runs in program order (it is stateful)."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.debugging.Assert(ok, [message])
+    if BACKEND == "jax" and _is_traced_jax(ok):
+        return None
+    if not bool(keras.ops.convert_to_numpy(ok)):
+        raise ValueError(message)
+    return None
+
+
+def finite_gate(tensors, message):
+    """A float32 scalar 1.0 that raises at run time, before the step's weight
+    update, if any of `tensors` holds NaN or Inf.
+
+    Multiply the loss by it: the gradients, and so the optimizer's update,
+    then depend on the check. (On TensorFlow a check whose output is unused
+    runs, but is not ordered before the update.) Where nothing can raise
+    (XLA, a jitted JAX step) it is a plain 1.0.
+    """
+    finite = keras.ops.all(keras.ops.stack([keras.ops.all(keras.ops.isfinite(t)) for t in tensors]))
+    # log(1) = 0 passes the check; log(0) = -inf fails it with `message`.
+    checked = check_finite(keras.ops.log(keras.ops.cast(finite, "float32")), message)
+    return keras.ops.exp(checked)
