@@ -1,9 +1,10 @@
 """Normalizing-flow posteriors: a Gaussian pushed through autoregressive flows.
 
-`MADE` is the masked autoregressive network, `InverseAutoregressiveFlow` the
-TFP bijector built on it, and `FlowPosterior` the posterior layer that chains
-them (Kingma et al., 2016, "Improved variational inference with inverse
-autoregressive flow").
+`MADE` is the masked autoregressive network, `InverseAutoregressiveFlow` one
+flow step built on it, `InverseAutoregressiveFlowDistribution` a base
+distribution pushed through steps, and `FlowPosterior` the posterior layer
+that chains them (Kingma et al., 2016, "Improved variational inference with
+inverse autoregressive flow"). Written in `keras.ops`: every Keras backend.
 """
 
 from collections.abc import Sequence
@@ -11,15 +12,10 @@ from itertools import pairwise
 
 import keras
 import numpy as np
-import tensorflow as tf
-import tensorflow_probability as tfp
 
-from keras_elbo import _math
+from keras_elbo import _math, distributions
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.posteriors import Posterior
-
-tfb = tfp.bijectors
-tfd = tfp.distributions
 
 # Bound of the soft clamp on each step's log-scale: a step scales a dimension
 # by a factor between exp(-5) and exp(5), so that one bad update cannot blow
@@ -100,7 +96,7 @@ class MADE(keras.layers.Layer):
     >>> import numpy as np
     >>> made = MADE(hidden_units=(16,))
     >>> shift, log_scale = made(np.ones((3, 4), "float32"))
-    >>> tuple(shift.shape), float(np.abs(log_scale).max())
+    >>> tuple(shift.shape), float(np.abs(keras.ops.convert_to_numpy(log_scale)).max())
     ((3, 4), 0.0)
 
     Reference: Germain et al., 2015, "MADE: Masked autoencoder for
@@ -203,16 +199,16 @@ class MADE(keras.layers.Layer):
         return config
 
 
-class InverseAutoregressiveFlow(tfb.Bijector):
-    """One inverse autoregressive flow step, a TFP bijector on vectors.
+class InverseAutoregressiveFlow:
+    """One inverse autoregressive flow step on vectors, in `keras.ops`.
 
     The forward map, the sampling direction, is one parallel pass of a `MADE`
     network over its input; the log-determinant of its triangular Jacobian is
     the sum of the log-scales. The inverse has to undo the dependence one
-    dimension at a time: `d` passes of the network. A distribution
-    transformed by this bijector therefore gives log q(z) of its own samples
-    cheaply (TFP's bijector cache reuses the forward pass), and of any other
-    point exactly but `d` times slower.
+    dimension at a time: `d` passes of the network. So log q(z) of a flow's
+    own samples is cheap (gathered along the sampling path, see
+    `InverseAutoregressiveFlowDistribution`), and of any other point exact
+    but `d` times slower.
 
     The log-scale is soft-clamped to `(-log_scale_bound, log_scale_bound)`
     with `tanh`: the step stays a smooth bijection, is still the identity
@@ -225,16 +221,14 @@ class InverseAutoregressiveFlow(tfb.Bijector):
     shift, raw = made(x, context)          # each depends on x[:i] only (ordering)
     log_scale = bound * tanh(raw / bound)
     y = x * exp(log_scale) + shift
-    forward_log_det_jacobian = sum(log_scale, axis=-1)
+    log_det_jacobian = sum(log_scale, axis=-1)
     ```
 
     Args:
-        made: a built `MADE` layer over `x`'s last axis.
+        made: a `MADE` layer over `x`'s last axis.
         context: the context tensor the network is conditioned on, or `None`.
         log_scale_bound: positive bound of the soft clamp, or `None` for no
             clamp. Defaults to `LOG_SCALE_BOUND` (5.0).
-        validate_args: TFP's argument checks. Defaults to `False`.
-        name: name of the bijector.
 
     Example:
 
@@ -242,9 +236,9 @@ class InverseAutoregressiveFlow(tfb.Bijector):
     >>> made = MADE(hidden_units=(8,))
     >>> made.build((None, 3))
     >>> step = InverseAutoregressiveFlow(made)  # zero output layer: the identity
-    >>> x = np.array([[0.5, -1.0, 2.0]], "float32")
-    >>> step.forward(x).numpy().tolist(), float(step.forward_log_det_jacobian(x, 1)[0])
-    ([[0.5, -1.0, 2.0]], 0.0)
+    >>> y, log_det = step.forward(np.array([[0.5, -1.0, 2.0]], "float32"))
+    >>> keras.ops.convert_to_numpy(y).tolist(), keras.ops.convert_to_numpy(log_det).tolist()
+    ([[0.5, -1.0, 2.0]], [0.0])
 
     Reference: Kingma et al., 2016, "Improved variational inference with
     inverse autoregressive flow".
@@ -255,10 +249,7 @@ class InverseAutoregressiveFlow(tfb.Bijector):
         made: MADE,
         context=None,
         log_scale_bound: float | None = LOG_SCALE_BOUND,
-        validate_args: bool = False,
-        name: str = "inverse_autoregressive_flow",
     ):
-        parameters = dict(locals())
         if not isinstance(made, MADE):
             raise _math.invalid_argument("made", "a keras_elbo.flows.MADE layer", made)
         if log_scale_bound is not None:
@@ -266,12 +257,6 @@ class InverseAutoregressiveFlow(tfb.Bijector):
         self.made = made
         self.context = context
         self.log_scale_bound = log_scale_bound
-        super().__init__(
-            forward_min_event_ndims=1,
-            validate_args=validate_args,
-            parameters=parameters,
-            name=name,
-        )
 
     def shift_and_log_scale(self, x):
         """The step's `shift` and (clamped) `log_scale` at `x`."""
@@ -279,23 +264,190 @@ class InverseAutoregressiveFlow(tfb.Bijector):
         if self.log_scale_bound is None:
             return shift, raw
         bound = self.log_scale_bound
-        return shift, bound * tf.tanh(raw / bound)
+        return shift, bound * keras.ops.tanh(raw / bound)
 
-    def _forward(self, x):
+    def forward(self, x):
+        """The sampling direction, one pass of the network.
+
+        Args:
+            x: a tensor of shape `(..., d)`.
+
+        Returns:
+            A tuple `(y, log_det_jacobian)`: `y` shaped like `x`, and
+            log|det dy/dx| of shape `x.shape[:-1]`.
+        """
+        x = keras.ops.convert_to_tensor(x)
         shift, log_scale = self.shift_and_log_scale(x)
-        return x * tf.exp(log_scale) + shift
+        return x * keras.ops.exp(log_scale) + shift, keras.ops.sum(log_scale, axis=-1)
 
-    def _inverse(self, y):
-        # Pass k gets the first k dimensions of the ordering right (each
-        # depends only on the ones before it), so d passes invert exactly.
-        x = tf.zeros_like(y)
-        for _ in range(y.shape[-1]):
+    def inverse(self, y):
+        """The inverse map, `d` passes of the network.
+
+        Pass `k` gets the first `k` dimensions of the ordering right (each
+        depends only on the ones before it), so `d` passes invert exactly;
+        the log-scales of the last pass are then those at the exact `x`.
+
+        Args:
+            y: a tensor of shape `(..., d)`, `d` known.
+
+        Returns:
+            A tuple `(x, log_det_jacobian)`: `x` with `forward(x)[0] == y`,
+            and log|det dx/dy| (minus the forward one at `x`), of shape
+            `y.shape[:-1]`.
+        """
+        y = keras.ops.convert_to_tensor(y)
+        d = y.shape[-1]
+        if d is None:
+            raise ValueError(
+                f"InverseAutoregressiveFlow.inverse needs a known last dimension; "
+                f"received a tensor of shape {tuple(y.shape)}."
+            )
+        x = keras.ops.zeros_like(y)
+        for _ in range(d):
             shift, log_scale = self.shift_and_log_scale(x)
-            x = (y - shift) * tf.exp(-log_scale)
-        return x
+            x = (y - shift) * keras.ops.exp(-log_scale)
+        return x, -keras.ops.sum(log_scale, axis=-1)
 
-    def _forward_log_det_jacobian(self, x):
-        return tf.reduce_sum(self.shift_and_log_scale(x)[1], axis=-1)
+
+class InverseAutoregressiveFlowDistribution(distributions.Distribution):
+    """A distribution on vectors pushed through inverse autoregressive flow steps.
+
+    Sampling draws `z_0` from `base` and applies the steps in order; the
+    change of variables gives log q(z_K) as the base log-density of `z_0`
+    minus the log-determinants gathered on the way. The distribution
+    remembers the last tensor `sample` returned with its log-density, so
+    `log_prob` of that very tensor object is read back without an inverse
+    pass (the Monte Carlo KL of a posterior layer evaluates log q at its own
+    sample); any other tensor is inverted exactly, `d` passes of each step's
+    network. Sampling is reparameterised when the base's is.
+
+    No mean, standard deviation, entropy or closed-form KL: they have no
+    closed form, so `KLRegularizer(mode="auto")` uses Monte Carlo (`"mc"`).
+    `forward(base.mean())` is the flow of the base mean, a mode-like code.
+
+    Formula:
+
+    ```python
+    z_0 = base.sample()
+    z_k, log_det_k = flows[k - 1].forward(z_{k-1})        # k = 1, ..., K
+    log_prob(z_K) = base.log_prob(z_0) - sum_k log_det_k
+    ```
+
+    Args:
+        base: a `keras_elbo.distributions.Distribution` with one event axis
+            of size `d` (typically a `MultivariateNormalDiag`).
+        flows: a sequence of `InverseAutoregressiveFlow` steps over `d`
+            dimensions, applied first to last.
+
+    Example:
+
+    >>> from keras_elbo.distributions import MultivariateNormalDiag
+    >>> made = MADE(hidden_units=(8,))
+    >>> made.build((None, 2))
+    >>> q = InverseAutoregressiveFlowDistribution(
+    ...     MultivariateNormalDiag([0.0, 0.0], [1.0, 1.0]), [InverseAutoregressiveFlow(made)]
+    ... )
+    >>> z = q.sample(3, seed=1)
+    >>> tuple(z.shape), tuple(q.log_prob(z).shape)  # log q of z: no inverse pass
+    ((3, 2), (3,))
+
+    Reference: Kingma et al., 2016, "Improved variational inference with
+    inverse autoregressive flow".
+    """
+
+    def __init__(
+        self, base: distributions.Distribution, flows: Sequence[InverseAutoregressiveFlow]
+    ):
+        if not isinstance(base, distributions.Distribution) or len(base.event_shape) != 1:
+            raise _math.invalid_argument(
+                "base", "a keras_elbo.distributions.Distribution with one event axis", base
+            )
+        steps = tuple(flows) if isinstance(flows, Sequence) else None
+        if steps is None or not all(isinstance(s, InverseAutoregressiveFlow) for s in steps):
+            raise _math.invalid_argument(
+                "flows", "a sequence of keras_elbo.flows.InverseAutoregressiveFlow steps", flows
+            )
+        self._base = base
+        self._flows = steps
+        self._last_sample = None  # (z, log q(z)) of the last `sample`
+
+    @property
+    def base(self) -> distributions.Distribution:
+        """The distribution of `z_0`."""
+        return self._base
+
+    @property
+    def flows(self) -> tuple:
+        """The steps, in the order they are applied."""
+        return self._flows
+
+    @property
+    def reparameterized(self) -> bool:
+        return self._base.reparameterized
+
+    @property
+    def batch_shape(self) -> tuple:
+        return self._base.batch_shape
+
+    @property
+    def event_shape(self) -> tuple:
+        return self._base.event_shape
+
+    @property
+    def dtype(self) -> str:
+        return self._base.dtype
+
+    def forward(self, z0):
+        """`z_0` through every step: `(z_K, sum of the forward log-determinants)`."""
+        z, log_det = z0, 0.0
+        for step in self._flows:
+            z, step_log_det = step.forward(z)
+            log_det = log_det + step_log_det
+        return z, log_det
+
+    def inverse(self, z):
+        """`z_K` back through every step, last first: `(z_0, sum of the inverse
+        log-determinants)`; `d` passes of each step's network."""
+        log_det = 0.0
+        for step in self._flows[::-1]:
+            z, step_log_det = step.inverse(z)
+            log_det = log_det + step_log_det
+        return z, log_det
+
+    def _sample(self, sample_shape, seed):
+        z0 = self._base.sample(sample_shape, seed=seed)
+        z, log_det = self.forward(z0)
+        self._last_sample = (z, self._base.log_prob(z0) - log_det)
+        return z
+
+    def log_prob(self, x):
+        """log q(x), summed over the event axis.
+
+        Of the tensor the last `sample` returned (the same object), from the
+        sampling path; of any other, by the exact inverse.
+        """
+        if self._last_sample is not None and x is self._last_sample[0]:
+            return self._last_sample[1]
+        x = keras.ops.convert_to_tensor(x)
+        if keras.backend.standardize_dtype(x.dtype) != self.dtype:
+            x = keras.ops.cast(x, self.dtype)
+        z0, log_det = self.inverse(x)
+        return self._base.log_prob(z0) + log_det
+
+    def __copy__(self):
+        # A copy forgets the remembered sample: a copy with other parameter
+        # tensors (`distributions.stop_parameter_gradients`) must not read
+        # back a log-density computed from the original's.
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__, _last_sample=None)
+        return clone
+
+    def mean(self):
+        raise NotImplementedError(
+            f"{type(self).__name__} has no closed-form mean. forward(base.mean())[0] "
+            "pushes the base mean through the flow (what FlowPosterior(inference='mean') "
+            "returns: a mode-like code, not E[z]); the mean of samples estimates E[z]."
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_elbo")
@@ -305,13 +457,14 @@ class FlowPosterior(Posterior):
     The encoder head of a VAE with a richer posterior than a Gaussian. The
     layer projects its input to the location and scale of a diagonal
     Gaussian (as `GaussianPosterior` does), pushes it through `num_flows`
-    `InverseAutoregressiveFlow` steps whose orderings alternate, draws one
-    reparameterised sample z, passes `z` and q to its `kl_regularizer`, and
-    returns `z` as a tensor of shape `(batch, latent_dim)`.
+    `InverseAutoregressiveFlow` steps whose orderings alternate (q is an
+    `InverseAutoregressiveFlowDistribution`), draws one reparameterised
+    sample z, passes `z` and q to its `kl_regularizer`, and returns `z` as a
+    tensor of shape `(batch, latent_dim)`. Runs on every Keras backend.
 
     log q(z) of the layer's own sample is the base log-density minus the
-    log-determinants gathered along the sampling path (TFP's bijector cache):
-    no inverse pass. q has no closed-form KL nor entropy, so
+    log-determinants gathered along the sampling path, remembered by q: no
+    inverse pass. q has no closed-form KL nor entropy, so
     `KLRegularizer(mode="auto")` uses Monte Carlo (`"mc"`), and
     `mode="analytic"` fails at model construction. Every step starts as the
     identity (zero-initialised output layers), so a fresh layer is its
@@ -435,24 +588,21 @@ class FlowPosterior(Posterior):
             made.build(z_shape, input_shape if self.context else None)
 
     def distribution(self, inputs):
-        """q(z|x) for a batch of inputs, a `tfd.TransformedDistribution`."""
-        params = tf.cast(self.projection(inputs), tf.float32)
+        """q(z|x) for a batch of inputs, an `InverseAutoregressiveFlowDistribution`
+        (float32) over a `MultivariateNormalDiag` base."""
+        params = keras.ops.cast(self.projection(inputs), "float32")
         params = _math.check_finite(params, self.name, "posterior parameters")
         d = self.latent_dim
-        base = tfd.MultivariateNormalDiag(
+        base = distributions.MultivariateNormalDiag(
             loc=params[..., :d], scale_diag=_math.positive_scale(params[..., d:], self.min_scale)
         )
-        context = tf.cast(inputs, tf.float32) if self.context else None
-        steps = [
-            InverseAutoregressiveFlow(made, context=context, name=f"iaf_{k}")
-            for k, made in enumerate(self.flows)
-        ]
-        # tfb.Chain applies its list last to first.
-        return tfd.TransformedDistribution(base, tfb.Chain(steps[::-1]))
+        context = keras.ops.cast(inputs, "float32") if self.context else None
+        steps = [InverseAutoregressiveFlow(made, context=context) for made in self.flows]
+        return InverseAutoregressiveFlowDistribution(base, steps)
 
     def mean(self, q):
         """The base mean pushed through the flow (a mode-like code, not E[z])."""
-        return q.bijector.forward(q.distribution.mean())
+        return q.forward(q.base.mean())[0]
 
     def get_config(self):
         config = super().get_config()
