@@ -20,7 +20,7 @@ def softplus(x):
 
 def kl_diag_normal(loc, scale, prior_loc=0.0, prior_scale=1.0):
     """KL[N(loc, diag(scale**2)) || N(prior_loc, prior_scale**2 I)], summed over the last axis."""
-    loc, scale = np.asarray(loc, np.float64), np.asarray(scale, np.float64)
+    loc, scale = numpy(loc), numpy(scale)
     ratio = (scale / prior_scale) ** 2
     return 0.5 * np.sum(
         ratio + ((loc - prior_loc) / prior_scale) ** 2 - 1.0 - np.log(ratio), axis=-1
@@ -29,7 +29,7 @@ def kl_diag_normal(loc, scale, prior_loc=0.0, prior_scale=1.0):
 
 def kl_full_normal(loc, scale_tril):
     """KL[N(loc, L L^T) || N(0, I)] per batch element, via trace and slogdet."""
-    loc, tril = np.asarray(loc, np.float64), np.asarray(scale_tril, np.float64)
+    loc, tril = numpy(loc), numpy(scale_tril)
     cov = tril @ np.swapaxes(tril, -1, -2)
     d = loc.shape[-1]
     _, logdet = np.linalg.slogdet(cov)
@@ -38,14 +38,15 @@ def kl_full_normal(loc, scale_tril):
 
 def diag_normal_logpdf(z, loc, scale):
     """log N(z; loc, diag(scale**2)) summed over the last axis."""
-    z, loc, scale = (np.asarray(a, np.float64) for a in (z, loc, scale))
+    z, loc, scale = (numpy(a) for a in (z, loc, scale))
     return np.sum(-0.5 * ((z - loc) / scale) ** 2 - np.log(scale) - 0.5 * LOG_2PI, axis=-1)
 
 
 def mixture_logpdf(z, logits, locs, scales):
     """Log-density of a mixture of diagonal Gaussians at z (..., d), by logsumexp."""
-    z = np.asarray(z, np.float64)[..., None, :]  # (..., 1, d) against (K, d)
-    log_w = np.asarray(logits, np.float64) - logsumexp(logits)
+    z = numpy(z)[..., None, :]  # (..., 1, d) against (K, d)
+    logits = numpy(logits)
+    log_w = logits - logsumexp(logits)
     return logsumexp(log_w + diag_normal_logpdf(z, locs, scales), axis=-1)
 
 
@@ -66,6 +67,7 @@ def assert_vae_trains_and_logs_kl_once(model):
     losses = history["loss"]
     assert losses[0] > losses[-1] and losses[-1] < TOY_LEARNED_NATS, losses
     assert model.metrics_names.count("kl") == 1
+    model(TOY_DATA[:2])  # JAX records layer losses in eager calls only
     assert len(model.losses) == 1
 
 
@@ -101,8 +103,10 @@ BACKEND = keras.backend.backend()
 
 
 def numpy(x):
-    """A backend tensor (or array) as a float64 NumPy array."""
-    return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
+    """A backend tensor, variable or array as a float64 NumPy array."""
+    if isinstance(x, int | float | np.ndarray | np.generic | list | tuple):
+        return np.asarray(x, dtype=np.float64)
+    return np.asarray(keras.ops.convert_to_numpy(keras.ops.stop_gradient(x)), dtype=np.float64)
 
 
 def gradients(fn, *arrays):
@@ -133,3 +137,32 @@ def gradients(fn, *arrays):
             total = keras.ops.sum(fn(*tensors))
         return [g.numpy().astype(np.float64) for g in tape.gradient(total, tensors)]
     pytest.skip(f"no gradient helper for the {BACKEND} backend")
+
+
+def run_time_error():
+    """The exception a failed run-time check raises on this backend
+    (`keras_elbo._backend`): TensorFlow's InvalidArgumentError, else
+    ValueError."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.errors.InvalidArgumentError
+    return ValueError
+
+
+def weight_gradients(loss_fn, variables):
+    """Gradients of the scalar `loss_fn()` w.r.t. Keras variables, as NumPy
+    arrays, on TensorFlow and PyTorch (JAX differentiates pure functions only:
+    the test is skipped there)."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn()
+        return [numpy(g) for g in tape.gradient(loss, [v.value for v in variables])]
+    if BACKEND == "torch":
+        for v in variables:
+            v.value.grad = None
+        loss_fn().backward()
+        return [v.value.grad.numpy().astype(np.float64) for v in variables]
+    pytest.skip(f"gradients of layer variables are not taken this way on {BACKEND}")

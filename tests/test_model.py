@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import keras_elbo as ke
+from keras_elbo import distributions as kd
 from tests import _helpers as h
 
 PIXELS, LATENT, DATA = h.TOY_PIXELS, 3, h.TOY_DATA
@@ -198,9 +199,6 @@ class TestELBOModelLogs:
             compile_vae(_two_posterior_model("loss", None))
 
     def test_custom_layer_calling_the_regularizer_is_logged_once(self):
-        import tensorflow_probability as tfp
-
-        tfd = tfp.distributions
 
         class MyPosterior(keras.layers.Layer):
             # Not a `Posterior`: a layer of the user's own, as the README invites.
@@ -208,13 +206,14 @@ class TestELBOModelLogs:
                 super().__init__(**kwargs)
                 self.projection = keras.layers.Dense(2 * LATENT)
                 self.kl_regularizer = ke.KLRegularizer(mode="analytic")
+                self.seed_generator = keras.random.SeedGenerator(1)
 
             def call(self, x):
                 params = self.projection(x)
-                q = tfd.MultivariateNormalDiag(
+                q = kd.MultivariateNormalDiag(
                     params[:, :LATENT], keras.ops.softplus(params[:, LATENT:]) + 1e-3
                 )
-                return self.kl_regularizer(q.sample(seed=(1, 2)), posterior=q)
+                return self.kl_regularizer(q.sample(seed=self.seed_generator), posterior=q)
 
         x = keras.Input((PIXELS,))
         layer = MyPosterior()
@@ -222,7 +221,7 @@ class TestELBOModelLogs:
         logs = model.evaluate(DATA, DATA, batch_size=128, return_dict=True, verbose=0)
         assert model.metrics_names.count("kl") == 1
         assert len(model.evaluate(DATA, DATA, verbose=0)) == len(model.metrics_names) == 4
-        params = layer.projection(DATA).numpy()
+        params = h.numpy(layer.projection(DATA))
         expected = h.kl_diag_normal(params[:, :LATENT], h.softplus(params[:, LATENT:]) + 1e-3)
         np.testing.assert_allclose(logs["kl"], expected.mean(), rtol=1e-5)
 
@@ -234,7 +233,8 @@ class TestELBOModelLogs:
         model = compile_vae(ke.ELBOModel(x, keras.layers.Dense(PIXELS)(posterior(x))))
         logs = model.evaluate(DATA, DATA, batch_size=128, return_dict=True, verbose=0)
         q = posterior.distribution(DATA)
-        kl_j = (0.5 * (q.mean() ** 2 + q.stddev() ** 2 - 1 - 2 * np.log(q.stddev()))).numpy()
+        loc, std = h.numpy(q.mean()), h.numpy(q.stddev())
+        kl_j = 0.5 * (loc**2 + std**2 - 1 - 2 * np.log(std))
         kl_j = kl_j.astype(np.float64).mean(axis=0)
         np.testing.assert_allclose(logs["kl"], kl_j.sum(), rtol=1e-5)
         # loss = reconstruction + 0.25 * sum_j max(0.5, kl_j); neg_elbo has
@@ -301,6 +301,7 @@ class TestNonFiniteInputs:
         bad[5, 3] = np.nan
         return bad
 
+    @pytest.mark.skipif(h.BACKEND != "tensorflow", reason="oneDNN's fused Dense + ReLU")
     def test_plain_model_corrupts_its_weights_silently(self):
         # Why ELBOModel checks the inputs: the posterior's own check does not
         # fire (oneDNN's fused Dense + ReLU maps NaN to 0 on the forward pass,
@@ -312,7 +313,12 @@ class TestNonFiniteInputs:
     def test_elbo_model_stops_before_any_update(self):
         model = self._relu_vae(ke.ELBOModel)
         before = [w.numpy().copy() for w in model.trainable_weights]
-        with pytest.raises(Exception, match="inputs of this batch contain NaN or Inf"):
+        if h.BACKEND == "jax":
+            # Documented: nothing can raise inside a jitted JAX step.
+            history = model.fit(self._bad_data(), DATA, epochs=1, batch_size=128, verbose=0)
+            assert not np.isfinite(history.history["loss"][0])
+            return
+        with pytest.raises(h.run_time_error(), match="inputs of this batch contain NaN or Inf"):
             model.fit(self._bad_data(), DATA, epochs=1, batch_size=128, verbose=0)
         for b, w in zip(before, model.trainable_weights, strict=True):
             np.testing.assert_array_equal(b, w.numpy())

@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_elbo as ke
 from keras_elbo import _math
@@ -29,8 +28,8 @@ class TestParameters:
         layer = built_posterior(min_scale=1e-3)
         q = layer.distribution(X)
         loc, raw = numpy_params(layer, X)
-        np.testing.assert_allclose(q.mean(), loc, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(q.stddev(), h.softplus(raw) + 1e-3, rtol=1e-5)
+        np.testing.assert_allclose(h.numpy(q.mean()), loc, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(h.numpy(q.stddev()), h.softplus(raw) + 1e-3, rtol=1e-5)
 
     def test_full_covariance_is_lower_triangular_with_floored_diagonal(self):
         d = 4
@@ -44,7 +43,9 @@ class TestParameters:
         cov = tril @ np.swapaxes(tril, -1, -2)
         std = np.sqrt(np.diagonal(cov, axis1=-2, axis2=-1))
         np.testing.assert_allclose(h.numpy(q.stddev()), std, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(q.mean(), numpy_params(layer, X)[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            h.numpy(q.mean()), numpy_params(layer, X)[0], rtol=1e-5, atol=1e-6
+        )
 
     @pytest.mark.parametrize("covariance", ["diag", "full"])
     def test_added_kl_matches_numpy_closed_form(self, covariance):
@@ -66,20 +67,22 @@ class TestSampling:
         n = 20000
         layer = built_posterior(2, covariance=covariance, seed=1)
         x = np.repeat(X[:1], n, axis=0)
-        z = layer(x, training=True).numpy().astype(np.float64)
+        z = h.numpy(layer(x, training=True))
         q = layer.distribution(X[:1])
         loc, std = h.numpy(q.mean())[0], h.numpy(q.stddev())[0]
         assert np.all(np.abs(z.mean(0) - loc) < 4 * std / np.sqrt(n))
         # The sample standard deviation has standard error std / sqrt(2 n).
         assert np.all(np.abs(z.std(0) - std) < 4 * std / np.sqrt(2 * n))
 
-    def test_sample_is_reparameterised(self):
-        layer = built_posterior()
-        with tf.GradientTape() as tape:
-            z = layer(X, training=True)
-            target = tf.reduce_sum(z**2)
-        grads = tape.gradient(target, layer.trainable_weights)
-        assert all(g is not None and np.any(g.numpy() != 0) for g in grads)
+    @pytest.mark.parametrize("covariance", ["diag", "full"])
+    def test_sample_is_reparameterised(self, covariance):
+        # d sum(z**2) / d params through the layer's own sampling path, on
+        # every backend: the gradient reaches every parameter.
+        layer = built_posterior(covariance=covariance, seed=1)
+        grads = h.weight_gradients(
+            lambda: keras.ops.sum(layer(X, training=True) ** 2), layer.trainable_weights
+        )
+        assert all(np.all(np.isfinite(g)) and np.any(g != 0) for g in grads)
 
     def test_layers_with_same_seed_draw_different_noise(self):
         # A posterior and its regularizer given the same integer seed share a
@@ -98,19 +101,23 @@ class TestSampling:
     def test_same_seed_same_samples(self):
         a, b = built_posterior(seed=3), built_posterior(seed=3)
         b.set_weights(a.get_weights())
-        np.testing.assert_array_equal(a(X, training=True), b(X, training=True))
+        np.testing.assert_array_equal(h.numpy(a(X, training=True)), h.numpy(b(X, training=True)))
         assert not np.array_equal(a(X, training=True), a(X, training=True))
 
 
 class TestInference:
     def test_mean_at_inference(self):
         layer = built_posterior(inference="mean")
-        np.testing.assert_allclose(layer(X, training=False), numpy_params(layer, X)[0], atol=1e-5)
-        assert not np.allclose(layer(X, training=True), layer(X, training=False))
+        np.testing.assert_allclose(
+            h.numpy(layer(X, training=False)), numpy_params(layer, X)[0], atol=1e-5
+        )
+        assert not np.allclose(h.numpy(layer(X, training=True)), h.numpy(layer(X, training=False)))
 
     def test_sample_at_inference_by_default(self):
         layer = built_posterior()
-        assert not np.array_equal(layer(X, training=False), layer(X, training=False))
+        assert not np.array_equal(
+            h.numpy(layer(X, training=False)), h.numpy(layer(X, training=False))
+        )
 
     def test_kl_added_at_inference_too(self):
         layer = built_posterior(inference="mean", kl_regularizer=ke.KLRegularizer())
@@ -137,10 +144,11 @@ class TestErrors:
             ke.GaussianPosterior(**kwargs)
 
     def test_non_finite_input_raises_naming_the_layer(self):
+        # Eager calls raise on every backend.
         layer = built_posterior(name="encoder_q")
         bad = X.copy()
         bad[1, 2] = np.nan
-        with pytest.raises(tf.errors.InvalidArgumentError, match="encoder_q.*non-finite"):
+        with pytest.raises(h.run_time_error(), match="encoder_q.*non-finite"):
             layer(bad)
 
     def test_non_finite_batch_stops_fit_before_weights_change(self):
@@ -151,7 +159,13 @@ class TestErrors:
         before = [w.copy() for w in model.get_weights()]
         bad = np.repeat(X, 4, axis=0)
         bad[0, 0] = np.inf
-        with pytest.raises(tf.errors.InvalidArgumentError, match="'q'.*non-finite"):
+        if h.BACKEND == "jax":
+            # Documented: nothing can raise inside a jitted JAX step; the
+            # loss of the bad batch is not finite, for TerminateOnNaN to see.
+            history = model.fit(bad, bad, epochs=1, batch_size=12, verbose=0).history
+            assert not np.isfinite(history["loss"][0])
+            return
+        with pytest.raises(h.run_time_error(), match="'q'.*non-finite"):
             model.fit(bad, bad, epochs=1, batch_size=12, verbose=0)
         for b, a in zip(before, model.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
@@ -234,7 +248,10 @@ class TestBuildCreatesTheKLWeight:
 class TestFullCovarianceUnderXLA:
     """Issue 10, point 5: a dynamic batch size under jit_compile=True."""
 
+    @pytest.mark.skipif(h.BACKEND != "tensorflow", reason="XLA with tf.data: TensorFlow's")
     def test_fit_with_a_short_last_batch_and_tf_data(self):
+        import tensorflow as tf
+
         keras.utils.set_random_seed(0)
         x = keras.Input((5,))
         reg = ke.KLRegularizer(mode="analytic")

@@ -49,4 +49,6 @@ def test_components_are_the_posterior_at_the_activated_pseudo_inputs(activation)
     # p(z) = mean_k N(z; loc_k, scale_k**2): equal weights, by logsumexp.
     z = np.random.default_rng(2).normal(size=(5, LATENT))
     expected = h.mixture_logpdf(z, np.zeros(COMPONENTS), loc, scale)
-    np.testing.assert_allclose(p.log_prob(z.astype("float32")), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        h.numpy(p.log_prob(z.astype("float32"))), expected, rtol=1e-5, atol=1e-5
+    )

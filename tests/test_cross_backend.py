@@ -1,0 +1,46 @@
+"""A `.keras` file written on one backend loads on another and predicts the same."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses, one per backend
+
+SCRIPT = pathlib.Path(__file__).with_name("cross_backend_model.py")
+ROOT = SCRIPT.parents[1]
+
+
+def run(backend, action, folder):
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), action, str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "source, target",
+    [
+        ("tensorflow", "jax"),
+        ("tensorflow", "torch"),
+        ("jax", "tensorflow"),
+        ("torch", "tensorflow"),
+    ],
+)
+def test_saved_model_predicts_the_same_on_another_backend(source, target, tmp_path):
+    run(source, "save", tmp_path)
+    run(target, "load", tmp_path)
+    expected = np.load(tmp_path / "predictions.npy")
+    actual = np.load(tmp_path / "loaded.npy")
+    # Same weights, deterministic outputs (inference="mean"): equal up to
+    # float32 round-off of differently ordered sums on each backend.
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
