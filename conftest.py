@@ -25,9 +25,31 @@ ROOT = pathlib.Path(__file__).resolve().parent
 # Paths, relative to the repository root, that run on every backend.
 ALL_BACKENDS = {
     "conftest.py",
+    "keras_elbo/_backend.py",
+    "keras_elbo/_base.py",
+    "keras_elbo/_math.py",
+    "keras_elbo/callbacks.py",
     "keras_elbo/distributions.py",
+    "keras_elbo/divergence.py",
+    "keras_elbo/evaluation.py",
+    "keras_elbo/flows.py",
+    "keras_elbo/losses.py",
+    "keras_elbo/model.py",
+    "keras_elbo/posteriors.py",
+    "keras_elbo/predictive.py",
+    "keras_elbo/priors.py",
     "tests/__init__.py",
+    "tests/test_callbacks.py",
     "tests/test_distributions.py",
+    "tests/test_divergence.py",
+    "tests/test_evaluation.py",
+    "tests/test_flows.py",
+    "tests/test_losses.py",
+    "tests/test_model.py",
+    "tests/test_posteriors.py",
+    "tests/test_priors.py",
+    "tests/test_subclassing.py",
+    "tests/test_vampprior.py",
 }
 
 

@@ -17,8 +17,12 @@ import keras  # noqa: E402
 # TensorFlow only; on another backend their names raise one clear error.
 from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
 from keras_elbo.divergence import KLRegularizer
+from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
+from keras_elbo.flows import MADE, FlowPosterior, InverseAutoregressiveFlow
+from keras_elbo.losses import BernoulliNLL, GaussianNLL, bernoulli_nll, gaussian_nll
 from keras_elbo.model import ELBOModel, _FunctionalELBOModel
 from keras_elbo.posteriors import GaussianPosterior, Posterior
+from keras_elbo.predictive import predictive_moments
 from keras_elbo.priors import MixturePrior, NormalPrior, Prior, ScaleMixturePrior, VampPrior
 
 _BACKEND_ERROR = (
@@ -27,27 +31,10 @@ _BACKEND_ERROR = (
     "the environment variable KERAS_BACKEND=tensorflow before Python imports keras "
     '(or set "backend": "tensorflow" in ~/.keras/keras.json).'
 )
-_TENSORFLOW_ONLY = {
-    "BayesianConv2D",
-    "BayesianDense",
-    "BernoulliNLL",
-    "FlowPosterior",
-    "GaussianNLL",
-    "InverseAutoregressiveFlow",
-    "MADE",
-    "bernoulli_nll",
-    "evaluate_elbo",
-    "gaussian_nll",
-    "importance_weighted_log_likelihood",
-    "predictive_moments",
-}
+_TENSORFLOW_ONLY = {"BayesianConv2D", "BayesianDense"}
 
 if keras.backend.backend() == "tensorflow":
     from keras_elbo.bayesian import BayesianConv2D, BayesianDense
-    from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
-    from keras_elbo.flows import MADE, FlowPosterior, InverseAutoregressiveFlow
-    from keras_elbo.losses import BernoulliNLL, GaussianNLL, bernoulli_nll, gaussian_nll
-    from keras_elbo.predictive import predictive_moments
 
 __version__ = "0.1.0"
 
@@ -81,6 +68,10 @@ __all__ = [
 ]
 
 _SERIALIZABLE = [
+    BernoulliNLL,
+    FlowPosterior,
+    GaussianNLL,
+    MADE,
     GaussianPosterior,
     KLRegularizer,
     MixturePrior,
@@ -90,14 +81,7 @@ _SERIALIZABLE = [
     _FunctionalELBOModel,  # what ELBOModel(inputs, outputs) returns and saves
 ]
 if keras.backend.backend() == "tensorflow":
-    _SERIALIZABLE += [
-        BayesianConv2D,
-        BayesianDense,
-        BernoulliNLL,
-        FlowPosterior,
-        GaussianNLL,
-        MADE,
-    ]
+    _SERIALIZABLE += [BayesianConv2D, BayesianDense]
 else:
 
     def __getattr__(name):

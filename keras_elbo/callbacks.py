@@ -230,6 +230,7 @@ class KLAnnealing(keras.callbacks.Callback):
         self._weight = None  # last weight set
 
     def on_train_begin(self, logs=None):
+        self._weight = None  # assigned again at the first batch of each fit
         # Searched at each fit: the callback may be reused with another model.
         self.regularizers = find_layers(self.model, KLRegularizer)
         if not self.regularizers:
@@ -259,7 +260,9 @@ class KLAnnealing(keras.callbacks.Callback):
         weight = self._weight
         if weight is None:  # no batch ran: report the weight as it is
             first = self.regularizers[0]
-            weight = float(first.kl_weight.numpy()) if first.built else first.weight
+            weight = (
+                float(keras.ops.convert_to_numpy(first.kl_weight)) if first.built else first.weight
+            )
         if logs is not None:
             # The same dict goes on to History and the progress bar.
             logs["kl_weight"] = weight
@@ -281,6 +284,13 @@ class KLAnnealing(keras.callbacks.Callback):
         return weight
 
     def _set_weight(self, weight):
+        if weight == self._weight:
+            return  # the variables hold it already
+        if keras.backend.backend() == "jax":
+            # JAX's `fit` carries the variables' values from step to step
+            # outside the variables: write them back, so that the next step
+            # reads the variables again, this assignment included.
+            self.model.jax_state_sync()
         for regularizer in self.regularizers:
             # A regularizer that was never called has no variable, and no loss.
             if regularizer.built:

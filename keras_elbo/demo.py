@@ -153,7 +153,7 @@ def plot_samples(vae, path, seed=0, n=100):
         z = np.random.default_rng(seed).standard_normal((n, posterior.latent_dim))
         z = z.astype("float32")
     else:
-        z = prior.distribution(posterior_layer=posterior).sample(n, seed=(seed, 0))
+        z = prior.distribution(posterior_layer=posterior).sample(n, seed=seed)
     logits = vae.get_layer("decoder").predict(z, verbose=0)
     probs = keras.ops.convert_to_numpy(keras.ops.sigmoid(logits))
     _image_grid(probs, math.isqrt(n), path, "decoded samples of the prior p(z)")

@@ -15,13 +15,15 @@ sums them.
 """
 
 import math
+import sys
 
 import keras
 import numpy as np
-import tensorflow as tf
-import tensorflow_probability as tfp
+from keras import ops
 
 from keras_elbo import _math
+from keras_elbo._base import find_layers
+from keras_elbo.divergence import draw
 from keras_elbo.losses import BernoulliNLL, GaussianNLL
 from keras_elbo.posteriors import Posterior
 
@@ -42,8 +44,7 @@ class _LatentModel:
     """The parts of a model that the estimators need, found once."""
 
     def __init__(self, model, likelihood):
-        layers = model._flatten_layers(include_self=False)
-        posteriors = [layer for layer in layers if isinstance(layer, Posterior)]
+        posteriors = find_layers(model, Posterior)
         if len(posteriors) != 1:
             raise ValueError(
                 "Evaluation needs a model with exactly one posterior layer (such as "
@@ -75,6 +76,8 @@ class _LatentModel:
                     "with the class attribute `is_reconstruction_loss = True`)."
                 )
         self.nll = likelihood.call if isinstance(likelihood, keras.losses.Loss) else likelihood
+        # The estimators run as the model's own predict function does.
+        self.jit_compile = model.jit_compile
 
     def posterior_and_prior(self, x):
         q = self.posterior.distribution(self.body(x, training=False))
@@ -88,39 +91,73 @@ class _LatentModel:
         posterior's output shape (`(S * B, h, w, d)` for a latent map),
         sample-major, and the targets are tiled to match.
         """
-        shape = keras.ops.shape(z)
+        shape = ops.shape(z)
         num_samples, batch = shape[0], shape[1]
-        params = self.decoder(keras.ops.reshape(z, (-1, *shape[2:])), training=False)
+        params = self.decoder(ops.reshape(z, (-1, *shape[2:])), training=False)
         repeats = [num_samples] + [1] * (len(target.shape) - 1)
-        log_lik = -keras.ops.cast(self.nll(keras.ops.tile(target, repeats), params), z.dtype)
-        return keras.ops.reshape(log_lik, (num_samples, batch))
+        log_lik = -ops.cast(self.nll(ops.tile(target, repeats), params), z.dtype)
+        return ops.reshape(log_lik, (num_samples, batch))
 
 
 def _sum_positions(values):
     """`(S, B, *positions)` log-densities summed over the positions of a latent
     map: `(S, B)`."""
     rank = len(values.shape)
-    return keras.ops.sum(values, axis=tuple(range(2, rank))) if rank > 2 else values
+    return ops.sum(values, axis=tuple(range(2, rank))) if rank > 2 else values
 
 
-_SEED_SPEC = tf.TensorSpec([2], tf.int32)
+class _BatchFunction(keras.Model):
+    """`fn(x, target, seed_generator)` on one batch, as a model to predict with.
+
+    `predict_on_batch` runs it as Keras runs a model's own predict step on
+    each backend: a `tf.function` on TensorFlow, `jax.jit` on JAX (with the
+    seed generator's state threaded through the call and written back, so
+    that each call draws new samples), eagerly under `no_grad` on PyTorch;
+    with XLA where the model's `jit_compile` says so. The layers `fn` uses
+    are attributes, so that their variables are the function's.
+    """
+
+    def __init__(self, parts, fn, seed_generator):
+        # float32 inputs stay float32 under a mixed-precision policy.
+        super().__init__(dtype="float32", name=fn.__name__)
+        self.body, self.posterior, self.decoder = parts.body, parts.posterior, parts.decoder
+        self.seed_generator = seed_generator
+        self.fn = fn
+        self.jit_compile = parts.jit_compile
+        # Its layers are built (the model is): no eager call to build it,
+        # which would draw samples outside the compiled function.
+        self.built = True
+
+    def call(self, inputs):
+        x, target = inputs
+        return self.fn(x, target, self.seed_generator)
+
+
 _DATA_TYPES = (
     "`x` must be a NumPy array (or array-like) of shape `(n, ...)` or a batched "
     "tf.data.Dataset yielding `x`, `(x, y)` or `(x, y, sample_weight)`"
 )
 
 
+def _is_tf_dataset(x):
+    """Whether `x` is a `tf.data.Dataset`, on any backend, without importing
+    TensorFlow: a program that holds one has imported it."""
+    if "tensorflow" not in sys.modules:
+        return False
+    import tensorflow as tf
+
+    return isinstance(x, tf.data.Dataset)
+
+
 def _data(x, batch_size, input_shape):
-    """The batches of `x` as `(inputs, targets)` float32 pairs, with the
-    specs of both (of any batch size, so that each call of an evaluation
-    function traces its step once) and the number of batches (`None` if
-    unknown).
+    """The batches of `x` as `(inputs, targets)` float32 NumPy pairs, and the
+    number of batches (`None` if unknown).
 
     An array is its own target. A dataset's element is `x` (its own target),
     `(x, y)` or `(x, y, sample_weight)`; the weights are not used, since the
     results are per example.
     """
-    if isinstance(x, tf.data.Dataset):
+    if _is_tf_dataset(x):
         return _dataset_batches(x, input_shape)
     try:
         array = np.asarray(x, dtype="float32")
@@ -131,28 +168,30 @@ def _data(x, batch_size, input_shape):
             f"`x` holds no examples: evaluation needs at least one. Received: x of "
             f"shape {array.shape}"
         )
-    spec = tf.TensorSpec([None, *array.shape[1:]], tf.float32)
     batches = (
         (array[start : start + batch_size],) * 2 for start in range(0, len(array), batch_size)
     )
-    return batches, (spec, spec), math.ceil(len(array) / batch_size)
+    return batches, math.ceil(len(array) / batch_size)
 
 
-def _input_and_target(element):
-    """`(x, y)` of a dataset element (or its spec); `x` is its own target."""
+def _input_and_target(element, types):
+    """`(x, y)` of a dataset element (or its spec), each of one of `types`;
+    `x` is its own target."""
     if isinstance(element, tuple):
         if not 1 <= len(element) <= 3:
             raise ValueError(f"{_DATA_TYPES}. Received: a dataset of {len(element)}-tuples")
         element = (element[0], element[1]) if len(element) > 1 else (element[0],) * 2
     else:
         element = (element, element)
-    if not all(isinstance(part, tf.TensorSpec | tf.Tensor) for part in element):
+    if not all(isinstance(part, types) for part in element):
         raise TypeError(f"{_DATA_TYPES}. Received: a dataset of {element!r}")
     return element
 
 
 def _dataset_batches(dataset, input_shape):
-    specs = _input_and_target(dataset.element_spec)
+    import tensorflow as tf
+
+    specs = _input_and_target(dataset.element_spec, tf.TensorSpec)
     if specs[0].shape.rank is not None and specs[0].shape.rank == len(input_shape) - 1:
         raise ValueError(
             "The dataset `x` yields single examples of shape "
@@ -167,15 +206,11 @@ def _dataset_batches(dataset, input_shape):
         )
     if cardinality == 0:
         raise ValueError("The dataset `x` holds no examples: evaluation needs at least one.")
-    specs = tuple(
-        tf.TensorSpec(None if spec.shape.rank is None else [None, *spec.shape[1:]], tf.float32)
-        for spec in specs
-    )
     batches = (
-        tuple(tf.cast(part, tf.float32) for part in _input_and_target(element))
+        tuple(np.asarray(part, dtype="float32") for part in _input_and_target(element, tf.Tensor))
         for element in dataset
     )
-    return batches, specs, cardinality if cardinality >= 0 else None
+    return batches, cardinality if cardinality >= 0 else None
 
 
 def _empty_dataset():
@@ -212,7 +247,8 @@ def evaluate_elbo(
         x: the data: an array of shape `(n, ...)`, which is also the target
             of the likelihood, or a batched `tf.data.Dataset` yielding `x`,
             `(x, y)` or `(x, y, sample_weight)` (target `y` where given; the
-            weights are not used).
+            weights are not used), on any backend where TensorFlow is
+            installed.
         num_samples: samples of z per example. Defaults to `1`.
         batch_size: examples per step of an array (a dataset keeps its
             own batches). Defaults to `100`.
@@ -228,29 +264,27 @@ def evaluate_elbo(
     num_samples = _math.integer("num_samples", num_samples)
     batch_size = _math.integer("batch_size", batch_size)
     parts = _LatentModel(model, likelihood)
-    batches, specs, steps = _data(x, batch_size, parts.body.inputs[0].shape)
-    seeds = keras.random.SeedGenerator(seed)
+    batches, steps = _data(x, batch_size, parts.body.inputs[0].shape)
     regularizer = parts.posterior.kl_regularizer
 
-    @tf.function(input_signature=[*specs, _SEED_SPEC])
-    def step(x, target, seed):
+    def elbo_terms(x, target, seed_generator):
         q, _ = parts.posterior_and_prior(x)
-        seed_z, seed_kl = tfp.random.split_seed(seed, n=2)
-        z = q.sample(num_samples, seed=seed_z)
-        reconstruction = -keras.ops.mean(parts.log_likelihood(target, z), axis=0)
+        z = draw(q, (num_samples,), seed_generator)
+        reconstruction = -ops.mean(parts.log_likelihood(target, z), axis=0)
         # The KL's own sample, passed as the very tensor q returned: a slice of
-        # z would miss TFP's bijector cache and invert a flow posterior.
-        kl_sample = q.sample(seed=seed_kl)
+        # z would miss a flow posterior's cache of log q(z).
+        kl_sample = draw(q, (), seed_generator)
         kl = regularizer.kl_divergence(q, sample=kl_sample, posterior_layer=parts.posterior)
         # One KL per example: summed over the positions of a latent map.
         return reconstruction, _math.sum_event_dims(kl)
 
+    step = _BatchFunction(parts, elbo_terms, _math.seed_generator(seed, "evaluation"))
     results = {"reconstruction": [], "kl": []}
     progbar = keras.utils.Progbar(steps, verbose=verbose)
-    for i, (inputs, targets) in enumerate(batches):
-        reconstruction, kl = step(inputs, targets, _math.tfp_seed(seeds, "evaluation"))
-        results["reconstruction"].append(reconstruction.numpy())
-        results["kl"].append(kl.numpy())
+    for i, batch in enumerate(batches):
+        reconstruction, kl = step.predict_on_batch(batch)
+        results["reconstruction"].append(reconstruction)
+        results["kl"].append(kl)
         progbar.update(i + 1)
     if not results["kl"]:
         raise _empty_dataset()
@@ -293,7 +327,8 @@ def importance_weighted_log_likelihood(
         x: the data: an array of shape `(n, ...)`, which is also the target
             of the likelihood, or a batched `tf.data.Dataset` yielding `x`,
             `(x, y)` or `(x, y, sample_weight)` (target `y` where given; the
-            weights are not used).
+            weights are not used), on any backend where TensorFlow is
+            installed.
         num_samples: importance samples K per example. Defaults to `5000`.
         batch_size: examples per step of an array (a dataset keeps its
             own batches). Defaults to `20`.
@@ -313,25 +348,31 @@ def importance_weighted_log_likelihood(
     batch_size = _math.integer("batch_size", batch_size)
     # Each chunk decodes at least one sample of every example of a batch (a
     # dataset's batches are checked as they come).
-    is_dataset = isinstance(x, tf.data.Dataset)
+    is_dataset = _is_tf_dataset(x)
     max_decoder_batch = _math.integer(
         "max_decoder_batch", max_decoder_batch, minimum=1 if is_dataset else batch_size
     )
     parts = _LatentModel(model, likelihood)
-    batches, specs, steps = _data(x, batch_size, parts.body.inputs[0].shape)
-    seeds = keras.random.SeedGenerator(seed)
+    batches, steps = _data(x, batch_size, parts.body.inputs[0].shape)
+    seed_generator = _math.seed_generator(seed, "evaluation")
+    chunk_functions = {}  # by number of samples: at most two (chunk, remainder)
 
-    @tf.function(input_signature=[*specs, tf.TensorSpec([], tf.int32), _SEED_SPEC])
-    def log_weights(x, target, count, seed):
-        q, p = parts.posterior_and_prior(x)
-        z = q.sample(count, seed=seed)
-        log_ratio = _sum_positions(p.log_prob(z) - q.log_prob(z))
-        return parts.log_likelihood(target, z) + log_ratio
+    def chunk_function(count):
+        def log_sum_of_weights(x, target, seed_generator):
+            """logsumexp over `count` samples of the log-weights: `(B,)`."""
+            q, p = parts.posterior_and_prior(x)
+            z = draw(q, (count,), seed_generator)
+            log_ratio = _sum_positions(p.log_prob(z) - q.log_prob(z))
+            return ops.logsumexp(parts.log_likelihood(target, z) + log_ratio, axis=0)
+
+        if count not in chunk_functions:
+            chunk_functions[count] = _BatchFunction(parts, log_sum_of_weights, seed_generator)
+        return chunk_functions[count]
 
     estimates = []
     progbar = keras.utils.Progbar(steps, verbose=verbose)
-    for i, (inputs, targets) in enumerate(batches):
-        size = len(inputs)
+    for i, batch in enumerate(batches):
+        size = len(batch[0])
         if size > max_decoder_batch:
             raise _math.invalid_argument(
                 "max_decoder_batch",
@@ -340,15 +381,14 @@ def importance_weighted_log_likelihood(
                 max_decoder_batch,
             )
         chunk = min(num_samples, max_decoder_batch // size)
-        # Running log-sum-exp over chunks of samples, each with its own seed.
-        total = tf.fill([size], -np.inf)
+        # Running log-sum-exp over chunks of samples, in float64; the shared
+        # seed generator advances at each chunk: new samples each time.
+        total = np.full(size, -np.inf)
         for start in range(0, num_samples, chunk):
             count = min(chunk, num_samples - start)
-            log_w = log_weights(
-                inputs, targets, tf.constant(count), _math.tfp_seed(seeds, "evaluation")
-            )
-            total = tf.reduce_logsumexp(tf.concat([total[tf.newaxis], log_w], axis=0), axis=0)
-        estimates.append((total - math.log(num_samples)).numpy())
+            log_sum = chunk_function(count).predict_on_batch(batch)
+            total = np.logaddexp(total, np.asarray(log_sum, np.float64))
+        estimates.append(total - math.log(num_samples))
         progbar.update(i + 1)
     if not estimates:
         raise _empty_dataset()

@@ -10,11 +10,44 @@ which under-weights the reconstruction by the number of pixels.
 import math
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from keras_elbo import _math
+from keras_elbo import _backend, _math
 
 _LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _assert_condition(ok, message):
+    """Raises, where the backend can, unless the boolean scalar `ok` holds.
+
+    `_backend.assert_condition` with values in the message: `message` is a
+    list of strings and scalar tensors, joined with spaces. In a TensorFlow
+    graph it is the data of a `tf.debugging.Assert` (which prints each part
+    in brackets, at run time, before the step's weight update; XLA drops
+    it). Eagerly (TensorFlow's eager mode, PyTorch, JAX outside `jit`) it
+    raises at once, TensorFlow's `InvalidArgumentError` or a `ValueError`,
+    with the numbers written `{:g}`. Inside `jax.jit` nothing can raise.
+    """
+    if _backend.BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.executing_eagerly():
+            tf.debugging.Assert(ok, message)
+            return
+
+        def error(text):
+            return tf.errors.InvalidArgumentError(None, None, text)
+
+    elif _backend.BACKEND == "jax" and _backend._is_traced_jax(ok):
+        return
+    else:
+        error = ValueError
+    if not bool(ops.convert_to_numpy(ok)):
+        text = " ".join(
+            part if isinstance(part, str) else f"{float(ops.convert_to_numpy(part)):g}"
+            for part in message
+        )
+        raise error(text.replace(" ;", ";"))
 
 
 def _checked_targets(y_true, loss_name, unit_interval=False):
@@ -23,43 +56,47 @@ def _checked_targets(y_true, loss_name, unit_interval=False):
     A NaN target would make the loss NaN, and the NaN weights of the next
     step would be blamed on the first layer that checks its input; a target
     outside [0, 1] would give a Bernoulli likelihood a meaningless (even
-    negative) value. Both stop here with an `InvalidArgumentError` that names
-    the loss and the cause: at once in eager mode, and in a `tf.function`
-    (`fit`) before the step updates any weight. XLA (`jit_compile=True`)
-    compiles assertions away; there, the invalid targets are replaced by NaN,
-    so that the loss is NaN instead of a plausible wrong number.
-
-    The one place that checks targets, TensorFlow's version: other backends
-    get theirs here.
+    negative) value. Both stop here with an error that names the loss and the
+    cause (see `_assert_condition`): on TensorFlow an `InvalidArgumentError`,
+    at once in eager mode and in a `tf.function` (`fit`) before the step
+    updates any weight; on PyTorch, and on JAX outside `jit`, a `ValueError`
+    at once. Where nothing can raise, under XLA (`jit_compile=True`) and
+    inside `jax.jit` (JAX's `fit` by default), the invalid targets are
+    replaced by NaN, so that the loss is NaN instead of a plausible wrong
+    number.
     """
-    finite = tf.math.is_finite(y_true)
+    finite = ops.isfinite(y_true)
     valid = finite
     if unit_interval:
-        valid = finite & (y_true >= 0) & (y_true <= 1)
-    not_finite = [
-        f"{loss_name}: the targets (y_true) contain NaN or Inf. Remove or impute "
-        "them (check the data pipeline) before training"
-    ]
-    # The range of an empty batch is (inf, -inf): valid, as it should be.
-    low, high = tf.reduce_min(y_true), tf.reduce_max(y_true)
-    out_of_range = [
-        f"{loss_name}: the targets (y_true) must lie in [0, 1], but they range from",
-        low,
-        "to",
-        high,
-        "; scale the data to [0, 1] (divide 8-bit images by 255)",
-    ]
-    all_finite, all_valid = tf.reduce_all(finite), tf.reduce_all(valid)
-    if tf.executing_eagerly():  # the same message, without the graph's brackets
-        if not all_valid:
-            parts = not_finite if not all_finite else out_of_range
-            text = " ".join(f"{float(p):g}" if tf.is_tensor(p) else p for p in parts)
-            raise tf.errors.InvalidArgumentError(None, None, text.replace(" ;", ";"))
-        return y_true
-    tf.debugging.Assert(all_finite, not_finite)
-    # Checked only when every target is finite: a NaN is reported as such.
-    tf.debugging.Assert(all_valid | ~all_finite, out_of_range)
-    return tf.where(valid, y_true, tf.constant(math.nan, y_true.dtype))
+        valid = ops.logical_and(finite, ops.logical_and(y_true >= 0, y_true <= 1))
+    all_finite, all_valid = ops.all(finite), ops.all(valid)
+    _assert_condition(
+        all_finite,
+        [
+            f"{loss_name}: the targets (y_true) contain NaN or Inf. Remove or impute "
+            "them (check the data pipeline) before training"
+        ],
+    )
+    if unit_interval:
+        # The range of an empty batch is (inf, -inf): valid, as it should be.
+        low = ops.min(y_true, initial=math.inf)
+        high = ops.max(y_true, initial=-math.inf)
+        # Checked only when every target is finite: a NaN is reported as such.
+        _assert_condition(
+            ops.logical_or(all_valid, ops.logical_not(all_finite)),
+            [
+                f"{loss_name}: the targets (y_true) must lie in [0, 1], but they range from",
+                low,
+                "to",
+                high,
+                "; scale the data to [0, 1] (divide 8-bit images by 255)",
+            ],
+        )
+    return ops.where(valid, y_true, ops.full_like(y_true, math.nan))
+
+
+def _cast_like(y_true, y_pred):
+    return ops.cast(y_true, keras.backend.standardize_dtype(y_pred.dtype))
 
 
 def bernoulli_nll(y_true, y_pred, from_logits=False):
@@ -81,19 +118,21 @@ def bernoulli_nll(y_true, y_pred, from_logits=False):
         The negative log-likelihood of each example, shape `(batch,)`.
 
     Raises:
-        InvalidArgumentError: at run time (in `fit` too), if `y_true` holds
-            NaN, Inf or a value outside [0, 1], such as raw 8-bit pixels.
-            Under XLA (`jit_compile=True`), which drops run-time checks, the
-            loss is NaN instead.
+        InvalidArgumentError: (TensorFlow; `ValueError` on PyTorch and JAX)
+            at run time, in `fit` too, if `y_true` holds NaN, Inf or a value
+            outside [0, 1], such as raw 8-bit pixels. Where nothing can raise,
+            under XLA (`jit_compile=True`) and inside `jax.jit` (JAX's `fit`
+            unless `jit_compile=False`), the loss is NaN instead.
     """
-    y_pred = tf.convert_to_tensor(y_pred)
-    y_true = _checked_targets(tf.cast(y_true, y_pred.dtype), "BernoulliNLL", unit_interval=True)
+    y_pred = ops.convert_to_tensor(y_pred)
+    y_true = _checked_targets(_cast_like(y_true, y_pred), "BernoulliNLL", unit_interval=True)
     if from_logits:
-        nll = tf.nn.sigmoid_cross_entropy_with_logits(labels=y_true, logits=y_pred)
+        # max(l, 0) - l * x + log(1 + exp(-|l|)): no overflow for any logit l.
+        nll = ops.relu(y_pred) - y_pred * y_true + ops.log1p(ops.exp(-ops.abs(y_pred)))
     else:
         eps = keras.config.epsilon()
-        p = tf.clip_by_value(y_pred, eps, 1.0 - eps)
-        nll = -(y_true * tf.math.log(p) + (1.0 - y_true) * tf.math.log1p(-p))
+        p = ops.clip(y_pred, eps, 1.0 - eps)
+        nll = -(y_true * ops.log(p) + (1.0 - y_true) * ops.log1p(-p))
     return _math.sum_event_dims(nll)
 
 
@@ -124,12 +163,14 @@ def gaussian_nll(y_true, y_pred, scale=1.0, min_scale=1e-3):
         The negative log-likelihood of each example, shape `(batch,)`.
 
     Raises:
-        InvalidArgumentError: at run time (in `fit` too), if `y_true` holds
-            NaN or Inf. Under XLA (`jit_compile=True`), which drops run-time
-            checks, the loss is NaN instead.
+        InvalidArgumentError: (TensorFlow; `ValueError` on PyTorch and JAX)
+            at run time, in `fit` too, if `y_true` holds NaN or Inf. Where
+            nothing can raise, under XLA (`jit_compile=True`) and inside
+            `jax.jit` (JAX's `fit` unless `jit_compile=False`), the loss is
+            NaN instead.
     """
-    y_pred = tf.convert_to_tensor(y_pred)
-    y_true = _checked_targets(tf.cast(y_true, y_pred.dtype), "GaussianNLL")
+    y_pred = ops.convert_to_tensor(y_pred)
+    y_true = _checked_targets(_cast_like(y_true, y_pred), "GaussianNLL")
     if scale is None:
         d = y_true.shape[-1]
         if y_pred.shape[-1] is not None and d is not None and y_pred.shape[-1] != 2 * d:
@@ -140,11 +181,11 @@ def gaussian_nll(y_true, y_pred, scale=1.0, min_scale=1e-3):
             )
         loc, raw = y_pred[..., :d], y_pred[..., d:]
         scale = _math.positive_scale(raw, min_scale)
-        log_scale = tf.math.log(scale)
+        log_scale = ops.log(scale)
     else:
         loc = y_pred
         log_scale = math.log(scale)
-    nll = 0.5 * tf.square((y_true - loc) / scale) + log_scale + 0.5 * _LOG_2PI
+    nll = 0.5 * ops.square((y_true - loc) / scale) + log_scale + 0.5 * _LOG_2PI
     return _math.sum_event_dims(nll)
 
 

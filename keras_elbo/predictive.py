@@ -1,10 +1,11 @@
 """Predictive uncertainty: moments of a model's output over posterior samples."""
 
 import math
+import sys
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from keras_elbo import _math
 from keras_elbo._base import find_layers
@@ -32,22 +33,34 @@ def _input_rank(model):
 
 
 def _as_input(batch):
-    """A batch of inputs as passed to the model: floats as float32."""
-    batch = tf.convert_to_tensor(batch)
-    return tf.cast(batch, tf.float32) if batch.dtype.is_floating else batch
+    """A batch of inputs as a NumPy array passed to the model: floats as
+    float32."""
+    batch = np.asarray(batch)
+    return batch.astype("float32") if np.issubdtype(batch.dtype, np.floating) else batch
+
+
+def _is_tf_dataset(x):
+    """Whether `x` is a `tf.data.Dataset`, on any backend, without importing
+    TensorFlow: a program that holds one has imported it."""
+    if "tensorflow" not in sys.modules:
+        return False
+    import tensorflow as tf
+
+    return isinstance(x, tf.data.Dataset)
 
 
 def _input_batches(model, x, batch_size):
-    """The inputs `x` in batches: `(spec, steps, batches)`, with `spec` the
-    `tf.TensorSpec` of one batch, `steps` the number of batches (`None` if
-    unknown) and `batches` an iterable of batches.
+    """The inputs `x` in batches: `(steps, batches)`, with `steps` the number
+    of batches (`None` if unknown) and `batches` an iterable of NumPy arrays.
 
     `x` is what `Model.evaluate` takes as inputs: an array of shape `(n,
     ...)`, cut in batches of `batch_size`, or a batched `tf.data.Dataset`
     yielding `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`, of which only
-    `x` is used.
+    `x` is used (on any backend, where TensorFlow is installed).
     """
-    if isinstance(x, tf.data.Dataset):
+    if _is_tf_dataset(x):
+        import tensorflow as tf
+
         x_spec = keras.utils.unpack_x_y_sample_weight(x.element_spec)[0]
         if not isinstance(x_spec, tf.TensorSpec) or x_spec.shape.rank in (None, 0):
             raise _math.invalid_argument(
@@ -64,23 +77,54 @@ def _input_batches(model, x, batch_size):
                 f"{rank}, batch axis included): call `dataset.batch(batch_size)`",
                 f"a dataset of element_spec {x.element_spec}",
             )
-        dtype = tf.float32 if x_spec.dtype.is_floating else x_spec.dtype
-        spec = tf.TensorSpec([None, *x_spec.shape[1:]], dtype)
         cardinality = int(x.cardinality())
         if cardinality == 0:
             raise _math.invalid_argument("x", "at least one example", x)
         steps = cardinality if cardinality > 0 else None
         batches = (_as_input(keras.utils.unpack_x_y_sample_weight(e)[0]) for e in x)
-        return spec, steps, batches
+        return steps, batches
     x = np.asarray(x)
     if x.ndim < 1 or len(x) == 0:
         expected = "at least one example: an array of shape (n, ...) with n >= 1"
         raise _math.invalid_argument("x", expected, f"an array of shape {x.shape}")
-    if np.issubdtype(x.dtype, np.floating):
-        x = x.astype("float32")
-    spec = tf.TensorSpec([None, *x.shape[1:]], tf.as_dtype(x.dtype))
+    x = _as_input(x)
     batches = (x[start : start + batch_size] for start in range(0, len(x), batch_size))
-    return spec, math.ceil(len(x) / batch_size), batches
+    return math.ceil(len(x) / batch_size), batches
+
+
+class _Passes(keras.Model):
+    """Outputs of `model` on a batch, shape `(k, batch, ...)`: `num_samples`
+    passes in one call of the batch tiled `num_samples` times (vectorised),
+    or one pass.
+
+    Called through `predict_on_batch`, which runs it as Keras runs a model's
+    own predict step on each backend: a `tf.function` on TensorFlow,
+    `jax.jit` on JAX (the layers' seed generators' states threaded through
+    the call and written back, so that each call draws new samples), eagerly
+    under `no_grad` on PyTorch; with XLA where the model's `jit_compile` says
+    so. The model is not changed: its own predict function is left alone.
+    """
+
+    def __init__(self, model, num_samples, vectorised):
+        # float32 inputs stay float32 under a mixed-precision policy.
+        super().__init__(dtype="float32", name="predictive_passes")
+        self.inner = model
+        self.num_samples = num_samples if vectorised else 1
+        self.jit_compile = model.jit_compile
+        # A built model needs no eager call to build this one.
+        self.built = model.built
+
+    def call(self, batch):
+        k, size = self.num_samples, ops.shape(batch)[0]
+        if k > 1:
+            batch = ops.tile(batch, [k] + [1] * (len(batch.shape) - 1))
+        outputs = self.inner(batch, training=False)
+        if keras.tree.is_nested(outputs):
+            raise ValueError(
+                "predictive_moments needs a model with a single tensor output; "
+                f"model '{self.inner.name}' returns {type(outputs).__name__}."
+            )
+        return ops.reshape(outputs, (k, size, *ops.shape(outputs)[1:]))
 
 
 class _Moments:
@@ -219,7 +263,8 @@ def predictive_moments(
         x: the inputs, as `Model.evaluate` takes them: an array of shape
             `(n, ...)`, or a batched `tf.data.Dataset` yielding `x`, `(x, y)`
             or `(x, y, sample_weight)`, of which only `x` is used (its
-            batches replace `batch_size`).
+            batches replace `batch_size`; on any backend where TensorFlow is
+            installed).
         num_samples: number of passes S, at least 2. Defaults to `100`.
         task: `"regression"` or `"classification"`. For classification the
             model outputs class probabilities over its last axis (softmax),
@@ -261,7 +306,7 @@ def predictive_moments(
     task = _math.choice("task", task, TASKS)
     batch_size = _math.integer("batch_size", batch_size)
     from_logits = _math.boolean("from_logits", from_logits)
-    spec, steps, batches = _input_batches(model, x, batch_size)
+    steps, batches = _input_batches(model, x, batch_size)
 
     stochastic = _stochastic_layers(model)
     # Tiling x is only right when each example gets its own samples.
@@ -270,26 +315,8 @@ def predictive_moments(
     try:
         for layer in stochastic:
             layer.inference = "sample"
-
-        # Traced after the switch: the layers read `inference` when traced.
-        @tf.function(input_signature=[spec])
-        def passes(batch):
-            """Outputs of shape (k, b, ...): k = num_samples passes, or 1."""
-            if vectorised:
-                multiples = [num_samples] + [1] * (len(spec.shape) - 1)
-                outputs = model(tf.tile(batch, multiples), training=False)
-            else:
-                outputs = model(batch, training=False)
-            if not tf.is_tensor(outputs):
-                raise ValueError(
-                    "predictive_moments needs a model with a single tensor output; "
-                    f"model '{model.name}' returns {type(outputs).__name__}."
-                )
-            k = num_samples if vectorised else 1
-            return tf.reshape(
-                outputs, tf.concat([[k, tf.shape(batch)[0]], tf.shape(outputs)[1:]], 0)
-            )
-
+        # Made after the switch: the layers read `inference` when traced.
+        passes = _Passes(model, num_samples, vectorised)
         progbar = keras.utils.Progbar(steps, verbose=verbose)
         results = []
         for i, batch in enumerate(batches):
@@ -311,11 +338,11 @@ def _summarise(passes, batch, num_samples, vectorised, task, from_logits, model_
     if task == "regression":
         moments = _Moments()
         for _ in range(calls):
-            moments.update(passes(batch).numpy().astype(np.float64))
+            moments.update(passes.predict_on_batch(batch).astype(np.float64))
         return {"mean": moments.mean, "stddev": np.sqrt(moments.m2 / (num_samples - 1))}
     total_probs, total_entropy = 0.0, 0.0
     for _ in range(calls):
-        outputs = passes(batch).numpy()
+        outputs = passes.predict_on_batch(batch)
         if not from_logits:
             _check_probabilities(outputs, model_name)
         probs = _probabilities(outputs.astype(np.float64), from_logits)

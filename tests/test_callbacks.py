@@ -5,9 +5,9 @@ import math
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_elbo as ke
+from keras_elbo._base import find_layers
 from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
 from tests import _helpers as h
 
@@ -39,7 +39,7 @@ def compile_vae(model, jit_compile=False, steps_per_execution=1):
 
 
 def regularizers_of(model):
-    return [layer for layer in model._flatten_layers() if isinstance(layer, ke.KLRegularizer)]
+    return find_layers(model, ke.KLRegularizer)
 
 
 class WeightRecorder(keras.callbacks.Callback):
@@ -55,7 +55,8 @@ class WeightRecorder(keras.callbacks.Callback):
         self.weights = []  # one row per batch, one column per regularizer
 
     def on_train_batch_end(self, batch, logs=None):
-        self.weights.append([float(r.kl_weight.numpy()) for r in self.regularizers])
+        _ = self.model  # on JAX, writes the training state back to the variables
+        self.weights.append([float(h.numpy(r.kl_weight)) for r in self.regularizers])
 
 
 def fit(model, annealing, epochs=2, data=None, **kwargs):
@@ -231,9 +232,12 @@ class TestKLAnnealingArguments:
             model.fit(DATA, DATA, epochs=1, verbose=0, callbacks=[KLAnnealing(LinearWarmup(4))])
 
 
+@pytest.mark.slow
 class TestKLAnnealingFit:
     @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
     def test_step_unit_follows_schedule_each_batch(self, jit_compile):
+        if jit_compile and keras.backend.backend() == "torch":
+            pytest.skip("jit_compile=True is XLA on TensorFlow and JAX (torch.compile: minutes)")
         model = make_vae(jit_compile=jit_compile)
         schedule = LinearWarmup(4)
         history, weights = fit(model, KLAnnealing(schedule, unit="step"))
@@ -251,6 +255,10 @@ class TestKLAnnealingFit:
         np.testing.assert_allclose(weights[:, 0], expected, rtol=1e-6)
         np.testing.assert_allclose(history["kl_weight"], expected[[3, 7, 11]], rtol=1e-6)
 
+    @pytest.mark.skipif(
+        keras.backend.backend() == "torch",
+        reason="Keras's PyTorch backend refuses steps_per_execution > 1",
+    )
     def test_steps_per_execution_sets_weight_once_per_execution(self):
         # Two steps per call to the train function: the weight is set from
         # the first step of each call, and the count still advances by 4 per
@@ -263,7 +271,12 @@ class TestKLAnnealingFit:
 
     # Keras warns when a dataset of unknown length runs out, as it must here.
     @pytest.mark.filterwarnings("ignore:Your input ran out of data")
+    @pytest.mark.skipif(
+        keras.backend.backend() != "tensorflow", reason="tf.data input: TensorFlow backend"
+    )
     def test_epoch_unit_with_unknown_epoch_length_uses_whole_epochs(self):
+        import tensorflow as tf
+
         # `filter` hides the dataset's length: Keras does not know the steps.
         data = tf.data.Dataset.from_tensor_slices((DATA, DATA)).filter(lambda x, y: True)
         data = data.batch(BATCH)
@@ -397,11 +410,52 @@ class TestKLAnnealingFit:
         model.layers[2].kl_regularizer.kl_weight.assign(0.3)
         model.save(tmp_path / "vae.keras")
         loaded = keras.saving.load_model(tmp_path / "vae.keras")
-        assert float(loaded.layers[2].kl_regularizer.kl_weight.numpy()) == pytest.approx(0.3)
+        assert float(h.numpy(loaded.layers[2].kl_regularizer.kl_weight)) == pytest.approx(0.3)
         schedule = CyclicalAnnealing(period=4, num_cycles=1)
         history, weights = fit(loaded, KLAnnealing(schedule, unit="step"))
         np.testing.assert_allclose(weights[:, 0], cyclical_reference(np.arange(8), 4, 1))
         assert history["kl_weight"] == [1.0, 1.0]
+
+    @pytest.mark.parametrize(
+        "unit, schedule, weights",
+        [
+            ("epoch", LinearWarmup(1.5), linear_reference(np.arange(8) / 4, 1.5)),
+            ("step", LinearWarmup(8), linear_reference(np.arange(8), 8)),
+        ],
+        ids=["epoch", "step"],
+    )
+    def test_each_step_trains_with_the_scheduled_weight(self, unit, schedule, weights):
+        # The weight a step used, read from its logs alone: the step's loss
+        # less its reconstruction is weight * kl. (A callback that read the
+        # variables would sync JAX's training state and hide an assignment
+        # the step never saw.)
+        class LogRecorder(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.rows = []  # per batch: the running means of the epoch
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.rows.append([float(logs[k]) for k in ("loss", "reconstruction", "kl")])
+
+        model, recorder = make_vae(), LogRecorder()
+        model.fit(
+            DATA, DATA, epochs=2, batch_size=BATCH, shuffle=False, verbose=0,
+            callbacks=[KLAnnealing(schedule, unit=unit), recorder],
+        )  # fmt: skip
+        means = np.array(recorder.rows, np.float64).reshape(2, 4, 3)
+        # Batch t of an epoch (1-based) from the running means:
+        # t * m_t - (t - 1) * m_(t-1).
+        t = np.arange(1, 5)[None, :, None]
+        previous = np.concatenate([np.zeros((2, 1, 3)), means[:, :-1]], axis=1)
+        batches = (t * means - (t - 1) * previous).reshape(8, 3)
+        loss, reconstruction, kl = batches.T
+        # Each float32 mean has a relative round-off of at most (t + 2) U
+        # (a float32 sum of t terms, a division); the difference above
+        # multiplies it by at most 2t - 1 <= 7: an absolute error below
+        # 7 * 6 * U * max|m| per term, for loss, reconstruction and kl.
+        atol = 3 * 42 * 2.0**-24 * np.abs(means).max()
+        assert np.all(kl > 100 * atol), kl  # a KL the weights visibly scale
+        np.testing.assert_allclose(loss - reconstruction, weights * kl, rtol=0, atol=atol)
 
     def test_loss_is_reconstruction_plus_scheduled_weight_times_kl(self):
         # One step on the whole data set from identically built models (same
@@ -464,7 +518,7 @@ class TestFreeBitsWithWeight:
     def added_loss(self, model, x):
         model(x)
         assert len(model.losses) == 1
-        return float(model.losses[0])
+        return float(h.numpy(model.losses[0]))
 
     # Float32 forward pass (a 16-term matmul, softplus, log, a mean over 16
     # examples, a sum over 4 dimensions): about 50 round-offs of 2**-24, 3e-6,
@@ -493,10 +547,11 @@ class TestFreeBitsWithWeight:
                 self.rows = []
 
             def on_train_batch_end(self, batch, logs=None):
-                weight = float(posterior.kl_regularizer.kl_weight.numpy())
+                model = self.model  # on JAX, writes the training state back
+                weight = float(h.numpy(posterior.kl_regularizer.kl_weight))
                 expected, kl_j = test.expected(posterior, x, weight)
                 clamped = np.any(kl_j < test.FREE_BITS)
-                self.rows.append((weight, test.added_loss(self.model, x), expected, clamped))
+                self.rows.append((weight, test.added_loss(model, x), expected, clamped))
 
         probe = Probe()
         schedule = LinearWarmup(8, start=0.5, end=3.0)

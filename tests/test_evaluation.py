@@ -13,11 +13,12 @@ import math
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-import tensorflow_probability as tfp
 
 import keras_elbo as ke
 from tests import _helpers as h
+
+BACKEND = keras.backend.backend()
+TF_ONLY = pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.data input: TensorFlow backend")
 
 D, LATENT, SIGMA, MIN_SCALE = 5, 2, 0.5, 1e-6
 RNG = np.random.default_rng(0)
@@ -46,6 +47,16 @@ def exact_posterior():
     """The exact p(z|x) = N((x - b) @ A, cov) of the linear Gaussian model."""
     cov = np.linalg.inv(np.eye(LATENT) + K_DEC @ K_DEC.T / SIGMA**2)
     return K_DEC.T @ cov / SIGMA**2, cov
+
+
+def fill_triangular_inverse(tril):
+    """The values TFP's `fill_triangular` places into the lower triangle
+    `tril` (d, d): TFP's own algorithm (`fill_triangular_inverse`), in NumPy.
+    The last row, reversed, then the other rows plus their 180-degree
+    rotation, read row by row."""
+    d = len(tril)
+    rest = tril[:-1] + tril[:-1][::-1, ::-1]
+    return np.concatenate([tril[-1][::-1], rest.reshape(-1)[: d * (d + 1) // 2 - d]])
 
 
 def make_model(positions=(), covariance="diag", loc_shift=0.0, scale_factor=1.0):
@@ -80,7 +91,7 @@ def make_model(positions=(), covariance="diag", loc_shift=0.0, scale_factor=1.0)
         raw_tril = np.linalg.cholesky(cov)
         np.fill_diagonal(raw_tril, np.log(np.expm1(np.diag(raw_tril) - MIN_SCALE)))
         # The layer's layout of the triangle's entries is TFP's fill_triangular.
-        raw = tfp.math.fill_triangular_inverse(raw_tril.astype("float32")).numpy()
+        raw = fill_triangular_inverse(raw_tril)
     kernel = np.concatenate([a, np.zeros((D, raw.size))], axis=1)
     posterior.projection.set_weights([kernel, np.concatenate([-B_DEC @ a + loc_shift, raw])])
     decoder.set_weights([K_DEC.reshape(decoder.kernel.shape), B_DEC])
@@ -171,6 +182,28 @@ def log_ratio_moments(loc, cov):
     return var_log_r, np.expm1(log_second_moment)
 
 
+def recorded(tensor, values):
+    """`tensor`, whose value is appended to the list `values` each time the
+    function that computes it runs, compiled (TensorFlow, JAX) or not."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        def record(array):
+            values.append(array.copy())
+            return array
+
+        out = tf.numpy_function(record, [tensor], tensor.dtype, stateful=True)
+        out.set_shape(tensor.shape)
+        return out
+    if BACKEND == "jax":
+        import jax
+
+        jax.debug.callback(lambda array: values.append(np.array(array)), tensor, ordered=True)
+        return tensor
+    values.append(h.numpy(tensor))  # PyTorch runs eagerly
+    return tensor
+
+
 class TestEvaluateELBO:
     @pytest.mark.parametrize("positions", LAYOUTS.values(), ids=LAYOUTS)
     def test_matches_closed_form_within_standard_error(self, positions):
@@ -240,13 +273,7 @@ class TestImportanceWeighted:
         def likelihood(y_true, y_pred):
             # Records the decoder's outputs z @ K + b: one row per sample
             # (K has full rank, so distinct rows are distinct samples).
-            def record(values):
-                decoded.append(values.copy())
-                return values
-
-            recorded = tf.numpy_function(record, [y_pred], tf.float32, stateful=True)
-            recorded.set_shape(y_pred.shape)
-            return ke.gaussian_nll(y_true, recorded, scale=SIGMA)
+            return ke.gaussian_nll(y_true, recorded(y_pred, decoded), scale=SIGMA)
 
         k = 1000
         estimate = ke.importance_weighted_log_likelihood(
@@ -309,6 +336,8 @@ class TestLikelihood:
 
 
 def dataset(*arrays):
+    import tensorflow as tf
+
     return tf.data.Dataset.from_tensor_slices(arrays if len(arrays) > 1 else arrays[0])
 
 
@@ -323,7 +352,13 @@ DATA_FORMS = {
 
 
 class TestData:
-    @pytest.mark.parametrize("form", DATA_FORMS.values(), ids=DATA_FORMS)
+    @pytest.mark.parametrize(
+        "form",
+        [
+            pytest.param(form, id=name, marks=TF_ONLY if name.startswith("dataset") else ())
+            for name, form in DATA_FORMS.items()
+        ],
+    )
     def test_forms_model_evaluate_accepts(self, form):
         # The exact q gives log p(x) without noise and an analytic KL: both
         # known exactly, whatever the form of the data.
@@ -333,6 +368,7 @@ class TestData:
         kl = ke.evaluate_elbo(model, form(X), verbose=0)["kl"]
         np.testing.assert_allclose(kl, kl_to_prior(loc, cov), **FLOAT32_TOL)
 
+    @TF_ONLY
     def test_dataset_target_is_y(self):
         # A dataset of (x, y): q(z|x) from x, the likelihood of y.
         model, loc, cov = make_model(loc_shift=0.3, scale_factor=1.5)
@@ -348,33 +384,62 @@ class TestData:
     @pytest.mark.parametrize(
         "data, error, message",
         [
-            (X[:0], ValueError, "no examples"),
-            (dataset(X[:0]).batch(4), ValueError, "no examples"),
-            (dataset(X).filter(lambda _: False).batch(4), ValueError, "yielded no batches"),
-            (dataset(X), ValueError, "batch it first"),
-            (dataset(X).batch(4).repeat(), ValueError, "infinite"),
-            (dataset(X, X, X, X).batch(4), ValueError, "4-tuples"),
-            (dataset({"x": X}).batch(4), TypeError, "must be a NumPy array"),
-            ((row for row in X), TypeError, "must be a NumPy array"),
-        ],
-        ids=[
-            "empty_array",
-            "empty_dataset",
-            "dataset_yielding_nothing",
-            "unbatched_dataset",
-            "infinite_dataset",
-            "dataset_of_4_tuples",
-            "dataset_of_dicts",
-            "generator",
+            pytest.param(lambda: X[:0], ValueError, "no examples", id="empty_array"),
+            pytest.param(
+                lambda: dataset(X[:0]).batch(4),
+                ValueError,
+                "no examples",
+                id="empty_dataset",
+                marks=TF_ONLY,
+            ),
+            pytest.param(
+                lambda: dataset(X).filter(lambda _: False).batch(4),
+                ValueError,
+                "yielded no batches",
+                id="dataset_yielding_nothing",
+                marks=TF_ONLY,
+            ),
+            pytest.param(
+                lambda: dataset(X),
+                ValueError,
+                "batch it first",
+                id="unbatched_dataset",
+                marks=TF_ONLY,
+            ),
+            pytest.param(
+                lambda: dataset(X).batch(4).repeat(),
+                ValueError,
+                "infinite",
+                id="infinite_dataset",
+                marks=TF_ONLY,
+            ),
+            pytest.param(
+                lambda: dataset(X, X, X, X).batch(4),
+                ValueError,
+                "4-tuples",
+                id="dataset_of_4_tuples",
+                marks=TF_ONLY,
+            ),
+            pytest.param(
+                lambda: dataset({"x": X}).batch(4),
+                TypeError,
+                "must be a NumPy array",
+                id="dataset_of_dicts",
+                marks=TF_ONLY,
+            ),
+            pytest.param(
+                lambda: (row for row in X), TypeError, "must be a NumPy array", id="generator"
+            ),
         ],
     )
     def test_bad_data(self, data, error, message):
         model, _, _ = make_model()
         with pytest.raises(error, match=message):
-            ke.evaluate_elbo(model, data, verbose=0)
+            ke.evaluate_elbo(model, data(), verbose=0)
         with pytest.raises(error, match=message):
-            ke.importance_weighted_log_likelihood(model, data, num_samples=2, verbose=0)
+            ke.importance_weighted_log_likelihood(model, data(), num_samples=2, verbose=0)
 
+    @TF_ONLY
     def test_dataset_batch_above_max_decoder_batch(self):
         model, _, _ = make_model()
         with pytest.raises(ValueError, match="`max_decoder_batch`.*>= 16"):

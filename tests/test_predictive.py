@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_elbo as ke
 from keras_elbo.bayesian import BayesianDense
@@ -11,6 +10,9 @@ from keras_elbo.predictive import predictive_moments
 from tests import _helpers as h
 from tests.test_bayesian import numpy_posterior, spread_posterior
 
+TF_ONLY = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="tf.data input: TensorFlow backend"
+)
 X = np.random.default_rng(0).normal(size=(7, 4)).astype("float32")
 U = 2.0**-24  # float32 unit round-off
 
@@ -60,7 +62,7 @@ class TestRegression:
         posterior = ke.GaussianPosterior(3, inference="mean", seed=1)
         model = keras.Sequential([keras.Input((4,)), posterior])
         moments = predictive_moments(model, X, num_samples=n)
-        w, b = (v.numpy().astype(np.float64) for v in posterior.projection.weights)
+        w, b = (h.numpy(v) for v in posterior.projection.weights)
         params = X @ w + b
         scale = h.softplus(params[:, 3:]) + posterior.min_scale
         assert_gaussian_moments(moments, params[:, :3], scale**2, n)
@@ -75,14 +77,21 @@ class TestRegression:
         np.testing.assert_array_equal(moments["stddev"], 0.0)
 
 
+def dataset(slices):
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(slices)
+
+
 def dataset_of(structure, batch=3):
     """X as a batched tf.data.Dataset whose elements are `structure`."""
     y, w = np.ones((len(X), 1), "float32"), np.ones(len(X), "float32")
     slices = {"x": X, "(x,)": (X,), "(x, y)": (X, y), "(x, y, w)": (X, y, w)}[structure]
-    return tf.data.Dataset.from_tensor_slices(slices).batch(batch)
+    return dataset(slices).batch(batch)
 
 
 class TestInputs:
+    @TF_ONLY
     @pytest.mark.parametrize("structure", ["x", "(x,)", "(x, y)", "(x, y, w)"])
     def test_batched_dataset_uses_x(self, structure):
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
@@ -91,40 +100,47 @@ class TestInputs:
         assert moments["mean"].shape == (7, 2)
         assert np.all(np.abs(moments["mean"] - expected) <= bound)
 
+    @TF_ONLY
     def test_float64_dataset_through_vectorised_posterior(self):
         # Tiled passes over batches of 3, 3 and 1: the posterior's samples
         # have its moments; checked as in TestRegression.
         n = 2000
         posterior = ke.GaussianPosterior(3, seed=1)
         model = keras.Sequential([keras.Input((4,)), posterior])
-        data = tf.data.Dataset.from_tensor_slices(X.astype("float64")).batch(3)
+        data = dataset(X.astype("float64")).batch(3)
         moments = predictive_moments(model, data, num_samples=n)
-        w, b = (v.numpy().astype(np.float64) for v in posterior.projection.weights)
+        w, b = (h.numpy(v) for v in posterior.projection.weights)
         params = X @ w + b
         scale = h.softplus(params[:, 3:]) + posterior.min_scale
         assert_gaussian_moments(moments, params[:, :3], scale**2, n)
 
+    @TF_ONLY
     def test_unbatched_dataset_is_refused(self):
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        data = tf.data.Dataset.from_tensor_slices(X)
+        data = dataset(X)
         with pytest.raises(ValueError, match=r"`x`.*dataset\.batch"):
             predictive_moments(model, data, num_samples=2)
 
     @pytest.mark.parametrize(
         "x",
         [
-            np.zeros((0, 4), "float32"),
-            [],
-            tf.data.Dataset.from_tensor_slices(np.zeros((0, 4), "float32")).batch(2),
+            pytest.param(lambda: np.zeros((0, 4), "float32"), id="array"),
+            pytest.param(lambda: [], id="list"),
+            pytest.param(
+                lambda: dataset(np.zeros((0, 4), "float32")).batch(2), id="dataset", marks=TF_ONLY
+            ),
             # Of unknown length: found empty only when read.
-            tf.data.Dataset.from_tensor_slices(X).filter(lambda x: False).batch(2),
+            pytest.param(
+                lambda: dataset(X).filter(lambda x: False).batch(2),
+                id="filtered-dataset",
+                marks=TF_ONLY,
+            ),
         ],
-        ids=["array", "list", "dataset", "filtered-dataset"],
     )
     def test_empty_input_is_refused(self, x):
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
         with pytest.raises(ValueError, match="`x`. Expected at least one example"):
-            predictive_moments(model, x, num_samples=2)
+            predictive_moments(model, x(), num_samples=2)
 
 
 class Alternating(keras.layers.Layer):
@@ -136,16 +152,16 @@ class Alternating(keras.layers.Layer):
 
     def __init__(self, table, **kwargs):
         super().__init__(**kwargs)
-        self.table = tf.constant(table, tf.float32)
+        self.table = np.asarray(table, "float32")
         self.inference = "mean"
         self.calls = self.add_weight(shape=(), initializer="zeros", trainable=False, dtype="int32")
 
     def call(self, inputs):
         if self.inference != "sample":
             raise AssertionError("predictive_moments did not switch inference to 'sample'")
-        row = self.table[self.calls % len(self.table)]
+        row = keras.ops.take(self.table, self.calls % len(self.table), axis=0)
         self.calls.assign_add(1)
-        return tf.zeros_like(inputs[:, :1]) + row
+        return keras.ops.zeros_like(inputs[:, :1]) + row
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.table.shape[-1])
@@ -250,6 +266,20 @@ class TestRestore:
         moments = predictive_moments(model, X, num_samples=5)
         assert np.all(moments["stddev"] > 0)
         assert inner.layers[0].inference == "mean"
+
+    @pytest.mark.parametrize("predict_before", [False, True], ids=["after", "before-and-after"])
+    def test_model_predict_still_gives_the_mean(self, predict_before):
+        # The passes run in a function of their own: the model's predict
+        # function (cached or not) still sees inference="mean".
+        posterior = ke.GaussianPosterior(3, inference="mean", seed=1)
+        model = keras.Sequential([keras.Input((4,)), posterior])
+        params, bound = dense_reference(posterior.projection, X)
+        mean, bound = params[:, :3], bound[:, :3]
+        if predict_before:
+            assert np.all(np.abs(model.predict(X, verbose=0) - mean) <= bound)
+        moments = predictive_moments(model, X, num_samples=3)
+        assert np.all(moments["stddev"] > 0)
+        assert np.all(np.abs(model.predict(X, verbose=0) - mean) <= bound)
 
 
 class TestErrors:

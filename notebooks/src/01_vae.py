@@ -128,7 +128,7 @@ show(samples, 3, "decoded samples of the prior N(0, I)")
 # decoder's output over a grid of z.
 
 # %%
-codes = posterior.distribution(vae.layers[1](x_test)).mean().numpy()
+codes = keras.ops.convert_to_numpy(posterior.distribution(vae.layers[1](x_test)).mean())
 grid = np.linspace(-2.5, 2.5, 12, dtype="float32")
 zs = np.array([[a, b] for b in grid[::-1] for a in grid], dtype="float32")
 tiles = keras.ops.convert_to_numpy(keras.ops.sigmoid(decoder.predict(zs, verbose=0)))

@@ -127,12 +127,14 @@ for ax, kind in zip(axes, ("gaussian", "iaf"), strict=True):
     posterior = model.get_layer("posterior")
     features = model.get_layer("encoder")(x_test[:1])
     # A grid around this posterior's own samples.
-    samples = posterior.distribution(features).sample(2000, seed=(0, 1)).numpy()[:, 0]
+    samples = keras.ops.convert_to_numpy(posterior.distribution(features).sample(2000, seed=1))[
+        :, 0
+    ]
     center, span = samples.mean(axis=0), 4 * samples.std(axis=0).max()
     g0, g1 = (np.linspace(c - span, c + span, 80, dtype="float32") for c in center)
     zz = np.stack(np.meshgrid(g0, g1), axis=-1).reshape(-1, 2)
     q = posterior.distribution(np.repeat(features, len(zz), axis=0))
-    density = np.exp(q.log_prob(zz).numpy()).reshape(80, 80)
+    density = np.exp(keras.ops.convert_to_numpy(q.log_prob(zz))).reshape(80, 80)
     ax.contourf(g0, g1, density, levels=20, cmap="viridis")
     ax.set(title=f"q(z|x) of one test image: {kind}", xlabel="z[0]", ylabel="z[1]")
 plt.tight_layout()
@@ -151,7 +153,7 @@ for row, (kind, model) in enumerate(models.items()):
     prior = posterior.kl_regularizer.prior_distribution(
         posterior.distribution(np.zeros((1, 128), "float32")), posterior
     )
-    z = prior.sample(12, seed=(1, row))
+    z = prior.sample(12, seed=1 + row)
     decoder_input = keras.Input((latent_dim,))
     h = model.layers[-2](decoder_input)
     decoder = keras.Model(decoder_input, model.layers[-1](h))
