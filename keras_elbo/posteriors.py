@@ -215,7 +215,8 @@ class GaussianPosterior(Posterior):
         )
 
     def build_sublayers(self, input_shape):
-        self.projection.build(input_shape)
+        if not self.projection.built:
+            self.projection.build(input_shape)
 
     def distribution(self, inputs):
         """q(z|x) for a batch of inputs, as a TFP distribution (float32, or

@@ -101,6 +101,11 @@ def save_and_load(model, path, use_custom_objects, monkeypatch=None, user_object
 
 BACKEND = keras.backend.backend()
 
+# `jit_compile` values worth testing a whole fit with, per backend: graph and
+# XLA on TensorFlow; JAX's compiled step (eager JAX is slow); PyTorch eager
+# (jit_compile=True is torch.compile: minutes per model).
+JIT_MODES = {"tensorflow": [False, True], "jax": [True], "torch": [False]}.get(BACKEND, [False])
+
 
 def numpy(x):
     """A backend tensor, variable or array as a float64 NumPy array."""

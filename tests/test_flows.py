@@ -633,7 +633,7 @@ def compile_vae(model, jit_compile="auto"):
 # uncompiled step runs op by op (20 s here) and PyTorch's compiled one spends
 # 40 s in torch.compile, so each of those runs its usual mode only (what
 # `jit_compile="auto"`, the other tests' setting, picks on a CPU).
-JIT_COMPILE = {"tensorflow": [False, True], "jax": [True], "torch": [False]}.get(h.BACKEND, [False])
+JIT_COMPILE = h.JIT_MODES
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ def make_vae(prior=None, covariance="diag", mode="auto", num_samples=1, inferenc
     return ke.ELBOModel(x, logits)
 
 
-def compile_vae(model, jit_compile=False, loss=None):
+def compile_vae(model, jit_compile="auto", loss=None):
     model.compile(
         optimizer=keras.optimizers.Adam(1e-2),
         loss=loss or ke.BernoulliNLL(from_logits=True),
@@ -33,7 +33,7 @@ def compile_vae(model, jit_compile=False, loss=None):
 
 
 class TestFit:
-    @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+    @pytest.mark.parametrize("jit_compile", h.JIT_MODES, ids=lambda jit: f"jit_compile={jit}")
     def test_loss_falls_and_kl_is_logged_once(self, jit_compile):
         model = compile_vae(make_vae(prior=ke.MixturePrior(LATENT, 4, seed=0)), jit_compile)
         h.assert_vae_trains_and_logs_kl_once(model)
@@ -318,7 +318,10 @@ class TestNonFiniteInputs:
             history = model.fit(self._bad_data(), DATA, epochs=1, batch_size=128, verbose=0)
             assert not np.isfinite(history.history["loss"][0])
             return
-        with pytest.raises(h.run_time_error(), match="inputs of this batch contain NaN or Inf"):
+        # With oneDNN (TensorFlow) the posterior sees no NaN: ELBOModel's input
+        # check stops the step; elsewhere the posterior's own check may come first.
+        message = "inputs of this batch contain NaN or Inf|received non-finite posterior"
+        with pytest.raises(h.run_time_error(), match=message):
             model.fit(self._bad_data(), DATA, epochs=1, batch_size=128, verbose=0)
         for b, w in zip(before, model.trainable_weights, strict=True):
             np.testing.assert_array_equal(b, w.numpy())

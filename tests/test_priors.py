@@ -104,7 +104,7 @@ class TestVampPrior:
         z = np.random.default_rng(2).normal(size=(7, 2)).astype("float32")
         expected = h.mixture_logpdf(z, np.zeros(3), locs, scales)
         actual = prior.distribution(posterior_layer=posterior).log_prob(z)
-        np.testing.assert_allclose(actual, expected, rtol=1e-5)
+        np.testing.assert_allclose(h.numpy(actual), expected, rtol=1e-5)
 
     def test_trains_pseudo_inputs_with_monte_carlo_kl(self):
         model, body, prior, posterior = vamp_vae()
