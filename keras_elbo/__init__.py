@@ -12,9 +12,10 @@ quiet_demo_start()
 
 import keras  # noqa: E402
 
-# Every module computes with `keras.ops` and runs on TensorFlow, JAX and
-# PyTorch, except those still being moved (issue 11), which are imported on
-# TensorFlow only; on another backend their names raise one clear error.
+# Every module computes with `keras.ops` and `keras.random`, and runs on
+# TensorFlow, JAX and PyTorch; TensorFlow Probability is imported only where a
+# user's program already did (keras_elbo/_tfp.py).
+from keras_elbo.bayesian import BayesianConv2D, BayesianDense
 from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
@@ -24,17 +25,6 @@ from keras_elbo.model import ELBOModel, _FunctionalELBOModel
 from keras_elbo.posteriors import GaussianPosterior, Posterior
 from keras_elbo.predictive import predictive_moments
 from keras_elbo.priors import MixturePrior, NormalPrior, Prior, ScaleMixturePrior, VampPrior
-
-_BACKEND_ERROR = (
-    "keras_elbo.{name} needs the TensorFlow backend of Keras for now (its move to "
-    "every backend is under way), but Keras is using the '{backend}' backend. Set "
-    "the environment variable KERAS_BACKEND=tensorflow before Python imports keras "
-    '(or set "backend": "tensorflow" in ~/.keras/keras.json).'
-)
-_TENSORFLOW_ONLY = {"BayesianConv2D", "BayesianDense"}
-
-if keras.backend.backend() == "tensorflow":
-    from keras_elbo.bayesian import BayesianConv2D, BayesianDense
 
 __version__ = "0.1.0"
 
@@ -68,26 +58,20 @@ __all__ = [
 ]
 
 _SERIALIZABLE = [
+    BayesianConv2D,
+    BayesianDense,
     BernoulliNLL,
     FlowPosterior,
     GaussianNLL,
-    MADE,
     GaussianPosterior,
     KLRegularizer,
+    MADE,
     MixturePrior,
     NormalPrior,
     ScaleMixturePrior,
     VampPrior,
     _FunctionalELBOModel,  # what ELBOModel(inputs, outputs) returns and saves
 ]
-if keras.backend.backend() == "tensorflow":
-    _SERIALIZABLE += [BayesianConv2D, BayesianDense]
-else:
-
-    def __getattr__(name):
-        if name in _TENSORFLOW_ONLY:
-            raise ImportError(_BACKEND_ERROR.format(name=name, backend=keras.backend.backend()))
-        raise AttributeError(f"module 'keras_elbo' has no attribute {name!r}")
 
 
 def custom_objects():

@@ -43,7 +43,9 @@ def seed_generator(seed, salt):
     would otherwise draw the same noise. `seed=None` draws a random seed.
     """
     if seed is not None:
-        seed = (seed + zlib.crc32(salt.encode())) % (2**31 - 1)
+        # A hash, not seed + salt: PyTorch's backend seeds each draw with
+        # seed + counter, so neighbouring seeds would draw shifted copies.
+        seed = zlib.crc32(f"{salt}:{seed}".encode()) % (2**31 - 1)
     return keras.random.SeedGenerator(seed)
 
 

@@ -4,20 +4,21 @@ Bayes by Backprop (Blundell et al., 2015) as drop-in Keras layers. Each layer
 holds q(w), a diagonal Gaussian over all its P weights and biases (flattened
 into one vector), draws weights from it, and hands q and the sample to its own
 `KLRegularizer`, which adds `kl_weight * KL[q(w) || p(w)]` to the model's loss.
+Written in `keras.ops` and `keras.random`: the layers run on the TensorFlow,
+JAX and PyTorch backends; the same seed gives the same draws within a backend
+(not across backends).
 """
 
 import math
 
 import keras
-import tensorflow as tf
-import tensorflow_probability as tfp
+from keras import ops
 
 from keras_elbo import _math
 from keras_elbo._base import ParentLayer, deserialize_nested
+from keras_elbo.distributions import MultivariateNormalDiag
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.priors import Prior
-
-tfd = tfp.distributions
 
 ESTIMATORS = ("reparameterization", "flipout")
 INFERENCE_OUTPUTS = ("mean", "sample")
@@ -30,8 +31,8 @@ class BayesianLayer(ParentLayer):
 
     A subclass gives the shapes of its kernel and bias in `build` (through
     `build_posterior`) and the linear map of its kernel in `linear`; this
-    class owns the loc and raw-scale variables, the `KLRegularizer` (its
-    metric named `f"{name}_kl"`), and the choice of output: mean weights,
+    class owns the loc and raw-scale variables, the `KLRegularizer` (whose
+    KL `ELBOModel` logs as `f"{name}_kl"`), and the choice of output: mean weights,
     one shared weight sample (`"reparameterization"`), or Flipout.
 
     Args:
@@ -88,7 +89,7 @@ class BayesianLayer(ParentLayer):
         self.posterior_scale_init = posterior_scale_init
         self.seed = seed
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed_generator = _math.seed_generator(seed, type(self).__name__)
         # The KL goes through the library's regularizer (closed form for a
         # normal prior, Monte Carlo on the layer's own sample otherwise). It
         # is rebuilt from these arguments on loading, not serialized itself.
@@ -133,24 +134,25 @@ class BayesianLayer(ParentLayer):
     @property
     def num_parameters(self) -> int:
         """P, the number of weights and biases q(w) is a distribution over."""
-        count = int(self.kernel_loc.shape.num_elements())
-        return count + (int(self.bias_loc.shape.num_elements()) if self.use_bias else 0)
+        count = math.prod(self.kernel_loc.shape)
+        return count + (math.prod(self.bias_loc.shape) if self.use_bias else 0)
 
-    def posterior(self):
-        """q(w): a `tfd.MultivariateNormalDiag` over the P flattened parameters
-        (the kernel, row-major, then the bias), in float32."""
+    def posterior(self) -> MultivariateNormalDiag:
+        """q(w): a `keras_elbo.distributions.MultivariateNormalDiag` over the
+        P flattened parameters (the kernel, row-major, then the bias), in
+        float32; batch shape `()`, event shape `(P,)`."""
         locs, raws = [self.kernel_loc], [self.kernel_raw_scale]
         if self.use_bias:
             locs.append(self.bias_loc)
             raws.append(self.bias_raw_scale)
-        loc = tf.concat([tf.reshape(tf.convert_to_tensor(v), [-1]) for v in locs], axis=0)
-        raw = tf.concat([tf.reshape(tf.convert_to_tensor(v), [-1]) for v in raws], axis=0)
-        return tfd.MultivariateNormalDiag(loc=loc, scale_diag=_math.positive_scale(raw, MIN_SCALE))
+        loc = ops.concatenate([ops.reshape(v, (-1,)) for v in locs], axis=0)
+        raw = ops.concatenate([ops.reshape(v, (-1,)) for v in raws], axis=0)
+        return MultivariateNormalDiag(loc, _math.positive_scale(raw, MIN_SCALE))
 
     def _split(self, flat):
         """The kernel and bias (or None) held in a flat parameter vector."""
         size = math.prod(self._kernel_shape)
-        kernel = tf.reshape(flat[:size], self._kernel_shape)
+        kernel = ops.reshape(flat[:size], self._kernel_shape)
         bias = flat[size:] if self.use_bias else None
         return kernel, bias
 
@@ -159,17 +161,16 @@ class BayesianLayer(ParentLayer):
         raise NotImplementedError
 
     def _affine(self, inputs, kernel, bias):
-        outputs = self.linear(inputs, tf.cast(kernel, inputs.dtype))
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        outputs = self.linear(inputs, ops.cast(kernel, dtype))
         if bias is not None:
-            outputs = outputs + tf.cast(bias, inputs.dtype)
+            outputs = outputs + ops.cast(bias, dtype)
         return outputs
 
     def call(self, inputs, training=None):
-        inputs = tf.convert_to_tensor(inputs)
+        inputs = ops.convert_to_tensor(inputs)
         q = self.posterior()
-        seed = _math.tfp_seed(self.seed_generator, type(self).__name__)
-        sample_seed, in_seed, out_seed = tfp.random.split_seed(seed, 3)
-        w = q.sample(seed=sample_seed)
+        w = q.sample(seed=self.seed_generator)
         # One KL per call, on the call's weight sample (used by Monte Carlo
         # modes; the closed form ignores it). Added outside training too, so
         # that `evaluate` reports the training objective.
@@ -179,24 +180,27 @@ class BayesianLayer(ParentLayer):
         elif self.estimator == "reparameterization":
             outputs = self._affine(inputs, *self._split(w))
         else:
-            outputs = self._flipout(inputs, q.mean(), w - q.mean(), in_seed, out_seed)
+            outputs = self._flipout(inputs, q.mean(), w - q.mean())
         return self.activation(outputs)
 
-    def _flipout(self, inputs, mean, delta, in_seed, out_seed):
+    def _flipout(self, inputs, mean, delta):
         # Wen et al., 2018: example n sees the perturbation delta * (s_in
         # s_out^T) with its own random signs; since delta is symmetric about
         # zero, each example's weights are still distributed as q, but the
         # examples of a batch are decorrelated (a shared sample makes them
         # all move together), which lowers the gradient's variance.
         kernel_delta, bias_delta = self._split(delta)
-        rank = len(inputs.shape)
+        # One sign per example and channel, shared by the other axes (the
+        # positions of an image, the middle axes of a sequence).
+        leading = (ops.shape(inputs)[0],) + (1,) * (len(inputs.shape) - 2)
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
 
-        def signs(size, seed):
-            shape = tf.concat([tf.shape(inputs)[:1], tf.ones([rank - 2], tf.int32), [size]], 0)
-            return tfp.random.rademacher(shape, dtype=inputs.dtype, seed=seed)
+        def signs(size):
+            bits = keras.random.randint((*leading, size), 0, 2, seed=self.seed_generator)
+            return ops.cast(2 * bits - 1, dtype)
 
-        sign_in = signs(self._kernel_shape[-2], in_seed)
-        sign_out = signs(self._kernel_shape[-1], out_seed)
+        sign_in = signs(self._kernel_shape[-2])
+        sign_out = signs(self._kernel_shape[-1])
         perturbation = self._affine(inputs * sign_in, kernel_delta, bias_delta) * sign_out
         return self._affine(inputs, *self._split(mean)) + perturbation
 
@@ -231,7 +235,7 @@ class BayesianDense(BayesianLayer):
     over all P = input_dim * units (+ units) parameters, flattened into one
     vector. At each call the layer draws weights from q, adds
     `kl_weight * KL[q(w) || p(w)]` to the model's loss through its own
-    `KLRegularizer` (whose unweighted KL is logged as the metric
+    `KLRegularizer` (whose unweighted KL `keras_elbo.ELBOModel` logs as
     `f"{name}_kl"`), and returns `activation(x @ kernel + bias)`. In training
     the weights are sampled by `estimator`; outside training `inference`
     decides. `keras_elbo.predictive.predictive_moments` gives the predictive
@@ -355,7 +359,7 @@ class BayesianDense(BayesianLayer):
         self.built = True
 
     def linear(self, inputs, kernel):
-        return tf.matmul(inputs, kernel)  # broadcasts over leading axes
+        return ops.matmul(inputs, kernel)  # broadcasts over leading axes
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.units)
@@ -380,7 +384,7 @@ class BayesianConv2D(BayesianLayer):
     `Conv2D` for Bayes by Backprop, as `BayesianDense` is `Dense`: a
     mean-field Gaussian q(w) over the P = kh * kw * in_channels * filters
     (+ filters) parameters, `kl_weight * KL[q(w) || p(w)]` added through the
-    layer's own `KLRegularizer` (metric `f"{name}_kl"`), weights sampled by
+    layer's own `KLRegularizer` (logged as `f"{name}_kl"`), weights sampled by
     `estimator` in training and chosen by `inference` outside it.
     Channels-last inputs only. With `"flipout"` the random signs are drawn
     per example and channel (`s_in` over input channels, `s_out` over
@@ -497,12 +501,13 @@ class BayesianConv2D(BayesianLayer):
         self.built = True
 
     def linear(self, inputs, kernel):
-        return tf.nn.convolution(
+        return ops.conv(
             inputs,
             kernel,
             strides=self.strides,
-            padding=self.padding.upper(),
-            dilations=self.dilation_rate,
+            padding=self.padding,
+            data_format="channels_last",
+            dilation_rate=self.dilation_rate,
         )
 
     def compute_output_shape(self, input_shape):
