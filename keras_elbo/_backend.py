@@ -14,6 +14,8 @@ What each backend can check:
   (and raise eagerly outside `jit`).
 """
 
+import sys
+
 import keras
 
 BACKEND = keras.backend.backend()
@@ -65,3 +67,13 @@ def finite_gate(tensors, message):
     # log(1) = 0 passes the check; log(0) = -inf fails it with `message`.
     checked = check_finite(keras.ops.log(keras.ops.cast(finite, "float32")), message)
     return keras.ops.exp(checked)
+
+
+def is_tf_dataset(x):
+    """Whether `x` is a `tf.data.Dataset`, on any backend, without importing
+    TensorFlow: a program that holds one has imported it."""
+    if "tensorflow" not in sys.modules:
+        return False
+    import tensorflow as tf
+
+    return isinstance(x, tf.data.Dataset)

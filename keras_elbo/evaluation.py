@@ -15,13 +15,12 @@ sums them.
 """
 
 import math
-import sys
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_elbo import _math
+from keras_elbo import _backend, _math
 from keras_elbo._base import find_layers
 from keras_elbo.divergence import draw
 from keras_elbo.losses import BernoulliNLL, GaussianNLL
@@ -139,16 +138,6 @@ _DATA_TYPES = (
 )
 
 
-def _is_tf_dataset(x):
-    """Whether `x` is a `tf.data.Dataset`, on any backend, without importing
-    TensorFlow: a program that holds one has imported it."""
-    if "tensorflow" not in sys.modules:
-        return False
-    import tensorflow as tf
-
-    return isinstance(x, tf.data.Dataset)
-
-
 def _data(x, batch_size, input_shape):
     """The batches of `x` as `(inputs, targets)` float32 NumPy pairs, and the
     number of batches (`None` if unknown).
@@ -157,7 +146,7 @@ def _data(x, batch_size, input_shape):
     `(x, y)` or `(x, y, sample_weight)`; the weights are not used, since the
     results are per example.
     """
-    if _is_tf_dataset(x):
+    if _backend.is_tf_dataset(x):
         return _dataset_batches(x, input_shape)
     try:
         array = np.asarray(x, dtype="float32")
@@ -348,7 +337,7 @@ def importance_weighted_log_likelihood(
     batch_size = _math.integer("batch_size", batch_size)
     # Each chunk decodes at least one sample of every example of a batch (a
     # dataset's batches are checked as they come).
-    is_dataset = _is_tf_dataset(x)
+    is_dataset = _backend.is_tf_dataset(x)
     max_decoder_batch = _math.integer(
         "max_decoder_batch", max_decoder_batch, minimum=1 if is_dataset else batch_size
     )

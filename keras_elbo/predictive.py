@@ -1,13 +1,12 @@
 """Predictive uncertainty: moments of a model's output over posterior samples."""
 
 import math
-import sys
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_elbo import _math
+from keras_elbo import _backend, _math
 from keras_elbo._base import find_layers
 from keras_elbo.posteriors import Posterior
 
@@ -39,16 +38,6 @@ def _as_input(batch):
     return batch.astype("float32") if np.issubdtype(batch.dtype, np.floating) else batch
 
 
-def _is_tf_dataset(x):
-    """Whether `x` is a `tf.data.Dataset`, on any backend, without importing
-    TensorFlow: a program that holds one has imported it."""
-    if "tensorflow" not in sys.modules:
-        return False
-    import tensorflow as tf
-
-    return isinstance(x, tf.data.Dataset)
-
-
 def _input_batches(model, x, batch_size):
     """The inputs `x` in batches: `(steps, batches)`, with `steps` the number
     of batches (`None` if unknown) and `batches` an iterable of NumPy arrays.
@@ -58,7 +47,7 @@ def _input_batches(model, x, batch_size):
     yielding `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`, of which only
     `x` is used (on any backend, where TensorFlow is installed).
     """
-    if _is_tf_dataset(x):
+    if _backend.is_tf_dataset(x):
         import tensorflow as tf
 
         x_spec = keras.utils.unpack_x_y_sample_weight(x.element_spec)[0]

@@ -194,13 +194,9 @@ class TestBackend:
         assert "TF []" in result.stdout
 
 
-MIRRORED = """
-import numpy as np, tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras, keras_elbo as ke
-
+# A VAE whose loss is deterministic, its three training steps' losses and KLs:
+# the distributed tests compare them with a single device's.
+DETERMINISTIC_VAE = """
 def build():
     keras.utils.set_random_seed(0)
     x = keras.Input((8,))
@@ -221,6 +217,19 @@ def losses(model):
     logs = [model.train_on_batch(data, data, return_dict=True) for _ in range(3)]
     return [[float(step["loss"]), float(step["kl"])] for step in logs]
 
+"""
+
+
+MIRRORED = (
+    """
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, keras_elbo as ke
+"""
+    + DETERMINISTIC_VAE
+    + """
 single = losses(build())
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
@@ -230,6 +239,7 @@ print("REPLICAS", strategy.num_replicas_in_sync)
 print("SINGLE", single)
 print("MIRRORED", mirrored)
 """
+)
 
 
 class TestMirroredStrategy:
@@ -271,30 +281,14 @@ class TestFloat64:
         np.testing.assert_allclose(float(posterior.losses[0]), expected, rtol=1e-10)
 
 
-DATA_PARALLEL = """
+DATA_PARALLEL = (
+    """
 import json, os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 import jax, numpy as np, keras, keras_elbo as ke
-
-def build():
-    keras.utils.set_random_seed(0)
-    x = keras.Input((8,))
-    posterior = ke.GaussianPosterior(
-        3, kl_regularizer=ke.KLRegularizer(prior=ke.MixturePrior(3, 4, seed=0)), min_scale=1e-7)
-    model = ke.ELBOModel(x, keras.layers.Dense(8)(posterior(keras.layers.Dense(16)(x))))
-    model.compile(keras.optimizers.SGD(0.1), ke.BernoulliNLL(from_logits=True))
-    # As in the MirroredStrategy test: scales of 1e-7 make the loss deterministic.
-    kernel, bias = posterior.projection.get_weights()
-    kernel[:, 3:] = 0.0
-    bias[3:] = -30.0
-    posterior.projection.set_weights([kernel, bias])
-    return model
-
-data = (np.random.default_rng(0).random((32, 8)) < 0.4).astype("float32")
-def losses(model):
-    logs = [model.train_on_batch(data, data, return_dict=True) for _ in range(3)]
-    return [[float(step["loss"]), float(step["kl"])] for step in logs]
-
+"""
+    + DETERMINISTIC_VAE
+    + """
 single = losses(build())
 keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
 parallel = losses(build())
@@ -302,6 +296,7 @@ print("DEVICES", len(jax.devices()))
 print("SINGLE", json.dumps(single))
 print("PARALLEL", json.dumps(parallel))
 """
+)
 
 
 class TestJaxDataParallel:
