@@ -46,6 +46,7 @@ ALL_BACKENDS = {
     "tests/test_divergence.py",
     "tests/test_evaluation.py",
     "tests/test_flows.py",
+    "tests/test_layer_battery.py",
     "tests/test_losses.py",
     "tests/test_model.py",
     "tests/test_package.py",
