@@ -153,13 +153,3 @@ def seed(name, value):
 
 
 _FLOAT32 = np.finfo(np.float32)
-
-
-def tfp_seed(seed_generator, salt):
-    """A stateless TFP seed from a Keras SeedGenerator (TensorFlow only).
-
-    Kept for the modules still on TFP while they move to `keras.ops`."""
-    import tensorflow as tf
-    import tensorflow_probability as tfp
-
-    return tfp.random.sanitize_seed(tf.cast(seed_generator.next(), tf.int32), salt=salt)

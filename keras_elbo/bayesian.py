@@ -15,7 +15,7 @@ import keras
 from keras import ops
 
 from keras_elbo import _math
-from keras_elbo._base import ParentLayer, deserialize_nested
+from keras_elbo._base import deserialize_nested
 from keras_elbo.distributions import MultivariateNormalDiag
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.priors import Prior
@@ -26,7 +26,7 @@ INFERENCE_OUTPUTS = ("mean", "sample")
 MIN_SCALE = 1e-6
 
 
-class BayesianLayer(ParentLayer):
+class BayesianLayer(keras.layers.Layer):
     """Base class of the Bayesian layers: the posterior q(w), its KL, sampling.
 
     A subclass gives the shapes of its kernel and bias in `build` (through

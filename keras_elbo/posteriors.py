@@ -5,7 +5,7 @@ import numpy as np
 
 from keras_elbo import _math
 from keras_elbo import distributions as kd
-from keras_elbo._base import ParentLayer, deserialize_nested
+from keras_elbo._base import deserialize_nested
 from keras_elbo.divergence import KLRegularizer, draw
 
 COVARIANCES = ("diag", "full")
@@ -29,7 +29,7 @@ def fill_triangular(values, d):
 INFERENCE_OUTPUTS = ("sample", "mean")
 
 
-class Posterior(ParentLayer):
+class Posterior(keras.layers.Layer):
     """Base class of posterior layers: subclasses implement `distribution`.
 
     It holds what every posterior layer does alike: it validates `latent_dim`,
