@@ -40,18 +40,36 @@ def check_finite(tensor, message):
 
 
 def assert_condition(ok, message):
-    """Raises `ValueError(message)` at run time where the backend can if the
-    boolean scalar `ok` is false. On TensorFlow it returns the assert op,
-    which `tf.function` runs in program order (it is stateful)."""
+    """Raises, where the backend can, unless the boolean scalar `ok` holds.
+
+    `message` is a string, or a list of strings and scalar tensors joined with
+    spaces. In a TensorFlow graph it is the data of a `tf.debugging.Assert`
+    (stateful: run in program order; XLA drops it). Eagerly (TensorFlow's
+    eager mode, PyTorch, JAX outside `jit`) it raises at once, TensorFlow's
+    `InvalidArgumentError` or a `ValueError`, with the numbers written
+    `{:g}`. Inside `jax.jit` nothing can raise.
+    """
+    message = [message] if isinstance(message, str) else message
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        return tf.debugging.Assert(ok, [message])
-    if BACKEND == "jax" and _is_traced_jax(ok):
-        return None
+        if not tf.executing_eagerly():
+            tf.debugging.Assert(ok, message)
+            return
+
+        def error(text):
+            return tf.errors.InvalidArgumentError(None, None, text)
+
+    elif BACKEND == "jax" and _is_traced_jax(ok):
+        return
+    else:
+        error = ValueError
     if not bool(keras.ops.convert_to_numpy(ok)):
-        raise ValueError(message)
-    return None
+        text = " ".join(
+            part if isinstance(part, str) else f"{float(keras.ops.convert_to_numpy(part)):g}"
+            for part in message
+        )
+        raise error(text.replace(" ;", ";"))
 
 
 def finite_gate(tensors, message):

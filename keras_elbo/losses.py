@@ -17,39 +17,6 @@ from keras_elbo import _backend, _math
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-def _assert_condition(ok, message):
-    """Raises, where the backend can, unless the boolean scalar `ok` holds.
-
-    `_backend.assert_condition` with values in the message: `message` is a
-    list of strings and scalar tensors, joined with spaces. In a TensorFlow
-    graph it is the data of a `tf.debugging.Assert` (which prints each part
-    in brackets, at run time, before the step's weight update; XLA drops
-    it). Eagerly (TensorFlow's eager mode, PyTorch, JAX outside `jit`) it
-    raises at once, TensorFlow's `InvalidArgumentError` or a `ValueError`,
-    with the numbers written `{:g}`. Inside `jax.jit` nothing can raise.
-    """
-    if _backend.BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        if not tf.executing_eagerly():
-            tf.debugging.Assert(ok, message)
-            return
-
-        def error(text):
-            return tf.errors.InvalidArgumentError(None, None, text)
-
-    elif _backend.BACKEND == "jax" and _backend._is_traced_jax(ok):
-        return
-    else:
-        error = ValueError
-    if not bool(ops.convert_to_numpy(ok)):
-        text = " ".join(
-            part if isinstance(part, str) else f"{float(ops.convert_to_numpy(part)):g}"
-            for part in message
-        )
-        raise error(text.replace(" ;", ";"))
-
-
 def _checked_targets(y_true, loss_name, unit_interval=False):
     """`y_true`, checked at run time to be finite (and within [0, 1]).
 
@@ -57,7 +24,7 @@ def _checked_targets(y_true, loss_name, unit_interval=False):
     step would be blamed on the first layer that checks its input; a target
     outside [0, 1] would give a Bernoulli likelihood a meaningless (even
     negative) value. Both stop here with an error that names the loss and the
-    cause (see `_assert_condition`): on TensorFlow an `InvalidArgumentError`,
+    cause (see `_backend.assert_condition`): on TensorFlow an `InvalidArgumentError`,
     at once in eager mode and in a `tf.function` (`fit`) before the step
     updates any weight; on PyTorch, and on JAX outside `jit`, a `ValueError`
     at once. Where nothing can raise, under XLA (`jit_compile=True`) and
@@ -70,7 +37,7 @@ def _checked_targets(y_true, loss_name, unit_interval=False):
     if unit_interval:
         valid = ops.logical_and(finite, ops.logical_and(y_true >= 0, y_true <= 1))
     all_finite, all_valid = ops.all(finite), ops.all(valid)
-    _assert_condition(
+    _backend.assert_condition(
         all_finite,
         [
             f"{loss_name}: the targets (y_true) contain NaN or Inf. Remove or impute "
@@ -82,7 +49,7 @@ def _checked_targets(y_true, loss_name, unit_interval=False):
         low = ops.min(y_true, initial=math.inf)
         high = ops.max(y_true, initial=-math.inf)
         # Checked only when every target is finite: a NaN is reported as such.
-        _assert_condition(
+        _backend.assert_condition(
             ops.logical_or(all_valid, ops.logical_not(all_finite)),
             [
                 f"{loss_name}: the targets (y_true) must lie in [0, 1], but they range from",
