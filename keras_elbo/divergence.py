@@ -424,7 +424,7 @@ class KLRegularizer(keras.layers.Layer):
         terms = self._kl_terms(posterior, sample, posterior_layer, per_dimension=False)
         return _math.sum_event_dims(terms[..., 0])
 
-    def call(self, z, posterior=None, posterior_layer=None):
+    def call(self, z, posterior=None, posterior_layer=None, add_to_loss=True):
         if not is_distribution(posterior):
             raise TypeError(
                 "KLRegularizer must be called as `kl_regularizer(z, posterior=q)` "
@@ -442,7 +442,11 @@ class KLRegularizer(keras.layers.Layer):
             per_term = positions * math.prod(_shape(posterior.event_shape)) // terms.shape[-1]
             objective = keras.ops.sum(keras.ops.maximum(terms, self.free_bits * per_term))
         penalty = keras.ops.cast(self.kl_weight, objective.dtype) * objective
-        self.add_loss(penalty)
+        if not add_to_loss:
+            # `ELBOModel(objective="iwae")` weighs log p(z) - log q(z|x) itself.
+            penalty = keras.ops.zeros_like(penalty)
+        else:
+            self.add_loss(penalty)
         self.last_kl.assign(keras.ops.stop_gradient(kl))
         self.last_penalty.assign(keras.ops.stop_gradient(penalty))
         return z

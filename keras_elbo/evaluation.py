@@ -23,20 +23,8 @@ from keras import ops
 from keras_elbo import _backend, _math
 from keras_elbo._base import find_layers
 from keras_elbo.divergence import draw
-from keras_elbo.losses import BernoulliNLL, GaussianNLL
+from keras_elbo.losses import is_reconstruction_loss
 from keras_elbo.posteriors import Posterior
-
-# The losses whose `call(y_true, y_pred)` returns -log p(x|z) per example. A
-# `keras.losses.Loss` of one's own qualifies by setting the class attribute
-# `is_reconstruction_loss = True` (a public base class may replace both).
-_RECONSTRUCTION_LOSSES = (BernoulliNLL, GaussianNLL)
-
-
-def _is_reconstruction_loss(loss):
-    return isinstance(loss, keras.losses.Loss) and (
-        isinstance(loss, _RECONSTRUCTION_LOSSES)
-        or getattr(loss, "is_reconstruction_loss", False) is True
-    )
 
 
 class _LatentModel:
@@ -66,7 +54,7 @@ class _LatentModel:
             ) from err
         if likelihood is None:
             likelihood = getattr(model, "loss", None)
-            if not _is_reconstruction_loss(likelihood):
+            if not is_reconstruction_loss(likelihood):
                 raise ValueError(
                     "Pass `likelihood=`: a callable (y_true, y_pred) -> negative "
                     "log-likelihood per example. The model's compiled loss "

@@ -258,3 +258,17 @@ class GaussianNLL(keras.losses.Loss):
 
     def get_config(self):
         return {**super().get_config(), "scale": self.scale, "min_scale": self.min_scale}
+
+
+def is_reconstruction_loss(loss) -> bool:
+    """Whether `loss.call(y_true, y_pred)` returns -log p(y|z) per example.
+
+    True of this module's losses, of `keras_elbo.outputs`, and of a
+    `keras.losses.Loss` of one's own that sets the class attribute
+    `is_reconstruction_loss = True`. The estimators that need each example's
+    log-likelihood (evaluation, `ELBOModel(objective="iwae")`) check it.
+    """
+    return isinstance(loss, keras.losses.Loss) and (
+        isinstance(loss, (BernoulliNLL, GaussianNLL))
+        or getattr(loss, "is_reconstruction_loss", False) is True
+    )

@@ -1,6 +1,12 @@
-"""`ELBOModel`: a Keras model that logs the parts of the ELBO."""
+"""`ELBOModel`: a Keras model that logs the parts of the ELBO and trains
+single- or multi-sample objectives (the averaged ELBO, the importance-weighted
+bound)."""
+
+import contextlib
+import math
 
 import keras
+from keras import ops
 
 # Private Keras classes, needed to build a functional `ELBOModel` without
 # Keras's `inject_functional_model_class`, which would rewrite
@@ -9,10 +15,16 @@ from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
 from keras.src.trainers.trainer import Trainer
 from keras.src.utils.naming import auto_name
+from keras.src.utils.tracking import no_automatic_dependency_tracking
 
-from keras_elbo import _backend
+from keras_elbo import _backend, _math
 from keras_elbo._base import find_layers
-from keras_elbo.divergence import KLRegularizer
+from keras_elbo.divergence import KLRegularizer, stop_parameter_gradients
+from keras_elbo.flows import FlowPosterior
+from keras_elbo.losses import is_reconstruction_loss
+from keras_elbo.posteriors import MultiSampleDraws, Posterior
+
+OBJECTIVES = ("elbo", "iwae")
 
 
 def _metric_names(model, regularizers):
@@ -79,6 +91,42 @@ class ELBOModel(keras.Model):
     posterior and Bayesian layer exists (for a subclassed model, after
     `__init__`).
 
+    Multi-sample objectives. With `num_samples=K > 1` the model's (one)
+    posterior draws K samples per example in `fit` and `evaluate`, and the
+    decoder runs once on all `K * batch` of them (sample-major: the model's
+    output has `K * batch` rows there; `predict` is unchanged). With
+    `objective="elbo"` the loss is the ELBO averaged over the K samples; with
+    `objective="iwae"` it is the importance-weighted bound of Burda et al.
+    (2016), tighter as K grows:
+
+    ```python
+    log_w[k] = log p(x|z_k) + kl_weight * (log p(z_k) - log q(z_k|x))
+    loss = -mean_over_batch(logsumexp_k(log_w) - log(K)) + other_losses
+    ```
+
+    logged as `loss`; `neg_iwae` is the same at `kl_weight=1` (the bound),
+    and `kl`, `reconstruction` (averaged over the samples) and `neg_elbo` are
+    logged beside it for reference. Under `"iwae"` a `kl_weight` below 1
+    (annealing) tempers the prior-to-posterior ratio inside the bound, a
+    warm-up that reaches the bound at weight 1; free bits have no meaning
+    there and are refused. The decoder's output must depend on the input only
+    through the posterior's sample (no skip connection around it), and the
+    compiled loss must give each example's negative log-likelihood
+    (`keras_elbo.losses`, `keras_elbo.outputs`). `dreg=True` trains the
+    bound with the doubly reparameterised gradient of Tucker et al. (2019):
+    the encoder's gradient no longer loses its signal-to-noise ratio as K
+    grows (Rainforth et al., 2018). It costs one more pass of the decoder
+    per step, needs a functional model and a Gaussian posterior (the flow
+    posterior's log-density depends on its weights through the flow).
+
+    Args:
+        objective: `"elbo"` or `"iwae"`. Defaults to `"elbo"`.
+        num_samples: K, samples of z per example in `fit` and `evaluate`.
+            Defaults to `1`.
+        dreg: train `"iwae"` with doubly reparameterised gradients. Defaults
+            to `False`.
+        *args, **kwargs: those of `keras.Model`.
+
     Formula:
 
     ```python
@@ -108,6 +156,30 @@ class ELBOModel(keras.Model):
             return super().__new__(_FunctionalELBOModel, *args, **kwargs)
         return super().__new__(cls, *args, **kwargs)
 
+    def __init__(self, *args, objective="elbo", num_samples=1, dreg=False, **kwargs):
+        # Subclasses: `super().__init__(objective=..., num_samples=...)`.
+        super().__init__(*args, **kwargs)
+        self._set_objective(objective, num_samples, dreg)
+
+    def _set_objective(self, objective, num_samples, dreg):
+        self.objective = _math.choice("objective", objective, OBJECTIVES)
+        self.num_samples = _math.integer("num_samples", num_samples)
+        self.dreg = _math.boolean("dreg", dreg)
+        if self.dreg and self.objective != "iwae":
+            raise _math.invalid_argument(
+                "dreg", 'False unless objective="iwae" (it is a gradient of that bound)', dreg
+            )
+
+    @property
+    def multi_sample(self) -> bool:
+        """Whether `fit` and `evaluate` draw several samples per example (or
+        weigh them as the importance-weighted bound)."""
+        return self.num_samples > 1 or self.objective == "iwae"
+
+    # Untracked, as Keras's own `compile` (the regularizers are sublayers
+    # already, the trackers are listed by `metrics`): a built subclassed
+    # model refuses new tracked state.
+    @no_automatic_dependency_tracking
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
         self.kl_regularizers = find_layers(self, KLRegularizer)
@@ -115,6 +187,70 @@ class ELBOModel(keras.Model):
         self.kl_trackers = [keras.metrics.Mean(name=name) for name in names]
         self.reconstruction_tracker = keras.metrics.Mean(name="reconstruction")
         self.neg_elbo_tracker = keras.metrics.Mean(name="neg_elbo")
+        self.neg_iwae_tracker = None
+        if self.objective == "iwae":
+            self.neg_iwae_tracker = keras.metrics.Mean(name="neg_iwae")
+        self._prepare_multi_sample()
+
+    def _prepare_multi_sample(self):
+        """Finds (and checks) what a multi-sample objective needs."""
+        # Plain attributes, not tracked: the posterior is already a sublayer,
+        # and the decoder shares the model's layers.
+        object.__setattr__(self, "_multi_posterior", None)
+        object.__setattr__(self, "_dreg_decoder", None)
+        if not self.multi_sample:
+            return
+        what = f'ELBOModel(objective="{self.objective}", num_samples={self.num_samples})'
+        posteriors = find_layers(self, Posterior)
+        if len(posteriors) != 1:
+            raise ValueError(
+                f"{what} draws several samples from the model's posterior layer, "
+                f"so it needs exactly one; model '{self.name}' has {len(posteriors)}."
+            )
+        posterior = posteriors[0]
+        regularizer = posterior.kl_regularizer
+        if self.objective == "iwae":
+            if regularizer is None:
+                raise ValueError(
+                    f"{what}: posterior '{posterior.name}' has no kl_regularizer, so "
+                    "there is no prior p(z) to weigh its samples with."
+                )
+            if regularizer.free_bits > 0:
+                raise ValueError(
+                    f"{what}: KLRegularizer '{regularizer.name}' has free_bits="
+                    f"{regularizer.free_bits}. Free bits floor a KL term, which the "
+                    "importance-weighted bound does not have; use objective='elbo'."
+                )
+            if not is_reconstruction_loss(self.loss):
+                raise ValueError(
+                    f"{what} needs each example's log-likelihood: compile with a loss "
+                    "from keras_elbo.losses or keras_elbo.outputs (or a keras.losses."
+                    "Loss whose class sets `is_reconstruction_loss = True`). "
+                    f"Received: loss={self.loss!r}"
+                )
+        if self.dreg:
+            if isinstance(posterior, FlowPosterior):
+                raise ValueError(
+                    f"{what}, dreg=True: the doubly reparameterised gradient needs "
+                    "log q(z|x) with q's parameters held fixed, which a flow "
+                    f"posterior ('{posterior.name}') does not have (its density "
+                    "depends on the flow's weights). Use dreg=False."
+                )
+            if not isinstance(self, Functional):
+                raise ValueError(
+                    f"{what}, dreg=True needs a functional ELBOModel (it runs the "
+                    "decoder, the part after the posterior, a second time)."
+                )
+            try:
+                decoder = keras.Model(posterior.output, self.outputs)
+            except ValueError as err:
+                raise ValueError(
+                    f"{what}, dreg=True: could not split model '{self.name}' at "
+                    f"posterior '{posterior.name}': the output must depend on the "
+                    "input only through the posterior's sample."
+                ) from err
+            object.__setattr__(self, "_dreg_decoder", decoder)
+        object.__setattr__(self, "_multi_posterior", posterior)
 
     def compile_from_config(self, config):
         # Keras skips an overridden `compile` when loading; this is its own
@@ -124,6 +260,30 @@ class ELBOModel(keras.Model):
         if getattr(self, "optimizer", None) is not None and self.built:
             self.optimizer.build(self.trainable_variables)
 
+    @contextlib.contextmanager
+    def _drawing_several(self):
+        """While a train or test step is traced (or run): the posterior draws
+        `num_samples` per example (see `posteriors.MultiSampleDraws`)."""
+        posterior = getattr(self, "_multi_posterior", None)
+        if posterior is None:
+            yield
+            return
+        posterior.multi_sample = MultiSampleDraws(self.num_samples, add_kl=self.objective == "elbo")
+        try:
+            yield
+        finally:
+            posterior.multi_sample = None
+
+    # One wrapper for every backend's signature: `(data)` on TensorFlow and
+    # PyTorch, `(state, data)` on JAX.
+    def train_step(self, *args, **kwargs):
+        with self._drawing_several():
+            return super().train_step(*args, **kwargs)
+
+    def test_step(self, *args, **kwargs):
+        with self._drawing_several():
+            return super().test_step(*args, **kwargs)
+
     @property
     def metrics(self):
         metrics = super().metrics
@@ -131,11 +291,54 @@ class ELBOModel(keras.Model):
             # After `loss`, before compiled and sublayer metrics.
             head = 1 if metrics and metrics[0] is self._loss_tracker else 0
             ours = [*self.kl_trackers, self.reconstruction_tracker, self.neg_elbo_tracker]
+            if getattr(self, "neg_iwae_tracker", None) is not None:
+                ours.append(self.neg_iwae_tracker)
             metrics = metrics[:head] + ours + [m for m in metrics[head:] if m not in ours]
         return metrics
 
+    def _tiled(self, structure):
+        """Targets or weights repeated K times along the batch, to match the
+        sample-major outputs of a multi-sample step."""
+        k = self.num_samples
+
+        def tile(t):
+            if t is None or k == 1:
+                return t
+            return ops.tile(t, [k] + [1] * (len(t.shape) - 1))
+
+        return keras.tree.map_structure(tile, structure)
+
+    def _taken_draws(self):
+        posterior = getattr(self, "_multi_posterior", None)
+        if posterior is None or posterior.multi_sample is None:
+            return None
+        draws = posterior.multi_sample.take()
+        if draws is None:
+            raise ValueError(
+                f"ELBOModel '{self.name}' (num_samples={self.num_samples}): posterior "
+                f"'{posterior.name}' drew no samples in this step. A Posterior "
+                "subclass that overrides `call` must keep the base class's, which "
+                "draws them."
+            )
+        return draws
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        posterior = getattr(self, "_multi_posterior", None)
+        if posterior is not None and posterior.multi_sample is not None:
+            y, sample_weight = self._tiled(y), self._tiled(sample_weight)
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        draws = self._taken_draws()
+        bounds = None
+        if draws is not None and self.objective == "iwae":
+            loss, reconstruction, bounds = self._importance_weighted_loss(
+                draws, y, y_pred, sample_weight, training
+            )
+        else:
+            if draws is not None:
+                y, sample_weight = self._tiled(y), self._tiled(sample_weight)
+            loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
         inputs = [
             t
             for t in keras.tree.flatten(x)
@@ -147,13 +350,15 @@ class ELBOModel(keras.Model):
                 f"ELBOModel '{self.name}': the inputs of this batch contain NaN or Inf. "
                 "Remove or impute them before training",
             )
-            loss = loss * keras.ops.cast(gate, loss.dtype)
+            loss = loss * ops.cast(gate, loss.dtype)
         if not hasattr(self, "kl_trackers"):
             return loss
         added = [self._aggregate_additional_loss(value) for value in self.losses]
-        reconstruction = loss - keras.ops.sum(keras.ops.stack(added)) if added else loss
-        neg_elbo = loss
-        batch_size = keras.ops.shape(keras.tree.flatten(x)[0])[0]
+        other = ops.sum(ops.stack(added)) if added else ops.zeros((), loss.dtype)
+        if bounds is None:
+            reconstruction = loss - other
+        neg_elbo = reconstruction + other
+        batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
         for regularizer, tracker in zip(self.kl_regularizers, self.kl_trackers, strict=True):
             if not regularizer.built:
                 raise ValueError(
@@ -161,13 +366,79 @@ class ELBOModel(keras.Model):
                     f"'{self.name}': ELBOModel logs the KL of the regularizers it finds "
                     "when compiled, each of which must be used in the model's call."
                 )
-            kl = keras.ops.cast(regularizer.last_kl, loss.dtype)
-            penalty = keras.ops.cast(regularizer.last_penalty, loss.dtype)
-            neg_elbo = neg_elbo - penalty + kl
+            kl = ops.cast(regularizer.last_kl, loss.dtype)
+            neg_elbo = neg_elbo + kl
+            if bounds is None:
+                # `other` holds this regularizer's weighted (free-bits) KL.
+                neg_elbo = neg_elbo - ops.cast(regularizer.last_penalty, loss.dtype)
             tracker.update_state(kl, sample_weight=batch_size)
         self.reconstruction_tracker.update_state(reconstruction, sample_weight=batch_size)
         self.neg_elbo_tracker.update_state(neg_elbo, sample_weight=batch_size)
+        if bounds is not None:
+            self.neg_iwae_tracker.update_state(-bounds + other, sample_weight=batch_size)
         return loss
+
+    def _importance_weighted_loss(self, draws, y, y_pred, sample_weight, training):
+        """The importance-weighted bound's loss from the step's K samples.
+
+        Returns the loss (`-bound` at the regularizer's `kl_weight`, plus the
+        model's other added losses), the reconstruction averaged over the
+        samples, and the bound at weight 1 (both averaged over the batch).
+        """
+        q, z = draws
+        k = self.num_samples
+        regularizer = self._multi_posterior.kl_regularizer
+        p = regularizer.prior_distribution(q, self._multi_posterior)
+        dtype = _math.density_dtype()
+        weight = ops.cast(regularizer.kl_weight, dtype)
+        targets = self._tiled(y)
+
+        def log_weights(z, outputs, q):
+            """`(K, batch)` log p(x|z_k), and log p(z_k) - log q(z_k|x)."""
+            nll = ops.cast(self.loss.call(targets, outputs), dtype)
+            log_ratio = ops.cast(_sum_positions(p.log_prob(z) - q.log_prob(z)), dtype)
+            return -ops.reshape(nll, (k, -1)), log_ratio
+
+        log_lik, log_ratio = log_weights(z, y_pred, q)
+        tempered = log_lik + weight * log_ratio
+        log_k = math.log(k)
+        bound = ops.logsumexp(tempered, axis=0) - log_k  # (batch,)
+        bound_at_one = ops.logsumexp(log_lik + log_ratio, axis=0) - log_k
+        if self.dreg:
+            # Tucker et al. (2019), eq. 8: the encoder's gradient is
+            # sum_k w_k^2 d(log w_k)/dz_k dz_k/dphi with q's parameters held
+            # fixed in log q, the decoder's and prior's sum_k w_k grad log w_k
+            # (w: normalised weights). One surrogate gives both: the decoder
+            # runs again on z_k whose gradient to the encoder is scaled by
+            # w_k (same value), and sum_k w_k log w_k is differentiated.
+            w = ops.stop_gradient(ops.softmax(tempered, axis=0))
+            scale = w
+            for _ in range(len(z.shape) - 2):
+                scale = ops.expand_dims(scale, -1)
+            scaled = ops.stop_gradient(z) + ops.cast(scale, z.dtype) * (z - ops.stop_gradient(z))
+            flat = ops.reshape(scaled, (-1, *ops.shape(z)[2:]))
+            outputs = self._dreg_decoder(
+                ops.cast(flat, self._multi_posterior.compute_dtype), training=training
+            )
+            lik2, ratio2 = log_weights(scaled, outputs, stop_parameter_gradients(q))
+            surrogate = ops.sum(w * (lik2 + weight * ratio2), axis=0)
+            bound = ops.stop_gradient(bound) + surrogate - ops.stop_gradient(surrogate)
+        if sample_weight is not None:
+            sample_weight = ops.cast(ops.reshape(sample_weight, (-1,)), bound.dtype)
+            bound = bound * sample_weight
+        batch = ops.cast(ops.shape(bound)[0], bound.dtype)
+        objective = -ops.sum(bound) / ops.maximum(batch, 1.0)
+        added = [self._aggregate_additional_loss(value) for value in self.losses]
+        loss = objective + ops.sum(ops.stack(added)) if added else objective
+        reconstruction = -ops.mean(log_lik)
+        return loss, reconstruction, ops.mean(ops.stop_gradient(bound_at_one))
+
+
+def _sum_positions(values):
+    """`(K, batch, *positions)` log-densities summed over the positions of a
+    latent map: `(K, batch)`."""
+    rank = len(values.shape)
+    return ops.sum(values, axis=tuple(range(2, rank))) if rank > 2 else values
 
 
 @keras.saving.register_keras_serializable(package="keras_elbo", name="ELBOModel")
@@ -175,7 +446,20 @@ class _FunctionalELBOModel(ELBOModel, Functional):
     """What `ELBOModel(inputs, outputs)` returns: an `ELBOModel` that is also a
     functional model, saved and loaded as `keras_elbo>ELBOModel`."""
 
-    def __init__(self, inputs, outputs, name=None, **kwargs):
+    # Keyword-only objective arguments: Keras saves a functional model's
+    # config only if its constructor's positional arguments are Functional's.
+    def __init__(
+        self, inputs, outputs, name=None, *, objective="elbo", num_samples=1, dreg=False, **kwargs
+    ):
         Trainer.__init__(self)
         name = name or auto_name("ELBOModel")
         Functional.__init__(self, inputs, outputs, name=name, **kwargs)
+        self._set_objective(objective, num_samples, dreg)
+
+    def get_config(self):
+        return {
+            **Functional.get_config(self),
+            "objective": self.objective,
+            "num_samples": self.num_samples,
+            "dreg": self.dreg,
+        }

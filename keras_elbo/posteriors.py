@@ -1,5 +1,7 @@
 """Posterior layers: project features to q(z|x), sample it, hand it to the KL."""
 
+import threading
+
 import keras
 import numpy as np
 
@@ -26,7 +28,52 @@ def fill_triangular(values, d):
     return keras.ops.take(padded, keras.ops.convert_to_tensor(index), axis=-1)
 
 
+def positive_scale_tril(raw, d, min_scale):
+    """A `(..., d, d)` lower-triangular scale from `(..., d * (d + 1) / 2)`
+    raw values: `fill_triangular` with the diagonal `softplus(raw) + min_scale`."""
+    tril = fill_triangular(raw, d)
+    # The diagonal replaced by its positive scale with a mask, not a
+    # `set_diag`, whose gradient XLA cannot compile for a dynamic batch size
+    # (issue 10, point 5).
+    eye = keras.ops.eye(d, dtype=tril.dtype)
+    diag = _math.positive_scale(keras.ops.diagonal(tril, axis1=-2, axis2=-1), min_scale)
+    return tril * (1.0 - eye) + eye * diag[..., None, :]
+
+
 INFERENCE_OUTPUTS = ("sample", "mean")
+
+
+class MultiSampleDraws:
+    """K samples per example, which a posterior draws for a multi-sample
+    objective while `ELBOModel` trains or evaluates.
+
+    `ELBOModel(num_samples=K)` sets one as its posterior's `multi_sample`
+    during its train and test steps. The posterior then draws K samples of
+    q(z|x) for each example, returns them as one batch of `K * batch` latents,
+    sample-major (row `k * batch + b` is sample k of example b), so that the
+    decoder runs once on all of them, and records q and the `(K, batch, ...)`
+    samples here for the model's `compute_loss`, which runs in the same trace.
+    Records are kept per thread: TensorFlow's `MirroredStrategy` traces its
+    replicas in threads.
+
+    Args:
+        num_samples: K.
+        add_kl: whether the posterior's `KLRegularizer` adds its KL to the
+            loss (the averaged ELBO) or only records it (the importance-
+            weighted bound, which the model computes from the samples).
+    """
+
+    def __init__(self, num_samples: int, add_kl: bool):
+        self.num_samples = num_samples
+        self.add_kl = add_kl
+        self._records = {}
+
+    def record(self, q, z):
+        self._records[threading.get_ident()] = (q, z)
+
+    def take(self):
+        """`(q, z)` of this thread's last draw, or `None`; forgets it."""
+        return self._records.pop(threading.get_ident(), None)
 
 
 class Posterior(keras.layers.Layer):
@@ -69,6 +116,7 @@ class Posterior(keras.layers.Layer):
         self.inference = _math.choice("inference", inference, INFERENCE_OUTPUTS)
         self.seed = _math.seed("seed", seed)
         self.seed_generator = _math.seed_generator(self.seed, type(self).__name__)
+        self.multi_sample = None  # a MultiSampleDraws while ELBOModel steps
 
     def build(self, input_shape):
         if input_shape[-1] is None:
@@ -106,6 +154,8 @@ class Posterior(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         q = self.distribution(inputs)
+        if self.multi_sample is not None:
+            return self._draw_several(q, self.multi_sample)
         # `draw`: a subclass's `distribution` may return a TFP one (TensorFlow).
         z = draw(q, (), self.seed_generator)
         if self.kl_regularizer is not None:
@@ -113,6 +163,18 @@ class Posterior(keras.layers.Layer):
         if not training and self.inference == "mean":
             z = self.mean(q)
         return keras.ops.cast(z, self.compute_dtype)
+
+    def _draw_several(self, q, multi_sample):
+        """K samples per example, as one batch of `K * batch` (see
+        `MultiSampleDraws`)."""
+        z = draw(q, (multi_sample.num_samples,), self.seed_generator)
+        if self.kl_regularizer is not None:
+            self.kl_regularizer(
+                z, posterior=q, posterior_layer=self, add_to_loss=multi_sample.add_kl
+            )
+        multi_sample.record(q, z)
+        shape = keras.ops.shape(z)
+        return keras.ops.cast(keras.ops.reshape(z, (-1, *shape[2:])), self.compute_dtype)
 
     def get_config(self):
         config = super().get_config()
@@ -227,14 +289,7 @@ class GaussianPosterior(Posterior):
         loc, raw = params[..., :d], params[..., d:]
         if self.covariance == "diag":
             return kd.MultivariateNormalDiag(loc, _math.positive_scale(raw, self.min_scale))
-        tril = fill_triangular(raw, d)
-        # The diagonal replaced by its positive scale with a mask, not a
-        # `set_diag`, whose gradient XLA cannot compile for a dynamic batch
-        # size (issue 10, point 5).
-        eye = keras.ops.eye(d, dtype=tril.dtype)
-        diag = _math.positive_scale(keras.ops.diagonal(tril, axis1=-2, axis2=-1), self.min_scale)
-        scale_tril = tril * (1.0 - eye) + eye * diag[..., None, :]
-        return kd.MultivariateNormalTriL(loc, scale_tril)
+        return kd.MultivariateNormalTriL(loc, positive_scale_tril(raw, d, self.min_scale))
 
     def get_config(self):
         config = super().get_config()
