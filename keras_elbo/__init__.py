@@ -15,7 +15,15 @@ import keras  # noqa: E402
 # Every module computes with `keras.ops` and `keras.random`, and runs on
 # TensorFlow, JAX and PyTorch; TensorFlow Probability is imported only where a
 # user's program already did (keras_elbo/_tfp.py).
-from keras_elbo.bayesian import BayesianConv2D, BayesianDense
+from keras_elbo.bayesian import (
+    BayesianConv1D,
+    BayesianConv2D,
+    BayesianConv3D,
+    BayesianDense,
+    DenseVariational,
+    FullCovarianceWeights,
+    MeanFieldWeights,
+)
 from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
@@ -29,12 +37,16 @@ from keras_elbo.priors import MixturePrior, NormalPrior, Prior, ScaleMixturePrio
 __version__ = "0.1.0"
 
 __all__ = [
+    "BayesianConv1D",
     "BayesianConv2D",
+    "BayesianConv3D",
     "BayesianDense",
     "BernoulliNLL",
     "CyclicalAnnealing",
+    "DenseVariational",
     "ELBOModel",
     "FlowPosterior",
+    "FullCovarianceWeights",
     "GaussianNLL",
     "GaussianPosterior",
     "InverseAutoregressiveFlow",
@@ -42,6 +54,7 @@ __all__ = [
     "KLRegularizer",
     "LinearWarmup",
     "MADE",
+    "MeanFieldWeights",
     "MixturePrior",
     "NormalPrior",
     "Posterior",
@@ -58,14 +71,19 @@ __all__ = [
 ]
 
 _SERIALIZABLE = [
+    BayesianConv1D,
     BayesianConv2D,
+    BayesianConv3D,
     BayesianDense,
     BernoulliNLL,
+    DenseVariational,
     FlowPosterior,
+    FullCovarianceWeights,
     GaussianNLL,
     GaussianPosterior,
     KLRegularizer,
     MADE,
+    MeanFieldWeights,
     MixturePrior,
     NormalPrior,
     ScaleMixturePrior,

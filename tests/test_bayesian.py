@@ -7,7 +7,13 @@ from scipy.special import expit
 
 import keras_elbo as ke
 from keras_elbo import distributions
-from keras_elbo.bayesian import MIN_SCALE, BayesianConv2D, BayesianDense
+from keras_elbo.bayesian import (
+    MIN_SCALE,
+    BayesianConv1D,
+    BayesianConv2D,
+    BayesianConv3D,
+    BayesianDense,
+)
 from keras_elbo.predictive import predictive_moments
 from keras_elbo.priors import ScaleMixturePrior
 from tests import _helpers as h
@@ -15,27 +21,38 @@ from tests import _helpers as h
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(3, 4)).astype("float32")
 IMAGES = RNG.normal(size=(2, 5, 5, 2)).astype("float32")
+CONVOLUTIONS = {1: BayesianConv1D, 2: BayesianConv2D, 3: BayesianConv3D}
+# Inputs (two examples) and kernel sizes for each rank: small outputs.
+CONV_INPUTS = {
+    1: RNG.normal(size=(2, 6, 2)).astype("float32"),
+    2: IMAGES,
+    3: RNG.normal(size=(2, 3, 3, 3, 2)).astype("float32"),
+}
+KERNEL_SIZES = {1: 3, 2: 3, 3: 2}
 
 
 def numpy_posterior(layer):
-    """(kernel loc, kernel scale, bias loc, bias scale) in float64."""
-    k_loc, k_raw, b_loc, b_raw = (
-        h.numpy(v)
-        for v in (layer.kernel_loc, layer.kernel_raw_scale, layer.bias_loc, layer.bias_raw_scale)
-    )
-    return k_loc, h.softplus(k_raw) + MIN_SCALE, b_loc, h.softplus(b_raw) + MIN_SCALE
+    """(kernel loc, kernel scale, bias loc, bias scale) of a mean-field
+    posterior in float64, the kernel's in the kernel's shape."""
+    posterior = layer.weight_posterior
+    loc = h.numpy(posterior.loc)
+    scale = h.softplus(h.numpy(posterior.raw_scale)) + MIN_SCALE
+    size = int(np.prod(layer.kernel_shape))
+    kernel = (loc[:size].reshape(layer.kernel_shape), scale[:size].reshape(layer.kernel_shape))
+    return (*kernel, loc[size:], scale[size:])
 
 
 def spread_posterior(layer, seed=1):
     """Random locs and scales in [0.2, 0.6]: moments worth testing."""
     rng = np.random.default_rng(seed)
-    for loc, raw in (
-        (layer.kernel_loc, layer.kernel_raw_scale),
-        (layer.bias_loc, layer.bias_raw_scale),
-    ):
-        loc.assign(rng.normal(size=loc.shape).astype("float32"))
-        scale = rng.uniform(0.2, 0.6, size=raw.shape)
-        raw.assign(np.log(np.expm1(scale - MIN_SCALE)).astype("float32"))
+    size = int(np.prod(layer.kernel_shape))
+    locs, scales = [], []
+    for shape in (layer.kernel_shape, (layer.num_parameters - size,)):
+        locs.append(rng.normal(size=shape).ravel())
+        scales.append(rng.uniform(0.2, 0.6, size=shape).ravel())
+    scale = np.concatenate(scales)
+    layer.weight_posterior.loc.assign(np.concatenate(locs).astype("float32"))
+    layer.weight_posterior.raw_scale.assign(np.log(np.expm1(scale - MIN_SCALE)).astype("float32"))
 
 
 def flat(*arrays):
@@ -85,23 +102,43 @@ def repeated_outputs(layer, x, n, training=True):
     return repeated_calls(layer, x, n, training)[0]
 
 
-def numpy_conv(x, kernel, stride=1, padding="valid"):
-    """Cross-correlation (TensorFlow's conv2d), NHWC, with SAME as TF pads."""
-    kh, kw = kernel.shape[:2]
+def numpy_conv(x, kernel, strides=1, padding="valid", dilation=1):
+    """Cross-correlation (TensorFlow's convolution), channels last, of any
+    rank, with SAME padded as TensorFlow pads and the kernel dilated by
+    inserting zeros."""
+    rank = kernel.ndim - 2
+    strides = (strides,) * rank if isinstance(strides, int) else tuple(strides)
+    dilation = (dilation,) * rank if isinstance(dilation, int) else tuple(dilation)
+    size = [d * (k - 1) + 1 for k, d in zip(kernel.shape[:rank], dilation, strict=True)]
+    dilated = np.zeros((*size, *kernel.shape[rank:]))
+    dilated[tuple(slice(None, None, d) for d in dilation)] = kernel
     if padding == "same":
         pads = []
-        for n, k in ((x.shape[1], kh), (x.shape[2], kw)):
-            total = max((-(-n // stride) - 1) * stride + k - n, 0)
+        for n, k, s in zip(x.shape[1:-1], size, strides, strict=True):
+            total = max((-(-n // s) - 1) * s + k - n, 0)
             pads.append((total // 2, total - total // 2))
         x = np.pad(x, [(0, 0), *pads, (0, 0)])
-    patches = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))
-    patches = patches[:, ::stride, ::stride]  # (b, h', w', c, kh, kw)
-    return np.einsum("bhwcij,ijcf->bhwf", patches, kernel)
+    axes = tuple(range(1, rank + 1))
+    patches = np.lib.stride_tricks.sliding_window_view(x, size, axis=axes)
+    patches = patches[(slice(None), *(slice(None, None, s) for s in strides))]
+    # patches: (batch, *out, channels, *kernel); contract channels and kernel.
+    letters = "ijk"[:rank]
+    return np.einsum(f"...c{letters},{letters}cf->...f", patches, dilated)
 
 
-def conv_patch_sums(x, values):
-    """sum over each receptive field of x * values (one kernel), for variances."""
-    return numpy_conv(x, values)
+def assert_moments(outputs, mean, var):
+    """The draws `outputs` (n, ...) have mean `mean` and variance `var`, each
+    within 4 standard errors: the mean's is sd(y) / sqrt(n); the variance is
+    the mean of (y - mean)**2 (centred at the true mean, so unbiased), whose
+    standard error is sd((y - mean)**2) / sqrt(n)."""
+    n = len(outputs)
+    np.testing.assert_array_less(
+        np.abs(outputs.mean(0) - mean), 4 * outputs.std(0, ddof=1) / np.sqrt(n)
+    )
+    squares = (outputs - mean) ** 2
+    np.testing.assert_array_less(
+        np.abs(squares.mean(0) - var), 4 * squares.std(0, ddof=1) / np.sqrt(n)
+    )
 
 
 class TestKL:
@@ -179,10 +216,12 @@ class TestKL:
 
 
 ESTIMATORS = ["reparameterization", "flipout"]
+# Dense layers also take local reparameterisation (inputs of rank 2).
+DENSE_ESTIMATORS = [*ESTIMATORS, "local_reparameterization"]
 
 
 class TestSampling:
-    @pytest.mark.parametrize("estimator", ESTIMATORS)
+    @pytest.mark.parametrize("estimator", DENSE_ESTIMATORS)
     def test_mean_inference_is_the_loc_weights(self, estimator):
         layer = BayesianDense(2, estimator=estimator, inference="mean", seed=0)
         layer.build((None, 4))
@@ -192,7 +231,7 @@ class TestSampling:
             out = layer(X, training=False)
             np.testing.assert_allclose(h.numpy(out), X @ k_loc + b_loc, rtol=1e-5, atol=1e-6)
 
-    @pytest.mark.parametrize("estimator", ESTIMATORS)
+    @pytest.mark.parametrize("estimator", DENSE_ESTIMATORS)
     @pytest.mark.parametrize(
         "training, inference", [(True, "mean"), (False, "sample")], ids=["training", "sample"]
     )
@@ -202,11 +241,12 @@ class TestSampling:
         assert not np.allclose(first, second)
         assert len(layer.losses) == 1  # the KL, added outside training too
 
-    @pytest.mark.parametrize("estimator", ESTIMATORS)
+    @pytest.mark.parametrize("estimator", DENSE_ESTIMATORS)
     def test_dense_output_moments_match_gaussian(self, estimator):
         # Each output is Gaussian over q(w): mean x @ m + b_m, variance
         # x**2 @ s**2 + s_b**2, whatever the estimator (Flipout's signs do
-        # not change the marginal of a symmetric perturbation).
+        # not change the marginal of a symmetric perturbation; local
+        # reparameterisation samples that very Gaussian).
         n = 3000
         layer = BayesianDense(2, estimator=estimator, seed=4)
         layer.build((None, 4))
@@ -214,12 +254,9 @@ class TestSampling:
         k_loc, k_scale, b_loc, b_scale = numpy_posterior(layer)
         mean = X @ k_loc + b_loc
         var = X.astype(np.float64) ** 2 @ k_scale**2 + b_scale**2
-        outputs = repeated_outputs(layer, X, n)
-        assert np.all(np.abs(outputs.mean(0) - mean) < 4.5 * np.sqrt(var / n))
-        # Sample variance of a Gaussian: standard error var * sqrt(2 / (n - 1)).
-        assert np.all(np.abs(outputs.var(0, ddof=1) - var) < 4.5 * var * np.sqrt(2 / (n - 1)))
+        assert_moments(repeated_outputs(layer, X, n), mean, var)
 
-    @pytest.mark.parametrize("estimator", ESTIMATORS)
+    @pytest.mark.parametrize("estimator", DENSE_ESTIMATORS)
     def test_perturbations_of_identical_examples(self, estimator):
         # A batch of identical rows, so that only the estimator's sharing of
         # the weight noise differs between rows. Row n's perturbation
@@ -259,6 +296,10 @@ class TestSampling:
         if estimator == "flipout":
             expected_cross = 0.0
             expected_fourth = np.mean(1 + 2 * ((w**2).sum(0) + b_scale**4) / var**2)
+        elif estimator == "local_reparameterization":
+            # Independent draws for each row: E[p_n p_m] = 0, and
+            # E[p_n**2 p_m**2] = E[p_n**2] E[p_m**2] = 1 once standardised.
+            expected_cross, expected_fourth = 0.0, 1.0
         else:
             expected_cross, expected_fourth = 1.0, 3.0
         for values, expected in ((cross, expected_cross), (fourth, expected_fourth)):
@@ -266,18 +307,20 @@ class TestSampling:
             assert abs(values.mean() - expected) < tol, (values.mean(), expected, tol)
 
     @pytest.mark.parametrize("estimator", ESTIMATORS)
-    def test_conv_output_moments_match_gaussian(self, estimator):
+    @pytest.mark.parametrize("rank", [1, 2, 3], ids=["1d", "2d", "3d"])
+    def test_conv_output_moments_match_gaussian(self, estimator, rank):
+        # Each output is Gaussian over q(w): mean conv(x, k_loc) + b_loc,
+        # variance conv(x**2, k_scale**2) + b_scale**2. Few outputs (8 to
+        # 18), so that 4 standard errors hold for all of them.
         n = 2000
-        layer = BayesianConv2D(2, 3, estimator=estimator, seed=6)
-        x = IMAGES[:1]
+        layer = CONVOLUTIONS[rank](2, KERNEL_SIZES[rank], estimator=estimator, seed=6)
+        x = CONV_INPUTS[rank][:1]
         layer.build(x.shape)
         spread_posterior(layer)
         k_loc, k_scale, b_loc, b_scale = numpy_posterior(layer)
-        mean = numpy_conv(x, k_loc) + b_loc
-        var = conv_patch_sums(x.astype(np.float64) ** 2, k_scale**2) + b_scale**2
-        outputs = repeated_outputs(layer, x, n)
-        assert np.all(np.abs(outputs.mean(0) - mean) < 4.5 * np.sqrt(var / n))
-        assert np.all(np.abs(outputs.var(0, ddof=1) - var) < 4.5 * var * np.sqrt(2 / (n - 1)))
+        mean = numpy_conv(x.astype(np.float64), k_loc) + b_loc
+        var = numpy_conv(x.astype(np.float64) ** 2, k_scale**2) + b_scale**2
+        assert_moments(repeated_outputs(layer, x, n), mean, var)
 
     @pytest.mark.parametrize("estimator", ESTIMATORS)
     def test_inputs_of_rank_three(self, estimator):
@@ -287,6 +330,19 @@ class TestSampling:
         assert tuple(layer(x, training=True).shape) == (3, 2, 2)
         k_loc, _, b_loc, _ = numpy_posterior(layer)
         np.testing.assert_allclose(h.numpy(layer(x)), x @ k_loc + b_loc, rtol=1e-5, atol=1e-6)
+
+    def test_local_reparameterization_gradient_is_finite_for_a_zero_input(self):
+        # Without a bias, a zero input row has pre-activation variance 0,
+        # where sqrt's derivative is infinite: its gradient must still be
+        # finite (zero: that output does not depend on the scales).
+        layer = BayesianDense(2, use_bias=False, estimator="local_reparameterization", seed=0)
+        layer.build((None, 3))
+        x = np.array([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5]], "float32")
+        grads = h.weight_gradients(
+            lambda: keras.ops.sum(layer(x, training=True)), layer.trainable_variables
+        )
+        assert all(np.all(np.isfinite(g)) for g in grads), grads
+        assert np.any(grads[1] != 0)
 
     def test_layers_given_neighbouring_seeds_draw_independent_noise(self):
         # Keras's PyTorch backend seeds each draw with the sum of the two
@@ -306,7 +362,7 @@ class TestSampling:
             for j in range(calls):
                 assert not np.allclose(outputs[0][i], outputs[1][j]), (i, j)
 
-    @pytest.mark.parametrize("estimator", ESTIMATORS)
+    @pytest.mark.parametrize("estimator", DENSE_ESTIMATORS)
     @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
     def test_mixed_precision_computes_in_half_and_kl_in_float32(self, policy, estimator):
         layer = BayesianDense(3, dtype=policy, estimator=estimator, seed=0)
@@ -357,7 +413,8 @@ class TestGradients:
             ],
             axis=1,
         )  # (rows, inputs, units)
-        variables = [layer.kernel_loc, layer.kernel_raw_scale, layer.bias_loc, layer.bias_raw_scale]
+        # q(w)'s variables, flat over the kernel (row-major) then the bias.
+        variables = [layer.weight_posterior.loc, layer.weight_posterior.raw_scale]
         assert variables == layer.trainable_variables
         # The layer's first call, made statelessly (with its seed generator's
         # initial state) so that each backend's autodiff can differentiate it.
@@ -379,12 +436,14 @@ class TestGradients:
         )
         if estimator == "reparameterization":  # one sample shared by the rows
             np.testing.assert_allclose(kernel_part, kernel_part[:1].repeat(rows, 0), atol=1e-5)
-        k_raw, b_raw = (h.numpy(v) for v in variables[1::2])
+        raw = h.numpy(variables[1])
+        k_raw, b_raw = raw[: inputs * units].reshape(inputs, units), raw[inputs * units :]
         expected = [
-            x.T.astype(np.float64) @ c,
-            expit(k_raw) * np.einsum("nj,ni,nij->ij", c, x, kernel_part) / k_scale,
-            c.sum(0),
-            expit(b_raw) * np.sum(c * bias_part, axis=0) / b_scale,
+            flat(x.T.astype(np.float64) @ c, c.sum(0)),
+            flat(
+                expit(k_raw) * np.einsum("nj,ni,nij->ij", c, x, kernel_part) / k_scale,
+                expit(b_raw) * np.sum(c * bias_part, axis=0) / b_scale,
+            ),
         ]
         for grad, value, variable in zip(grads, expected, variables, strict=True):
             np.testing.assert_allclose(grad, value, rtol=1e-4, atol=1e-5, err_msg=variable.name)
@@ -403,6 +462,60 @@ class TestConv:
         np.testing.assert_allclose(
             h.numpy(layer(IMAGES, training=False)), expected, rtol=1e-5, atol=1e-5
         )
+
+    @pytest.mark.parametrize(
+        "rank, kwargs",
+        [
+            (1, {"kernel_size": 3}),
+            (1, {"kernel_size": 2, "strides": 2, "padding": "same"}),
+            (1, {"kernel_size": 2, "dilation_rate": 2, "padding": "same"}),
+            (2, {"kernel_size": (2, 3), "strides": (1, 2)}),
+            (3, {"kernel_size": 2}),
+            (3, {"kernel_size": (1, 2, 2), "strides": 2, "padding": "same"}),
+            (3, {"kernel_size": 2, "dilation_rate": (1, 2, 1), "padding": "same"}),
+        ],
+        ids=["1d", "1d-same-strided", "1d-dilated", "2d", "3d", "3d-same-strided", "3d-dilated"],
+    )
+    def test_output_is_convolution_with_the_drawn_weights(self, rank, kwargs):
+        # One weight sample (the call's first draw, taken here from the same
+        # seed generator state), then a NumPy convolution with that kernel.
+        layer = CONVOLUTIONS[rank](3, seed=7, **kwargs)
+        x = CONV_INPUTS[rank]
+        if rank == 3:
+            x = np.concatenate([x, x[:, :1]], axis=1)  # depth 4: strides meet padding
+        layer.build(x.shape)
+        spread_posterior(layer)
+        state = keras.ops.convert_to_numpy(layer.seed_generator.state)
+        w = h.numpy(layer.posterior().sample(seed=layer.seed_generator))
+        layer.seed_generator.state.assign(state)
+        outputs = h.numpy(layer(x, training=True))
+        size = int(np.prod(layer.kernel_shape))
+        kernel, bias = w[:size].reshape(layer.kernel_shape), w[size:]
+        strides, dilation = kwargs.get("strides", 1), kwargs.get("dilation_rate", 1)
+        padding = kwargs.get("padding", "valid")
+        expected = numpy_conv(x.astype(np.float64), kernel, strides, padding, dilation) + bias
+        assert outputs.shape == expected.shape
+        np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+
+    @pytest.mark.parametrize(
+        "rank, kwargs",
+        [
+            (1, {"kernel_size": 3, "strides": 2, "padding": "same"}),
+            (1, {"kernel_size": 2, "dilation_rate": 2}),
+            (3, {"kernel_size": (1, 2, 3), "strides": 2, "padding": "same"}),
+            (3, {"kernel_size": 2, "dilation_rate": 2}),
+        ],
+        ids=["1d-same-strided", "1d-dilated", "3d-same-strided", "3d-dilated"],
+    )
+    def test_output_shape_agrees_with_keras_conv1d_and_conv3d(self, rank, kwargs):
+        x = np.zeros((2, *(7, 6, 5)[:rank], 2), "float32")
+        keras_class = {1: keras.layers.Conv1D, 3: keras.layers.Conv3D}[rank]
+        expected = keras_class(4, **kwargs).compute_output_shape(x.shape)
+        layer = CONVOLUTIONS[rank](4, **kwargs)
+        assert tuple(layer(x).shape) == tuple(expected)
+        assert layer.compute_output_shape(x.shape) == tuple(expected)
+        symbolic = layer(keras.Input(x.shape[1:]))
+        assert tuple(symbolic.shape) == (None, *expected[1:])
 
     @pytest.mark.parametrize(
         "kwargs",
@@ -511,6 +624,8 @@ class TestErrors:
             ({"kl_weight": -1.0}, "kl_weight"),
             ({"kl_weight": "1/N"}, "kl_weight"),
             ({"estimator": "local"}, "estimator"),
+            ({"kl_mode": "exact"}, "kl_mode"),
+            ({"posterior": ke.NormalPrior()}, "posterior"),
             ({"inference": "mode"}, "inference"),
             ({"posterior_scale_init": 0.0}, "posterior_scale_init"),
             ({"prior": "normal"}, "prior"),
@@ -541,6 +656,33 @@ class TestErrors:
         kwargs = {"filters": 2, "kernel_size": 3, **kwargs}
         with pytest.raises(ValueError, match=f"`{argument}`"):
             BayesianConv2D(**kwargs)
+
+    @pytest.mark.parametrize("rank", [1, 3], ids=["1d", "3d"])
+    def test_conv_bad_argument_names_it_in_every_rank(self, rank):
+        with pytest.raises(ValueError, match="`kernel_size`"):
+            CONVOLUTIONS[rank](2, (3,) * (rank + 1))
+        with pytest.raises(ValueError, match="`strides`"):
+            CONVOLUTIONS[rank](2, 3, strides=(2,) * (rank - 1) + (0,))
+
+    @pytest.mark.parametrize("rank", [1, 2, 3], ids=["1d", "2d", "3d"])
+    def test_conv_refuses_local_reparameterization(self, rank):
+        with pytest.raises(ValueError, match="`estimator`.*local reparameterisation is for dense"):
+            CONVOLUTIONS[rank](2, 3, estimator="local_reparameterization")
+
+    @pytest.mark.parametrize(
+        "rank, shape",
+        [(1, (5, 5, 2)), (1, (5,)), (3, (5, 5, 2)), (3, (2, 3, 3, 3, 2))],
+        ids=["1d-image", "1d-flat", "3d-image", "3d-rank-6"],
+    )
+    def test_conv_input_of_another_rank_names_the_expected_shape(self, rank, shape):
+        expected = {1: r"rank 3, shape \(batch, steps, channels\)", 3: "rank 5"}[rank]
+        with pytest.raises(ValueError, match=expected):
+            CONVOLUTIONS[rank](2, 2)(keras.Input(shape))
+
+    def test_local_reparameterization_refuses_inputs_of_rank_three(self):
+        layer = BayesianDense(2, estimator="local_reparameterization")
+        with pytest.raises(ValueError, match="local_reparameterization.*Use estimator='flipout'"):
+            layer(np.zeros((3, 2, 4), "float32"))
 
     def test_prior_of_another_size_fails_at_model_construction(self):
         layer = BayesianDense(3, prior=ke.NormalPrior(7))

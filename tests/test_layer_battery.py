@@ -17,10 +17,12 @@ stage is one test parametrised over the layers it applies to:
   (deterministic) outputs equal. One test for both, for speed: building a
   model costs more than anything it checks.
 
-Priors take no input, and `KLRegularizer` takes its posterior as a TFP
-distribution (with no symbolic form) and returns its input unchanged: those
-layers are run inside a "host", the `GaussianPosterior` whose KL they serve,
-for every stage that needs a tensor input; their own weights are checked.
+Priors and weight posteriors (`MeanFieldWeights`, ...) take no input, and
+`KLRegularizer` takes its posterior as a TFP distribution (with no symbolic
+form) and returns its input unchanged: those layers are run inside a "host",
+the `GaussianPosterior` whose KL they serve (for a weight posterior, the
+`DenseVariational` it is the posterior of), for every stage that needs a
+tensor input; their own weights are checked.
 """
 
 import dataclasses
@@ -77,6 +79,15 @@ def build_regularizer(layer, input_shape):
 def built_at_construction(layer, input_shape):
     # A prior takes no input, so it makes its weights in `__init__`.
     assert layer.built
+
+
+def build_weight_posterior(layer, input_shape):
+    layer.build_parameters(input_shape[-1])
+
+
+def wire_weight_posterior(layer, x):
+    host = ke.DenseVariational(LATENT, posterior=layer, kl_weight=0.1, inference="mean", seed=2)
+    return host(x)
 
 
 def vamp_prior():
@@ -211,28 +222,115 @@ CASES = [
         build=built_at_construction,
         wire=wire_prior,
     ),
-    # Trainable: loc and raw scale of the kernel and of the bias.
-    # Non-trainable: its own KLRegularizer's.
+    # Trainable: q(w)'s loc and raw scale, each flat over the kernel and
+    # bias (held by the layer's MeanFieldWeights). Non-trainable: its own
+    # KLRegularizer's. Seed generators: the layer's and the regularizer's.
     Case(
         "BayesianDense",
         lambda: ke.BayesianDense(
             4, activation="tanh", kl_weight=1 / 64, estimator="flipout", seed=0
         ),
-        trainable=4,
+        trainable=2,
         non_trainable=KL_NON_TRAINABLE,
         seed_generators=2,
         output_shape=(4,),
+    ),
+    Case(
+        "BayesianDense-local",
+        lambda: ke.BayesianDense(
+            4, kl_weight=1 / 64, estimator="local_reparameterization", kl_mode="mc", seed=0
+        ),
+        trainable=2,
+        non_trainable=KL_NON_TRAINABLE,
+        seed_generators=2,
+        output_shape=(4,),
+    ),
+    Case(
+        "BayesianConv1D",
+        lambda: ke.BayesianConv1D(
+            2, 3, padding="same", kl_weight=1 / 64, estimator="flipout", seed=0
+        ),
+        trainable=2,
+        non_trainable=KL_NON_TRAINABLE,
+        seed_generators=2,
+        input_shape=(6, 2),
+        output_shape=(6, 2),
     ),
     Case(
         "BayesianConv2D",
         lambda: ke.BayesianConv2D(
             2, 3, padding="same", kl_weight=1 / 64, prior=ke.NormalPrior(scale=0.5), seed=0
         ),
-        trainable=4,
+        trainable=2,
         non_trainable=KL_NON_TRAINABLE,
         seed_generators=2,
         input_shape=(6, 6, 2),
         output_shape=(6, 6, 2),
+    ),
+    Case(
+        "BayesianConv3D",
+        lambda: ke.BayesianConv3D(
+            2, 2, padding="same", kl_weight=1 / 64, prior=ke.ScaleMixturePrior(), seed=0
+        ),
+        trainable=2,
+        non_trainable=KL_NON_TRAINABLE,
+        seed_generators=2,
+        input_shape=(3, 3, 3, 2),
+        output_shape=(3, 3, 3, 2),
+    ),
+    # Trainable: the posterior's 2 and the trainable prior's 3 (P = 5 * 4 + 4;
+    # two components, since one component's logit gets no gradient).
+    Case(
+        "DenseVariational-mean-field",
+        lambda: ke.DenseVariational(
+            4,
+            posterior=ke.MeanFieldWeights(scale_init=0.05),
+            prior=ke.MixturePrior(24, num_components=2, seed=0),
+            kl_weight=1 / 64,
+            inference="mean",
+            seed=0,
+        ),
+        trainable=2 + 3,
+        non_trainable=KL_NON_TRAINABLE,
+        seed_generators=2,
+        output_shape=(4,),
+    ),
+    # Trainable: the location and the lower-triangular scale's entries.
+    Case(
+        "DenseVariational-full",
+        lambda: ke.DenseVariational(
+            2,
+            posterior=ke.FullCovarianceWeights(scale_init=0.05),
+            prior=ke.NormalPrior(scale=0.5),
+            kl_weight=1 / 64,
+            kl_use_exact=True,
+            inference="mean",
+            seed=0,
+        ),
+        trainable=2,
+        non_trainable=KL_NON_TRAINABLE,
+        seed_generators=2,
+        output_shape=(2,),
+    ),
+    # Posteriors over weights take no input: built as their layer builds
+    # them (with P = 5 here), run inside a DenseVariational.
+    Case(
+        "MeanFieldWeights",
+        lambda: ke.MeanFieldWeights(scale_init=0.05),
+        trainable=2,
+        non_trainable=0,
+        seed_generators=0,
+        build=build_weight_posterior,
+        wire=wire_weight_posterior,
+    ),
+    Case(
+        "FullCovarianceWeights",
+        lambda: ke.FullCovarianceWeights(scale_init=0.05),
+        trainable=2,
+        non_trainable=0,
+        seed_generators=0,
+        build=build_weight_posterior,
+        wire=wire_weight_posterior,
     ),
 ]
 
