@@ -13,6 +13,13 @@ float64 (on JAX only with `jax_enable_x64`). Float16 and bfloat16 parameters
 (mixed precision) are computed in float32: a log-density or KL of a few
 thousand nats overflows float16.
 
+Special functions that `keras.ops` lacks are written here in it:
+`log Gamma` (Stirling's series after a shift, float32-accurate) and the
+regularised incomplete beta function (a continued fraction with a fixed number
+of iterations, for the Student's t CDF). Quantiles without a closed form
+(mixtures, Student's t) are found by bisection with a fixed iteration count,
+so that they compile (XLA, `jax.jit`); they carry no gradient.
+
 Randomness: `sample(..., seed=...)` takes a `keras.random.SeedGenerator`
 (each call draws new noise), an integer (the same draws at each call) or None
 (Keras's global generator, refused inside a compiled JAX function).
@@ -154,6 +161,17 @@ def _seeds(seed, count):
     return [int(np.random.SeedSequence([seed, i]).generate_state(1)[0] >> 1) for i in range(count)]
 
 
+def _draw_categories(logits, sample_shape, seed):
+    """Category indices (int32) drawn from `softmax(logits)` over the last
+    axis, of shape `sample_shape + logits.shape[:-1]`."""
+    num_categories = _shape(logits)[-1]
+    count = math.prod(sample_shape)
+    # keras.random.categorical takes 2-D logits (rows, K) and gives (rows, count).
+    flat_logits = ops.reshape(logits, (-1, num_categories))
+    index = keras.random.categorical(flat_logits, count, seed=seed, dtype="int32")
+    return ops.reshape(ops.transpose(index), sample_shape + tuple(ops.shape(logits))[:-1])
+
+
 def _log_abs_diagonal(matrix):
     """log|diagonal| of a batch of matrices, shape `(..., d)`."""
     return ops.log(ops.abs(ops.diagonal(matrix, axis1=-2, axis2=-1)))
@@ -166,6 +184,107 @@ def _solve_lower(tril, rhs):
     tril = tril + ops.zeros_like(rhs[..., :1, :1])
     rhs = rhs + ops.zeros_like(tril[..., :, :1])
     return ops.solve_triangular(tril, rhs, lower=True)
+
+
+def _uniform_open(shape, dtype, seed):
+    """Uniform draws in the open interval (0, 1): `log(u)` and `log1p(-u)` stay finite."""
+    tiny = float(np.finfo(dtype).tiny)
+    return keras.random.uniform(shape, minval=tiny, maxval=1.0, dtype=dtype, seed=seed)
+
+
+def _lgamma(x):
+    """`log(Gamma(x))` for `x > 0` (`keras.ops` has no `lgamma`).
+
+    Stirling's series to the `x**-7` term, after shifting `x < 8` up by 8 with
+    `Gamma(x) = Gamma(x + 8) / (x (x + 1) ... (x + 7))`. At `x >= 8` the
+    series' truncation error is below `1 / (1188 * 8**9) ~ 6e-12`, so the
+    result is accurate to the round-off of its own terms (float32: an error
+    below ~2e-6 times `max(1, |lgamma(x)|)`, the absolute part near the
+    zeros x = 1, 2 where two terms of ~10 cancel; checked against
+    `scipy.special.gammaln`).
+    Lanczos' approximation is not used: its alternating coefficients cancel
+    to ~1e-4 in float32.
+    """
+    small = x < 8.0
+    z = ops.where(small, x + 8.0, x)
+    # The product is taken on a safe input: (x + i) for a large x overflows.
+    safe = ops.where(small, x, ops.ones_like(x))
+    shift = safe
+    for i in range(1, 8):
+        shift = shift * (safe + float(i))
+    r = 1.0 / z
+    r2 = r * r
+    series = r * (1.0 / 12 - r2 * (1.0 / 360 - r2 * (1.0 / 1260 - r2 / 1680)))
+    stirling = (z - 0.5) * ops.log(z) - z + _HALF_LOG_2PI + series
+    return stirling - ops.where(small, ops.log(shift), ops.zeros_like(x))
+
+
+_BETAINC_ITERATIONS = 200
+
+
+def _betainc(a, b, x, one_minus_x):
+    """The regularised incomplete beta function `I_x(a, b)`, `a, b > 0`.
+
+    The continued fraction of Numerical Recipes (`betacf`, modified Lentz),
+    run for a fixed `_BETAINC_ITERATIONS` steps in `ops.fori_loop`, on the
+    side where it converges fast: `I_x(a, b)` if `x < (a + 1) / (a + b + 2)`,
+    else `1 - I_{1-x}(b, a)`. It converges in O(sqrt(max(a, b))) steps, so
+    200 steps are ample for `a, b <= ~1e4`. `one_minus_x` is passed
+    separately so that a caller can compute it without cancellation.
+    """
+    flip = x > (a + 1.0) / (a + b + 2.0)
+    a, b = ops.where(flip, b, a), ops.where(flip, a, b)
+    x, one_minus = ops.where(flip, one_minus_x, x), ops.where(flip, x, one_minus_x)
+    tiny = float(np.finfo(_dtype(x)).tiny) * 1e6
+
+    def fix(v):
+        return ops.where(ops.abs(v) < tiny, tiny, v)
+
+    d = 1.0 / fix(1.0 - (a + b) * x / (a + 1.0))
+
+    def step(m, state):
+        c, d, h = state
+        m = ops.cast(m + 1, _dtype(x))
+        numerator = m * (b - m) * x / ((a - 1.0 + 2.0 * m) * (a + 2.0 * m))
+        d = 1.0 / fix(1.0 + numerator * d)
+        c = fix(1.0 + numerator / c)
+        h = h * d * c
+        numerator = -(a + m) * (a + b + m) * x / ((a + 2.0 * m) * (a + 1.0 + 2.0 * m))
+        d = 1.0 / fix(1.0 + numerator * d)
+        c = fix(1.0 + numerator / c)
+        return c, d, h * d * c
+
+    _, _, fraction = ops.fori_loop(0, _BETAINC_ITERATIONS, step, (ops.ones_like(x), d, d))
+    log_front = (
+        a * ops.log(x)
+        + b * ops.log(one_minus)
+        + _lgamma(a + b)
+        - _lgamma(a)
+        - _lgamma(b)
+        - ops.log(a)
+    )
+    value = ops.exp(log_front) * fraction
+    return ops.where(flip, 1.0 - value, value)
+
+
+_BISECTION_ITERATIONS = 64
+
+
+def _bisect(cdf, p, low, high):
+    """The `x` in `[low, high]` with `cdf(x) = p`, elementwise, for a
+    non-decreasing `cdf`, by `_BISECTION_ITERATIONS` halvings in
+    `ops.fori_loop`: 64 halvings take any float32 bracket down to adjacent
+    floats. No gradient flows through it."""
+    p = p + ops.zeros_like(low)
+
+    def step(_, state):
+        low, high = state
+        middle = 0.5 * low + 0.5 * high
+        below = cdf(middle) < p
+        return ops.where(below, middle, low), ops.where(below, high, middle)
+
+    low, high = ops.fori_loop(0, _BISECTION_ITERATIONS, step, (low, high))
+    return 0.5 * low + 0.5 * high
 
 
 # ---------------------------------------------------------------------------
@@ -182,8 +301,9 @@ class Distribution:
     `x.shape[:-len(event_shape)]` against `batch_shape`.
 
     Subclasses implement `_sample(sample_shape, seed)` and whichever of
-    `log_prob`, `mean`, `stddev`, `entropy` they can; the others raise
-    `NotImplementedError`. `reparameterized` (a class attribute) says whether
+    `log_prob`, `mean`, `stddev`, `entropy`, `cdf`, `quantile` they can; the
+    others raise `NotImplementedError` (`variance` is `stddev()**2` unless
+    overridden). `reparameterized` (a class attribute) says whether
     gradients flow from samples back to the parameters.
     """
 
@@ -224,9 +344,22 @@ class Distribution:
         """The standard deviation of each coordinate, `batch_shape + event_shape`."""
         raise NotImplementedError(f"{type(self).__name__} does not implement `stddev`.")
 
+    def variance(self):
+        """The variance of each coordinate, `batch_shape + event_shape`."""
+        return ops.square(self.stddev())
+
     def entropy(self):
         """The differential (or Shannon) entropy in nats, of shape `batch_shape`."""
         raise NotImplementedError(f"{type(self).__name__} has no closed-form entropy.")
+
+    def cdf(self, x):
+        """The cumulative distribution function `P(X <= x)` (scalar events;
+        per coordinate for `Independent`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement `cdf`.")
+
+    def quantile(self, p):
+        """The inverse of `cdf`: the `x` with `cdf(x) = p`, for `p` in (0, 1)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement `quantile`.")
 
     @property
     def batch_shape(self) -> tuple:
@@ -258,8 +391,13 @@ class Normal(Distribution):
     ```python
     log_prob(x) = -0.5 * ((x - loc) / scale)**2 - log(scale) - 0.5 * log(2 * pi)
     entropy() = 0.5 + 0.5 * log(2 * pi) + log(scale)
+    cdf(x) = 0.5 * erfc(-(x - loc) / (scale * sqrt(2)))
+    quantile(p) = loc + scale * sqrt(2) * erfinv(2 * p - 1)
     sample() = loc + scale * eps,  eps ~ N(0, 1)   # reparameterised
     ```
+
+    In float32, `2 * p - 1` rounds for `p` within ~1e-7 of 0 or 1, so
+    quantiles of such extreme `p` lose accuracy (TFP's `ndtri` does better).
 
     Args:
         loc: the mean, a tensor broadcastable against `scale`.
@@ -317,6 +455,14 @@ class Normal(Distribution):
 
     def entropy(self):
         return 0.5 + _HALF_LOG_2PI + ops.log(self._scale)
+
+    def cdf(self, x):
+        z = (_cast(x, self.dtype) - self._loc) / self._scale
+        return 0.5 * ops.erfc(-z * math.sqrt(0.5))
+
+    def quantile(self, p):
+        p = _cast(p, self.dtype)
+        return self._loc + self._scale * math.sqrt(2.0) * ops.erfinv(2.0 * p - 1.0)
 
 
 class MultivariateNormalDiag(Distribution):
@@ -486,8 +632,14 @@ class MixtureSameFamily(Distribution):
     ```python
     log_prob(x) = logsumexp(log_softmax(mixture_logits) + components.log_prob(x[..., None, :]))
     mean() = sum(w * mu_k),  w = softmax(mixture_logits)
-    stddev() = sqrt(sum(w * (sigma_k**2 + mu_k**2)) - mean()**2)   # per coordinate
+    variance() = sum(w * (sigma_k**2 + (mu_k - mean())**2))   # law of total variance
+    cdf(x) = sum(w * cdf_k(x))   # per coordinate
     ```
+
+    `quantile(p)` inverts `cdf` by bisection between the smallest and the
+    largest component quantile at `p` (the mixture's lies between them),
+    so it needs components with `cdf` and `quantile` (`Normal`, `Logistic`,
+    or `Independent` of them, whose coordinates are then treated marginally).
 
     Sampling draws a component index with `keras.random.categorical`, then a
     sample of that component. It is not reparameterisable through the
@@ -576,13 +728,7 @@ class MixtureSameFamily(Distribution):
     def _sample(self, sample_shape, seed):
         choice_seed, component_seed = _seeds(seed, 2)
         num_components = self.num_components
-        count = math.prod(sample_shape)
-        # keras.random.categorical takes 2-D logits (rows, K) and gives (rows, count).
-        flat_logits = ops.reshape(self._logits, (-1, num_components))
-        index = keras.random.categorical(flat_logits, count, seed=choice_seed)
-        index = ops.reshape(
-            ops.transpose(index), sample_shape + tuple(ops.shape(self._logits))[:-1]
-        )
+        index = _draw_categories(self._logits, sample_shape, choice_seed)
         # Draw every component and keep the chosen one: K times the noise of
         # one draw, but one `keras.random` call and no gather.
         draws = self._components._sample(sample_shape, component_seed)
@@ -600,16 +746,32 @@ class MixtureSameFamily(Distribution):
         weights = self._expand_weights(ops.softmax(self._logits, axis=-1))
         return ops.sum(weights * self._components.mean(), axis=-1 - len(self.event_shape))
 
-    def stddev(self):
+    def variance(self):
         weights = self._expand_weights(ops.softmax(self._logits, axis=-1))
         axis = -1 - len(self.event_shape)
         means = self._components.mean()
-        second_moment = ops.square(self._components.stddev()) + ops.square(means)
-        variance = ops.sum(weights * second_moment, axis=axis) - ops.square(
-            ops.sum(weights * means, axis=axis)
-        )
-        # The difference can round below zero when the components coincide.
-        return ops.sqrt(ops.maximum(variance, 0.0))
+        mean = ops.sum(weights * means, axis=axis)
+        # The law of total variance with the spread of the means written as
+        # squared deviations: no cancellation when the components coincide.
+        spread = ops.square(means - ops.expand_dims(mean, axis))
+        return ops.sum(weights * (self._components.variance() + spread), axis=axis)
+
+    def stddev(self):
+        return ops.sqrt(self.variance())
+
+    def cdf(self, x):
+        x = ops.expand_dims(_cast(x, self.dtype), axis=-1 - len(self.event_shape))
+        weights = self._expand_weights(ops.softmax(self._logits, axis=-1))
+        return ops.sum(weights * self._components.cdf(x), axis=-1 - len(self.event_shape))
+
+    def quantile(self, p):
+        axis = -1 - len(self.event_shape)
+        # p broadcast to batch_shape + event_shape (or wider), then given a component axis.
+        p = _cast(p, self.dtype) + ops.zeros_like(self.mean())
+        component_quantiles = self._components.quantile(ops.expand_dims(p, axis))
+        low = ops.min(component_quantiles, axis=axis)
+        high = ops.max(component_quantiles, axis=axis)
+        return _bisect(self.cdf, p, low, high)
 
 
 class Bernoulli(Distribution):
@@ -675,12 +837,484 @@ class Bernoulli(Distribution):
         return ops.softplus(self._logits) - self._logits * ops.sigmoid(self._logits)
 
 
+class Logistic(Distribution):
+    """Elementwise logistic distributions with location `loc` and scale `scale`.
+
+    Event shape `()`. A heavier-tailed alternative to `Normal` whose CDF is a
+    sigmoid, so `cdf` and `quantile` are exact closed forms.
+
+    Formula:
+
+    ```python
+    z = (x - loc) / scale
+    log_prob(x) = -z - 2 * softplus(-z) - log(scale)
+    cdf(x) = sigmoid(z)
+    quantile(p) = loc + scale * (log(p) - log1p(-p))
+    mean() = loc,  stddev() = scale * pi / sqrt(3)
+    entropy() = log(scale) + 2
+    sample() = quantile(u),  u ~ U(0, 1)   # reparameterised
+    ```
+
+    Args:
+        loc: the location (mean, median), a tensor broadcastable against `scale`.
+        scale: the scale, positive.
+
+    Example:
+
+    >>> d = Logistic(loc=0.0, scale=1.0)
+    >>> round(float(d.log_prob(0.0)), 4), round(float(d.quantile(0.75)), 4)  # -log(4), log(3)
+    (-1.3863, 1.0986)
+    """
+
+    reparameterized = True
+
+    def __init__(self, loc, scale):
+        loc, scale = _as_float(loc=loc, scale=scale)
+        self._loc, self._scale = _broadcast_batch(loc=(loc, 0), scale=(scale, 0))
+
+    @property
+    def loc(self):
+        return self._loc
+
+    @property
+    def scale(self):
+        return self._scale
+
+    @property
+    def batch_shape(self) -> tuple:
+        return _shape(self._loc)
+
+    @property
+    def event_shape(self) -> tuple:
+        return ()
+
+    @property
+    def dtype(self) -> str:
+        return _dtype(self._loc)
+
+    def _sample(self, sample_shape, seed):
+        u = _uniform_open(sample_shape + tuple(ops.shape(self._loc)), self.dtype, seed)
+        return self._loc + self._scale * (ops.log(u) - ops.log1p(-u))
+
+    def log_prob(self, x):
+        z = (_cast(x, self.dtype) - self._loc) / self._scale
+        return -z - 2.0 * ops.softplus(-z) - ops.log(self._scale)
+
+    def mean(self):
+        return self._loc
+
+    def stddev(self):
+        return self._scale * (math.pi / math.sqrt(3.0))
+
+    def entropy(self):
+        return ops.log(self._scale) + 2.0
+
+    def cdf(self, x):
+        return ops.sigmoid((_cast(x, self.dtype) - self._loc) / self._scale)
+
+    def quantile(self, p):
+        p = _cast(p, self.dtype)
+        return self._loc + self._scale * (ops.log(p) - ops.log1p(-p))
+
+
+class StudentT(Distribution):
+    """Elementwise Student's t distributions with `df` degrees of freedom.
+
+    Event shape `()`. As in TFP (`allow_nan_stats=True`), `mean()` is NaN for
+    `df <= 1` and `variance()` is infinite for `1 < df <= 2`, NaN for
+    `df <= 1`.
+
+    Formula:
+
+    ```python
+    z = (x - loc) / scale
+    log_prob(x) = (lgamma((df + 1) / 2) - lgamma(df / 2) - 0.5 * log(df * pi)
+                   - log(scale) - 0.5 * (df + 1) * log1p(z**2 / df))
+    variance() = scale**2 * df / (df - 2)   # df > 2
+    cdf(x) = 1 - 0.5 * betainc(df / 2, 1 / 2, df / (df + z**2))   # z >= 0; symmetric
+    sample() = loc + scale * eps / sqrt(g / (df / 2)),  eps ~ N(0, 1),  g ~ Gamma(df / 2)
+    ```
+
+    `cdf` evaluates the regularised incomplete beta function by a continued
+    fraction with a fixed number of iterations (`keras.ops` has none). Its
+    absolute error is ~3e-6 for `df <= 30` and grows with `df` (~2e-5 at
+    `df = 200`: float32 round-off of the `lgamma` terms of its prefactor);
+    checked against `scipy.stats.t` for `df` in [0.5, 200]. For large `df`,
+    a `Normal` is within ~1 / df of it anyway. `quantile` is left out: it needs
+    the inverse of that function, which `keras.ops` lacks too, and bisection
+    over the continued fraction costs thousands of operations per value; it
+    raises `NotImplementedError`. Sampling is reparameterised in `loc` and
+    `scale`, not in `df` (`keras.random.gamma` has no gradient on every
+    backend), so `reparameterized` is False. `entropy` is not implemented
+    (it needs the digamma function).
+
+    Args:
+        df: degrees of freedom, positive.
+        loc: the location (the mean when `df > 1`).
+        scale: the scale, positive.
+
+    Example:
+
+    >>> d = StudentT(df=1.0, loc=0.0, scale=1.0)  # the Cauchy distribution
+    >>> round(float(d.log_prob(0.0)), 4), round(float(d.cdf(1.0)), 4)  # -log(pi), 0.75
+    (-1.1447, 0.75)
+    """
+
+    reparameterized = False
+
+    def __init__(self, df, loc, scale):
+        df, loc, scale = _as_float(df=df, loc=loc, scale=scale)
+        self._df, self._loc, self._scale = _broadcast_batch(
+            df=(df, 0), loc=(loc, 0), scale=(scale, 0)
+        )
+
+    @property
+    def df(self):
+        return self._df
+
+    @property
+    def loc(self):
+        return self._loc
+
+    @property
+    def scale(self):
+        return self._scale
+
+    @property
+    def batch_shape(self) -> tuple:
+        return _shape(self._loc)
+
+    @property
+    def event_shape(self) -> tuple:
+        return ()
+
+    @property
+    def dtype(self) -> str:
+        return _dtype(self._loc)
+
+    def _sample(self, sample_shape, seed):
+        normal_seed, gamma_seed = _seeds(seed, 2)
+        shape = sample_shape + tuple(ops.shape(self._loc))
+        eps = keras.random.normal(shape, dtype=self.dtype, seed=normal_seed)
+        half_df = 0.5 * self._df
+        alpha = ops.broadcast_to(half_df, shape)
+        gamma = keras.random.gamma(shape, alpha, dtype=self.dtype, seed=gamma_seed)
+        return self._loc + self._scale * eps * ops.sqrt(half_df / gamma)
+
+    def log_prob(self, x):
+        z = (_cast(x, self.dtype) - self._loc) / self._scale
+        df = self._df
+        return (
+            _lgamma(0.5 * (df + 1.0))
+            - _lgamma(0.5 * df)
+            - 0.5 * ops.log(df * math.pi)
+            - ops.log(self._scale)
+            - 0.5 * (df + 1.0) * ops.log1p(ops.square(z) / df)
+        )
+
+    def mean(self):
+        return ops.where(self._df > 1.0, self._loc, math.nan)
+
+    def variance(self):
+        df = self._df
+        finite = ops.square(self._scale) * df / ops.where(df > 2.0, df - 2.0, 1.0)
+        return ops.where(df > 2.0, finite, ops.where(df > 1.0, math.inf, math.nan))
+
+    def stddev(self):
+        return ops.sqrt(self.variance())
+
+    def cdf(self, x):
+        z = (_cast(x, self.dtype) - self._loc) / self._scale
+        z2 = ops.square(z)
+        df = self._df + ops.zeros_like(z)
+        # x = df / (df + z**2) and 1 - x = z**2 / (df + z**2), both without cancellation.
+        tail = 0.5 * _betainc(0.5 * df, 0.5 + ops.zeros_like(z), df / (df + z2), z2 / (df + z2))
+        return ops.where(z < 0, tail, 1.0 - tail)
+
+    def quantile(self, p):
+        raise NotImplementedError(
+            "StudentT does not implement `quantile`: it needs the inverse regularised "
+            "incomplete beta function, which keras.ops lacks. Use `cdf` (implemented) "
+            "with a root finder, or sample quantiles of `sample()`."
+        )
+
+
+_POISSON_INVERSION_TERMS = 40
+_POISSON_SWITCH_RATE = 10.0
+_POISSON_ATTEMPTS = 12
+
+
+class Poisson(Distribution):
+    """Elementwise Poisson distributions of counts with rate `exp(log_rate)`.
+
+    Event shape `()`. `log_prob` is `-inf` at a negative or non-integer `x`.
+    Samples are counts as floats of `self.dtype`, not reparameterised.
+
+    Formula:
+
+    ```python
+    log_prob(x) = x * log_rate - exp(log_rate) - lgamma(x + 1)
+    mean() = variance() = exp(log_rate)
+    ```
+
+    Sampling (`keras.random` has no Poisson sampler), vectorised with fixed
+    work so that it compiles: for `rate < 10`, inversion of the CDF summed
+    over the counts 0..39 (`P(X >= 40) < 1e-12` there); for `rate >= 10`,
+    Hoermann's transformed rejection (PTRS), 12 proposals in parallel, the
+    first accepted kept (each is accepted with probability > 0.85, so all 12
+    fail with probability < 1e-9; the last proposal is then kept). Exact up to
+    these probabilities and float32 round-off, for rates up to ~1e7.
+
+    Args:
+        log_rate: the log of the rate (mean), any real tensor.
+
+    Example:
+
+    >>> d = Poisson(log_rate=0.0)
+    >>> round(float(d.log_prob(2.0)), 4)  # log(exp(-1) / 2!)
+    -1.6931
+    """
+
+    reparameterized = False
+
+    def __init__(self, log_rate):
+        (self._log_rate,) = _as_float(log_rate=log_rate)
+
+    @property
+    def log_rate(self):
+        return self._log_rate
+
+    @property
+    def rate(self):
+        return ops.exp(self._log_rate)
+
+    @property
+    def batch_shape(self) -> tuple:
+        return _shape(self._log_rate)
+
+    @property
+    def event_shape(self) -> tuple:
+        return ()
+
+    @property
+    def dtype(self) -> str:
+        return _dtype(self._log_rate)
+
+    def log_prob(self, x):
+        x = _cast(x, self.dtype)
+        valid = ops.logical_and(x >= 0, ops.equal(x, ops.floor(x)))
+        safe = ops.where(valid, x, 0.0)
+        value = safe * self._log_rate - ops.exp(self._log_rate) - _lgamma(safe + 1.0)
+        return ops.where(valid, value, -math.inf)
+
+    def mean(self):
+        return self.rate
+
+    def variance(self):
+        return self.rate
+
+    def stddev(self):
+        return ops.exp(0.5 * self._log_rate)
+
+    def _sample(self, sample_shape, seed):
+        inversion_seed, rejection_seed = _seeds(seed, 2)
+        shape = sample_shape + tuple(ops.shape(self._log_rate))
+        log_rate = ops.broadcast_to(self._log_rate, shape)
+        rate = ops.exp(log_rate)
+        small = rate < _POISSON_SWITCH_RATE
+        # Inversion: the count is the number of k with P(X <= k) < u.
+        counts = ops.arange(_POISSON_INVERSION_TERMS, dtype=self.dtype)
+        small_log_rate = ops.where(small, log_rate, 0.0)[..., None]
+        log_pmf = counts * small_log_rate - ops.exp(small_log_rate) - _lgamma(counts + 1.0)
+        u = _uniform_open(shape, self.dtype, inversion_seed)[..., None]
+        by_inversion = ops.sum(ops.cast(ops.cumsum(ops.exp(log_pmf), axis=-1) < u, self.dtype), -1)
+        by_rejection = self._transformed_rejection(
+            ops.where(small, _POISSON_SWITCH_RATE, rate), shape, rejection_seed
+        )
+        return ops.where(small, by_inversion, by_rejection)
+
+    def _transformed_rejection(self, rate, shape, seed):
+        """PTRS (Hoermann, 1993, "The transformed rejection method for
+        generating Poisson random variables"), for `rate >= 10`."""
+        draws = keras.random.uniform((2, _POISSON_ATTEMPTS) + shape, dtype=self.dtype, seed=seed)
+        u, v = draws[0] - 0.5, draws[1]
+        rate = rate[None]
+        log_rate = ops.log(rate)
+        b = 0.931 + 2.53 * ops.sqrt(rate)
+        a = -0.059 + 0.02483 * b
+        inverse_alpha = 1.1239 + 1.1328 / (b - 3.4)
+        v_r = 0.9277 - 3.6224 / (b - 2.0)
+        us = 0.5 - ops.abs(u)
+        k = ops.floor((2.0 * a / us + b) * u + rate + 0.43)
+        quick = ops.logical_and(us >= 0.07, v <= v_r)
+        safe_k = ops.maximum(k, 0.0)
+        log_accept = ops.log(v * inverse_alpha / (a / ops.square(us) + b))
+        accept_ratio = log_accept <= -rate + safe_k * log_rate - _lgamma(safe_k + 1.0)
+        reject = ops.logical_or(k < 0, ops.logical_and(us < 0.013, v > us))
+        accepted = ops.logical_or(quick, ops.logical_and(ops.logical_not(reject), accept_ratio))
+        # The first accepted proposal, the last one if none is. (Any rule that
+        # looks only at which proposals were accepted keeps the draw exact:
+        # given that pattern, the accepted values are i.i.d. Poisson.)
+        last = np.arange(_POISSON_ATTEMPTS) == _POISSON_ATTEMPTS - 1
+        last = ops.convert_to_tensor(last.reshape((-1,) + (1,) * len(shape)))
+        accepted = ops.cast(ops.logical_or(accepted, last), "int32")
+        first = ops.logical_and(accepted > 0, ops.cumsum(accepted, axis=0) == 1)
+        return ops.sum(ops.where(first, k, 0.0), axis=0)
+
+
+class Categorical(Distribution):
+    """Distributions over the integers `0 .. K - 1`, `P(x = k) = softmax(logits)[k]`.
+
+    Event shape `()`, batch shape `logits.shape[:-1]`. `log_prob` takes
+    integer class labels and is NaN at a label outside `0 .. K - 1` (rather
+    than a silent wrong value). Samples are int32 labels. The distribution of
+    a label has no meaningful `mean`; `probs()` and `mode()` give the class
+    probabilities and the most probable class.
+
+    Formula:
+
+    ```python
+    log_prob(x) = log_softmax(logits)[x]
+    entropy() = -sum(softmax(logits) * log_softmax(logits))
+    ```
+
+    Args:
+        logits: unnormalised log-probabilities, shape `batch_shape + (K,)`.
+
+    Example:
+
+    >>> d = Categorical(logits=[0.0, 0.0, 0.0, 0.0])
+    >>> round(float(d.log_prob(2)), 4)  # log(1 / 4)
+    -1.3863
+    """
+
+    reparameterized = False
+
+    def __init__(self, logits):
+        (logits,) = _as_float(logits=logits)
+        _check_rank("logits", logits, 1, "a tensor of rank >= 1, shape batch_shape + (K,)")
+        self._logits = logits
+
+    @property
+    def logits(self):
+        return self._logits
+
+    @property
+    def num_categories(self):
+        return _shape(self._logits)[-1]
+
+    @property
+    def batch_shape(self) -> tuple:
+        return _shape(self._logits)[:-1]
+
+    @property
+    def event_shape(self) -> tuple:
+        return ()
+
+    @property
+    def dtype(self) -> str:
+        return _dtype(self._logits)
+
+    def probs(self):
+        """The class probabilities, `softmax(logits)`."""
+        return ops.softmax(self._logits, axis=-1)
+
+    def mode(self):
+        """The most probable class, int32, of shape `batch_shape`."""
+        return ops.cast(ops.argmax(self._logits, axis=-1), "int32")
+
+    def _sample(self, sample_shape, seed):
+        return _draw_categories(self._logits, sample_shape, seed)
+
+    def log_prob(self, x):
+        x = _cast(x, self.dtype)
+        k = self.num_categories
+        valid = ops.logical_and(ops.logical_and(x >= 0, x <= k - 1), ops.equal(x, ops.floor(x)))
+        one_hot = ops.one_hot(ops.cast(ops.where(valid, x, 0.0), "int32"), k, dtype=self.dtype)
+        value = ops.sum(one_hot * ops.log_softmax(self._logits, axis=-1), axis=-1)
+        return ops.where(valid, value, math.nan)
+
+    def entropy(self):
+        log_probs = ops.log_softmax(self._logits, axis=-1)
+        return -ops.sum(ops.exp(log_probs) * log_probs, axis=-1)
+
+
+class OneHotCategorical(Distribution):
+    """Categorical distributions over one-hot vectors of size `K`.
+
+    Event shape `(K,)`. `log_prob` takes one-hot vectors (any vector `x` is
+    accepted: the result is `sum(x * log_softmax(logits))`, minus the
+    cross-entropy, as for soft labels). Samples are one-hot in `self.dtype`.
+
+    Formula:
+
+    ```python
+    log_prob(x) = sum(x * log_softmax(logits))
+    mean() = softmax(logits),  variance() = p * (1 - p)
+    ```
+
+    Args:
+        logits: unnormalised log-probabilities, shape `batch_shape + (K,)`.
+
+    Example:
+
+    >>> d = OneHotCategorical(logits=[0.0, 0.0])
+    >>> round(float(d.log_prob([0.0, 1.0])), 4), tuple(d.sample(3, seed=0).shape)
+    (-0.6931, (3, 2))
+    """
+
+    reparameterized = False
+
+    def __init__(self, logits):
+        (logits,) = _as_float(logits=logits)
+        _check_rank("logits", logits, 1, "a tensor of rank >= 1, shape batch_shape + (K,)")
+        self._logits = logits
+
+    @property
+    def logits(self):
+        return self._logits
+
+    @property
+    def batch_shape(self) -> tuple:
+        return _shape(self._logits)[:-1]
+
+    @property
+    def event_shape(self) -> tuple:
+        return _shape(self._logits)[-1:]
+
+    @property
+    def dtype(self) -> str:
+        return _dtype(self._logits)
+
+    def _sample(self, sample_shape, seed):
+        index = _draw_categories(self._logits, sample_shape, seed)
+        return ops.one_hot(index, self.event_shape[0], dtype=self.dtype)
+
+    def log_prob(self, x):
+        return ops.sum(_cast(x, self.dtype) * ops.log_softmax(self._logits, axis=-1), axis=-1)
+
+    def mean(self):
+        return ops.softmax(self._logits, axis=-1)
+
+    def variance(self):
+        p = ops.softmax(self._logits, axis=-1)
+        return p * (1.0 - p)
+
+    def stddev(self):
+        return ops.sqrt(self.variance())
+
+    def entropy(self):
+        log_probs = ops.log_softmax(self._logits, axis=-1)
+        return -ops.sum(ops.exp(log_probs) * log_probs, axis=-1)
+
+
 class Independent(Distribution):
     """Reinterprets the last batch axes of a distribution as event axes.
 
     `Independent(Normal(loc, scale), 1)` with `loc` of shape `(..., d)` is a
     distribution over vectors of size d with independent coordinates: its
-    `log_prob` and `entropy` sum the inner ones over the last axis. Used for
+    `log_prob` and `entropy` sum the inner ones over the last axis; `mean`,
+    `stddev`, `variance`, `cdf` and `quantile` are those of each coordinate. Used for
     per-dimension mixtures (`ScaleMixturePrior`) that are then one prior over
     vectors.
 
@@ -753,8 +1387,22 @@ class Independent(Distribution):
     def stddev(self):
         return self._distribution.stddev()
 
+    def variance(self):
+        return self._distribution.variance()
+
     def entropy(self):
         return self._reduce(self._distribution.entropy())
+
+    def cdf(self, x):
+        """The marginal CDF of each coordinate, `batch_shape + event_shape`
+        (TFP's `Independent.cdf` is the joint: the product over the event
+        axes of this)."""
+        return self._distribution.cdf(x)
+
+    def quantile(self, p):
+        """The marginal quantile of each coordinate (for prediction
+        intervals), `batch_shape + event_shape`."""
+        return self._distribution.quantile(p)
 
 
 def stop_parameter_gradients(dist):
@@ -963,11 +1611,17 @@ def _kl_diag_tril(q, p):
 
 __all__ = [
     "Bernoulli",
+    "Categorical",
     "Distribution",
+    "Independent",
+    "Logistic",
     "MixtureSameFamily",
     "MultivariateNormalDiag",
     "MultivariateNormalTriL",
     "Normal",
+    "OneHotCategorical",
+    "Poisson",
+    "StudentT",
     "has_closed_form_kl",
     "kl_divergence",
     "register_kl",

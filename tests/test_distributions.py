@@ -792,3 +792,104 @@ def test_kl_against_tfp(pair):
 
     q, p, _ = kl_cases()[pair]
     assert_close(kd.kl_divergence(q, p), tfd.kl_divergence(to_tfp(q), to_tfp(p)))
+
+
+# ---------------------------------------------------------------------------
+# The families added for keras_elbo.outputs (more in tests/test_outputs.py),
+# and the special functions written for them.
+
+
+def test_lgamma_against_scipy():
+    # Float32 error ~2e-6 * max(1, |lgamma|) (see `_lgamma`): near the zeros
+    # at 1 and 2 two terms of ~10 cancel.
+    x = f32(np.concatenate([np.linspace(1e-3, 20.0, 200), np.logspace(1.3, 7, 30)]))
+    expected = special.gammaln(x.astype(np.float64))
+    actual = numpy(kd._lgamma(ops.convert_to_tensor(x)))
+    np.testing.assert_array_less(np.abs(actual - expected), 3e-6 * np.maximum(1, np.abs(expected)))
+
+
+@pytest.mark.parametrize("df", [0.5, 1.0, 3.0, 30.0, 200.0])
+def test_student_t_cdf_against_scipy(df):
+    # The continued fraction, on both of its sides (|z| small and large).
+    # Error budget: the prefactor exp(lgamma(a + b) - lgamma(a) - lgamma(b)),
+    # a = df / 2, carries float32 round-off of the lgamma terms (~6e-8 * a *
+    # log(a) relative): 3e-6 up to df = 30, ~2e-5 at df = 200.
+    atol = 3e-6 if df <= 30 else 3e-5
+    z = f32(np.concatenate([np.linspace(-30, 30, 121), [-1e4, 1e-3, 1e4]]))
+    actual = numpy(kd.StudentT(df, 0.0, 1.0).cdf(z))
+    expected = stats.t.cdf(z.astype(np.float64), df)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=atol)
+    # The lower tail to a relative accuracy, where the CDF is small but a
+    # normal float32 number.
+    lower = (z < -3) & (expected > 1e-30)
+    np.testing.assert_allclose(actual[lower], expected[lower], rtol=10 * atol)
+
+
+NEW_CASES = {
+    "logistic": (
+        lambda: kd.Logistic(f32([0.0, 1.0]), f32([1.0, 0.5])),
+        lambda x: stats.logistic.logpdf(x, [0.0, 1.0], [1.0, 0.5]),
+    ),
+    "student_t": (
+        lambda: kd.StudentT(f32([0.7, 4.0]), f32([0.0, 1.0]), f32([1.0, 0.5])),
+        lambda x: stats.t.logpdf(x, [0.7, 4.0], [0.0, 1.0], [1.0, 0.5]),
+    ),
+    "poisson": (
+        lambda: kd.Poisson(f32(np.log([0.5, 30.0]))),
+        lambda x: stats.poisson.logpmf(x, [0.5, 30.0]),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NEW_CASES))
+def test_new_families_log_prob(name):
+    build, reference = NEW_CASES[name]
+    x = f32([[0.0, 3.0], [2.0, 27.0], [7.0, 1.0]])
+    assert_close(build().log_prob(x), reference(x.astype(np.float64)), rtol=1e-5, atol=1e-4)
+
+
+def test_poisson_log_prob_of_an_invalid_count_is_minus_infinity():
+    values = numpy(kd.Poisson(0.0).log_prob(f32([-1.0, 0.5, 1.0])))
+    assert values[0] == -np.inf and values[1] == -np.inf and np.isfinite(values[2])
+
+
+def test_categorical_log_prob_and_entropy():
+    logits = f32([[0.3, -1.0, 1.2], [2.0, 0.1, -0.4]])
+    log_probs = special.log_softmax(logits.astype(np.float64), -1)
+    assert_close(kd.Categorical(logits).log_prob(f32([2, 0])), log_probs[[0, 1], [2, 0]])
+    assert_close(
+        kd.OneHotCategorical(logits).log_prob(np.eye(3)[[2, 0]]), log_probs[[0, 1], [2, 0]]
+    )
+    entropy = -np.sum(np.exp(log_probs) * log_probs, -1)
+    assert_close(kd.Categorical(logits).entropy(), entropy)
+    assert_close(kd.OneHotCategorical(logits).entropy(), entropy)
+    assert kd.Categorical(logits).batch_shape == (2,)
+    assert kd.OneHotCategorical(logits).event_shape == (3,)
+
+
+def test_normal_cdf_and_quantile():
+    dist = kd.Normal(NORMAL_LOC, NORMAL_SCALE)
+    loc, scale = NORMAL_LOC.astype(np.float64), NORMAL_SCALE.astype(np.float64)
+    assert_close(dist.cdf(f32([-3.0, 0.5, 9.0])), stats.norm.cdf([-3.0, 0.5, 9.0], loc, scale))
+    for p in (0.01, 0.5, 0.8):
+        assert_close(dist.quantile(p), stats.norm.ppf(p, loc, scale), rtol=1e-5, atol=1e-5)
+
+
+def test_mixture_of_scalar_normals_cdf_and_quantile():
+    # Reference quantile by brentq on the NumPy mixture CDF.
+    from scipy import optimize
+
+    logits, loc, scale = f32([0.5, -0.5]), f32([-2.0, 3.0]), f32([0.5, 1.5])
+    weights = special.softmax(logits.astype(np.float64))
+    dist = kd.MixtureSameFamily(logits, kd.Normal(loc, scale))
+
+    def mixture_cdf(x):
+        return np.sum(weights * stats.norm.cdf(x, loc, scale))
+
+    x = f32([-3.0, 0.0, 4.0])
+    assert_close(dist.cdf(x), [mixture_cdf(v) for v in x])
+    for p in (0.05, 0.5, 0.95):
+        expected = optimize.brentq(lambda v, p=p: mixture_cdf(v) - p, -50, 50, xtol=1e-12)
+        assert_close(dist.quantile(p), expected, rtol=1e-5, atol=1e-5)
+    variance = np.sum(weights * (scale**2 + (loc - np.sum(weights * loc)) ** 2))
+    assert_close(dist.variance(), variance)
