@@ -190,7 +190,7 @@ def test_linear_gaussian_bound_rises_with_k_toward_log_px():
 @pytest.mark.skipif(h.BACKEND == "jax", reason="variable gradients taken by tape/autograd")
 def test_dreg_gradient_equals_iwae_gradient_in_expectation():
     k, draws = 5, 400
-    plain, posterior = vae(num_samples=k)
+    plain, _ = vae(num_samples=k)
     dreg = ke.ELBOModel(plain.inputs, plain.outputs, objective="iwae", num_samples=k, dreg=True)
     dreg.compile(loss=ke.BernoulliNLL(from_logits=True))
     x = DATA[:4]
@@ -211,12 +211,8 @@ def test_dreg_gradient_equals_iwae_gradient_in_expectation():
     # Equal means: every coordinate within 4.5 standard errors of the
     # difference (about 200 coordinates: a false alarm has odds ~1e-3).
     assert np.max(np.abs(z)) < 4.5, np.sort(np.abs(z))[-5:]
-    # The encoder's coordinates (before the posterior's outputs) have a
-    # smaller variance under DReG at K = 5 (Tucker et al., 2019, fig. 2).
-    n_encoder = sum(
-        int(np.prod(v.shape)) for v in variables[: 2 + len(posterior.trainable_variables)]
-    )
-    assert np.median(b[:, :n_encoder].var(0) / a[:, :n_encoder].var(0)) < 1.0
+    # (Its smaller variance is not a property of every weight setting: the
+    # encoder's SNR at K = 1, 5, 50 is measured in benchmarks/iwae_snr.py.)
 
 
 POSTERIORS = {
