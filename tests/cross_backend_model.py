@@ -1,12 +1,17 @@
-"""Saves or loads a model of every public layer, for tests/test_cross_backend.py.
+"""Saves or loads models of every public layer and a distribution output, for
+tests/test_cross_backend.py.
 
 Run as `KERAS_BACKEND=b python tests/cross_backend_model.py save|load DIR`:
-`save` trains one epoch, writes `DIR/model.keras` and the model's predictions
-(`inference="mean"`: deterministic) to `DIR/predictions.npy`; `load` loads the
-file on this backend (with `compile=False`: an optimizer saved on one backend
-need not restore on another) and writes `DIR/loaded.npy`.
+`save` trains each model one epoch, writes `DIR/<name>.keras` and the model's
+predictions (`inference="mean"`: deterministic) to `DIR/<name>_predictions.npy`;
+`load` loads each file on this backend (with `compile=False`: an optimizer
+saved on one backend need not restore on another) and writes
+`DIR/<name>_loaded.npy`. The regression model's loss, a distribution output,
+is saved as its config and its value on the predictions as `loss.npy`; `load`
+rebuilds it from the config and writes its value as `loss_loaded.npy`.
 """
 
+import json
 import pathlib
 import sys
 
@@ -40,16 +45,57 @@ def build():
     return model
 
 
+def build_regression():
+    """Bayesian convolutions, dense and variational layers, a mixture output."""
+    keras.utils.set_random_seed(0)
+    x = keras.Input((PIXELS,))
+    steps = keras.layers.Reshape((PIXELS, 1))(x)
+    h1 = ke.BayesianConv1D(2, 3, inference="mean", seed=1)(steps)
+    cube = keras.layers.Reshape((2, 2, 2, 1))(x)
+    h3 = ke.BayesianConv3D(1, 2, estimator="flipout", inference="mean", seed=2)(cube)
+    h = keras.layers.Concatenate()([keras.layers.Flatten()(h1), keras.layers.Flatten()(h3)])
+    h = ke.BayesianDense(4, estimator="local_reparameterization", inference="mean", seed=3)(h)
+    h = ke.DenseVariational(
+        4, posterior=ke.FullCovarianceWeights(), kl_weight=1 / 32, inference="mean", seed=4
+    )(h)
+    model = ke.ELBOModel(x, keras.layers.Dense(ke.MixtureNormal.params_size(2, 1))(h))
+    model.compile(keras.optimizers.Adam(1e-2), ke.MixtureNormal(2, 1))
+    return model
+
+
+MODELS = {"vae": (build, DATA), "regression": (build_regression, DATA[:, :1] * 2.0 - 1.0)}
+
+
 def main(action, folder):
     folder = pathlib.Path(folder)
-    if action == "save":
-        model = build()
-        model.fit(DATA, DATA, epochs=1, batch_size=8, verbose=0)
-        model.save(folder / "model.keras")
-        np.save(folder / "predictions.npy", keras.ops.convert_to_numpy(model.predict(DATA)))
-    else:
-        model = keras.saving.load_model(folder / "model.keras", compile=False)
-        np.save(folder / "loaded.npy", keras.ops.convert_to_numpy(model.predict(DATA)))
+    for name, (make, targets) in MODELS.items():
+        if action == "save":
+            model = make()
+            model.fit(DATA, targets, epochs=1, batch_size=8, verbose=0)
+            model.save(folder / f"{name}.keras")
+            predictions = keras.ops.convert_to_numpy(model.predict(DATA, verbose=0))
+            np.save(folder / f"{name}_predictions.npy", predictions)
+            if name == "regression":
+                config = keras.saving.serialize_keras_object(model.loss)
+                (folder / "loss.json").write_text(json.dumps(config))
+                np.save(
+                    folder / "loss.npy",
+                    keras.ops.convert_to_numpy(model.loss(targets, predictions)),
+                )
+        else:
+            model = keras.saving.load_model(folder / f"{name}.keras", compile=False)
+            predictions = keras.ops.convert_to_numpy(model.predict(DATA, verbose=0))
+            np.save(folder / f"{name}_loaded.npy", predictions)
+            if name == "regression":
+                loss = keras.saving.deserialize_keras_object(
+                    json.loads((folder / "loss.json").read_text())
+                )
+                np.save(
+                    folder / "loss_loaded.npy",
+                    keras.ops.convert_to_numpy(
+                        loss(targets, np.load(folder / "regression_predictions.npy"))
+                    ),
+                )
 
 
 if __name__ == "__main__":
