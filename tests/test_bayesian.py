@@ -560,6 +560,8 @@ TARGETS = np.stack([IMAGE_DATA.mean((1, 2, 3)), IMAGE_DATA[:, 2, 2, 0]], axis=1)
 
 
 class TestSaveLoad:
+    # Slow (two fits): the battery saves and loads every layer on every backend.
+    @pytest.mark.slow
     @pytest.mark.parametrize("use_custom_objects", [False, True], ids=["registered", "custom"])
     def test_round_trip(self, use_custom_objects, tmp_path, monkeypatch):
         model = small_model()

@@ -1,5 +1,6 @@
 """The migration guide from `tfp.layers`: it names every public `tfp.layers`
-name, and its "after" code runs (on every backend)."""
+name, and its "after" code runs (on every backend: CI runs it on TensorFlow
+and PyTorch, whose whole lists it takes; on JAX with `-m slow`)."""
 
 import pathlib
 import re
@@ -19,6 +20,7 @@ def test_guide_names_every_public_tfp_layers_name():
     assert sorted(names - listed) == []
 
 
+@pytest.mark.slow  # three small trainings (JAX compiles each)
 def test_guide_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.DOTALL)
     assert len(blocks) == 4
