@@ -33,6 +33,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_elbo import _backend
+
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -917,6 +919,45 @@ class Logistic(Distribution):
         return self._loc + self._scale * (ops.log(p) - ops.log1p(-p))
 
 
+_T_QUANTILE_STEPS = 12
+_T_QUANTILE_MAX_STEP = 2.0
+
+
+@_backend.compiled
+def _student_t_tail_quantile(q, df):
+    """The `s >= 0` with `G(s) = q` for the standard t's lower tail
+    `G(s) = cdf(-s)`, `q <= 1/2` (see `StudentT.quantile`)."""
+    tiny = float(np.finfo(_dtype(q)).tiny)
+    log_q = ops.log(ops.maximum(q, tiny))
+    # Normal quantile of the lower tail, then Cornish-Fisher in 1 / df.
+    z = -math.sqrt(2.0) * ops.erfinv(2.0 * ops.minimum(q, 0.5) - 1.0)  # >= 0
+    z2 = ops.square(z)
+    cornish_fisher = (
+        z
+        + z * (z2 + 1.0) / (4.0 * df)
+        + z * ((5.0 * z2 + 16.0) * z2 + 3.0) / (96.0 * ops.square(df))
+    )
+    # G(s) ~ c * df**((df - 1) / 2) * s**-df as s grows, with
+    # c = Gamma((df + 1) / 2) / (sqrt(pi) * Gamma(df / 2)).
+    log_c = _lgamma(0.5 * (df + 1.0)) - _lgamma(0.5 * df) - 0.5 * math.log(math.pi)
+    tail = ops.exp((log_c + 0.5 * (df - 1.0) * ops.log(df) - log_q) / df)
+    w = ops.log(ops.maximum(ops.maximum(cornish_fisher, tail), 1e-6))
+    log_pdf_const = log_c - 0.5 * ops.log(df)
+
+    def step(_, w):
+        s = ops.exp(w)
+        s2 = ops.square(s)
+        g = 0.5 * _betainc(0.5 * df, 0.5 + ops.zeros_like(s), df / (df + s2), s2 / (df + s2))
+        log_g = ops.log(ops.maximum(g, tiny))
+        log_pdf = log_pdf_const - 0.5 * (df + 1.0) * ops.log1p(s2 / df)
+        # d log G / dw = -s * pdf(s) / G(s).
+        slope = -ops.exp(w + log_pdf - log_g)
+        delta = (log_g - log_q) / ops.minimum(slope, -1e-12)
+        return w - ops.clip(delta, -_T_QUANTILE_MAX_STEP, _T_QUANTILE_MAX_STEP)
+
+    return ops.exp(ops.fori_loop(0, _T_QUANTILE_STEPS, step, w))
+
+
 class StudentT(Distribution):
     """Elementwise Student's t distributions with `df` degrees of freedom.
 
@@ -940,10 +981,9 @@ class StudentT(Distribution):
     absolute error is ~3e-6 for `df <= 30` and grows with `df` (~2e-5 at
     `df = 200`: float32 round-off of the `lgamma` terms of its prefactor);
     checked against `scipy.stats.t` for `df` in [0.5, 200]. For large `df`,
-    a `Normal` is within ~1 / df of it anyway. `quantile` is left out: it needs
-    the inverse of that function, which `keras.ops` lacks too, and bisection
-    over the continued fraction costs thousands of operations per value; it
-    raises `NotImplementedError`. Sampling is reparameterised in `loc` and
+    a `Normal` is within ~1 / df of it anyway. `quantile` inverts `cdf` by
+    Newton's method on the log of the tail (twelve `cdf` evaluations).
+    Sampling is reparameterised in `loc` and
     `scale`, not in `df` (`keras.random.gamma` has no gradient on every
     backend), so `reparameterized` is False. `entropy` is not implemented
     (it needs the digamma function).
@@ -1032,11 +1072,22 @@ class StudentT(Distribution):
         return ops.where(z < 0, tail, 1.0 - tail)
 
     def quantile(self, p):
-        raise NotImplementedError(
-            "StudentT does not implement `quantile`: it needs the inverse regularised "
-            "incomplete beta function, which keras.ops lacks. Use `cdf` (implemented) "
-            "with a root finder, or sample quantiles of `sample()`."
-        )
+        """The `x` with `cdf(x) = p`: Newton's method on the log of the tail.
+
+        By symmetry it solves `G(s) = q` for the lower tail `G(s) = cdf(-s)`
+        (standardised, `q = min(p, 1 - p)`), in `w = log(s)`, where the tail
+        is nearly linear (`log G ~ -df * w` far out), from the larger of two
+        starts: the Cornish-Fisher expansion of the normal quantile (good for
+        large `df`, Abramowitz & Stegun 26.7.5) and the tail's power law
+        (good for small `df`). `_T_QUANTILE_STEPS` steps, each of at most
+        `_T_QUANTILE_MAX_STEP` in `w`; then `loc + scale * (+/- s)`.
+        """
+        p = _cast(p, self.dtype) + ops.zeros_like(self._loc)
+        df = self._df + ops.zeros_like(p)
+        q = ops.minimum(p, 1.0 - p)
+        s = _student_t_tail_quantile(q, df)
+        s = ops.where(q >= 0.5, ops.zeros_like(s), s)
+        return self._loc + self._scale * ops.where(p < 0.5, -s, s)
 
 
 _POISSON_INVERSION_TERMS = 40

@@ -340,8 +340,8 @@ class IndependentStudentT(_IndependentOutput):
     ```
 
     `distribution(params)` is `Independent(StudentT(df, loc, scale))`, with
-    `cdf` (a continued fraction; see `keras_elbo.distributions.StudentT`)
-    but no `quantile`.
+    `cdf` (a continued fraction) and `quantile` (Newton's method on it; see
+    `keras_elbo.distributions.StudentT`).
 
     Args:
         event_shape: the shape of one target, an int `n` (`(n,)`) or a tuple.
