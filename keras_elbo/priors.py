@@ -43,6 +43,10 @@ class Prior(keras.layers.Layer):
         )
 
 
+# Floor of a learned prior scale: keeps log p(z) finite if it collapses.
+_TRAINED_MIN_SCALE = 1e-6
+
+
 def _check_latent_dim(latent_dim):
     """Validates a `latent_dim` that may be `None` (set from the posterior)."""
     return None if latent_dim is None else _math.integer("latent_dim", latent_dim)
@@ -72,27 +76,37 @@ def _known_latent_dim(prior):
 
 @keras.saving.register_keras_serializable(package="keras_elbo")
 class NormalPrior(Prior):
-    """A fixed diagonal normal prior, `p(z) = N(loc, scale**2 * I)`.
+    """A diagonal normal prior, `p(z) = N(loc, scale**2 * I)`, fixed or learned.
 
     `KLRegularizer(prior=None)` already uses the standard normal; use this layer
     for another location or scale, in place of a hand-built
-    `MultivariateNormalDiag`, so that the model saves to `.keras`.
+    `MultivariateNormalDiag`, so that the model saves to `.keras`. With
+    `trainable_loc=True` (and/or `trainable_scale=True`) the location (scale)
+    of each dimension is a weight, starting at `loc` (`scale`), learned with
+    the model (empirical Bayes): the trainable prior of `tfp.layers`'
+    `DenseVariational` examples (`VariableLayer` + `Normal(loc=t, scale=1)`)
+    is `NormalPrior(trainable_loc=True)`.
 
     With `latent_dim=None` the prior takes the size of the posterior it is
     used with: `KLRegularizer.check_posterior` (called when the posterior or
     Bayesian layer is built) sets `latent_dim` to the posterior's event size,
-    and the config then records that size. This is how a weight prior is
-    given to `BayesianDense`, whose number of weights is known only once its
-    input shape is: `BayesianDense(8, prior=NormalPrior(scale=0.5))`. Such a
-    prior then belongs to one layer: do not share it between layers of
-    different sizes.
+    and the config then records that size (a trainable prior makes its
+    weights then). This is how a weight prior is given to `BayesianDense`,
+    whose number of weights is known only once its input shape is:
+    `BayesianDense(8, prior=NormalPrior(scale=0.5))`. Such a prior then
+    belongs to one layer: do not share it between layers of different sizes.
 
     Args:
         latent_dim: size of z, a positive integer, or `None` to take the
             posterior's size. Defaults to `None`.
-        loc: location shared by every dimension. Defaults to `0.0`.
-        scale: standard deviation shared by every dimension, positive.
-            Defaults to `1.0`.
+        loc: location of every dimension (the initial one if trainable).
+            Defaults to `0.0`.
+        scale: standard deviation of every dimension, positive (the initial
+            one if trainable). Defaults to `1.0`.
+        trainable_loc: learn the location of each dimension. Defaults to
+            `False`.
+        trainable_scale: learn the scale of each dimension (as
+            `softplus(raw) + 1e-6`). Defaults to `False`.
 
     Returns (from `distribution()`):
         A `keras_elbo.distributions.MultivariateNormalDiag` with event shape
@@ -105,27 +119,69 @@ class NormalPrior(Prior):
     (4,)
     >>> float(prior.distribution().stddev()[0])
     2.0
+    >>> [w.name for w in NormalPrior(4, trainable_loc=True).trainable_weights]
+    ['loc']
     """
 
     def __init__(
-        self, latent_dim: int | None = None, loc: float = 0.0, scale: float = 1.0, **kwargs
+        self,
+        latent_dim: int | None = None,
+        loc: float = 0.0,
+        scale: float = 1.0,
+        trainable_loc: bool = False,
+        trainable_scale: bool = False,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.latent_dim = _check_latent_dim(latent_dim)
         self.loc = _math.real("loc", loc)
         self.scale = _math.real("scale", scale, positive=True)
+        self.trainable_loc = _math.boolean("trainable_loc", trainable_loc)
+        self.trainable_scale = _math.boolean("trainable_scale", trainable_scale)
+        self.loc_weight = self.raw_scale_weight = None
+        # A fixed prior has no weights; a trainable one makes them as soon as
+        # its size is known (now, or when the regularizer sets it).
+        if self.latent_dim is not None or not (trainable_loc or trainable_scale):
+            self.build()
+
+    def build(self, input_shape=None):
+        d = self.latent_dim
+        if self.trainable_loc:
+            self.loc_weight = self.add_weight(
+                shape=(d,), initializer=keras.initializers.Constant(self.loc), name="loc"
+            )
+        if self.trainable_scale:
+            raw = _math.inverse_positive_scale(self.scale, _TRAINED_MIN_SCALE)
+            self.raw_scale_weight = self.add_weight(
+                shape=(d,), initializer=keras.initializers.Constant(raw), name="raw_scale"
+            )
         self.built = True
 
     def distribution(self, posterior_layer=None):
         latent_dim = _known_latent_dim(self)
+        if not self.built:
+            self.build()
         dtype = _math.density_dtype()
         loc = keras.ops.full((latent_dim,), self.loc, dtype=dtype)
         scale = keras.ops.full((latent_dim,), self.scale, dtype=dtype)
+        if self.loc_weight is not None:
+            loc = keras.ops.cast(self.loc_weight, dtype)
+        if self.raw_scale_weight is not None:
+            raw = keras.ops.cast(self.raw_scale_weight, dtype)
+            scale = _math.positive_scale(raw, _TRAINED_MIN_SCALE)
         return kd.MultivariateNormalDiag(loc, scale)
 
     def get_config(self):
         config = super().get_config()
-        config.update({"latent_dim": self.latent_dim, "loc": self.loc, "scale": self.scale})
+        config.update(
+            {
+                "latent_dim": self.latent_dim,
+                "loc": self.loc,
+                "scale": self.scale,
+                "trainable_loc": self.trainable_loc,
+                "trainable_scale": self.trainable_scale,
+            }
+        )
         return config
 
 

@@ -193,6 +193,16 @@ CASES = [
         build=built_at_construction,
         wire=wire_prior,
     ),
+    # Trainable: the location and the raw scale of each dimension.
+    Case(
+        "NormalPrior-trainable",
+        lambda: ke.NormalPrior(LATENT, loc=0.5, trainable_loc=True, trainable_scale=True),
+        trainable=2,
+        non_trainable=0,
+        seed_generators=0,
+        build=built_at_construction,
+        wire=wire_prior,
+    ),
     Case(
         "MixturePrior",
         lambda: ke.MixturePrior(LATENT, num_components=2, init_scale=0.5, seed=0),

@@ -71,6 +71,41 @@ class TestNormalPrior:
     def test_config_round_trip(self):
         h.config_round_trip(ke.NormalPrior(3, loc=1.0, scale=2.0))
 
+    def test_trainable_prior_starts_at_loc_and_scale(self):
+        prior = ke.NormalPrior(3, loc=-1.0, scale=0.5, trainable_loc=True, trainable_scale=True)
+        assert [w.name for w in prior.trainable_weights] == ["loc", "raw_scale"]
+        p = prior.distribution()
+        np.testing.assert_allclose(h.numpy(p.mean()), [-1.0] * 3)
+        np.testing.assert_allclose(h.numpy(p.stddev()), [0.5] * 3, rtol=1e-6)
+        assert ke.NormalPrior(3).trainable_weights == []
+        with pytest.raises(ValueError, match="`trainable_loc`"):
+            ke.NormalPrior(3, trainable_loc="yes")
+
+    def test_trainable_prior_of_a_bayesian_layer_learns_and_its_kl_is_the_closed_form(self):
+        # latent_dim=None: the weights are made when the layer sets the size.
+        prior = ke.NormalPrior(trainable_loc=True, trainable_scale=True)
+        layer = ke.DenseVariational(1, prior=prior, kl_weight=1 / 64, kl_use_exact=True, seed=0)
+        assert not prior.built
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(64, 3)).astype("float32")
+        y = (x @ np.array([[1.0], [2.0], [-1.0]]) + 0.5).astype("float32")
+        inputs = keras.Input((3,))
+        model = ke.ELBOModel(inputs, layer(inputs))
+        assert prior.latent_dim == 4 and len(prior.trainable_weights) == 2
+        model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+        before = [h.numpy(w) for w in prior.trainable_weights]
+        model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+        for start, weight in zip(before, prior.trainable_weights, strict=True):
+            assert np.abs(h.numpy(weight) - start).max() > 1e-3  # learned
+        # KL[q(w) || p(w)] of the last step against NumPy, at the learned prior.
+        q = layer.weight_posterior.distribution()
+        p = prior.distribution()
+        expected = np.sum(
+            h.kl_diag_normal(q.loc, q.scale_diag, h.numpy(p.loc), h.numpy(p.scale_diag))
+        )
+        kl = h.numpy(layer.kl_regularizer.kl_divergence(q))
+        np.testing.assert_allclose(kl, expected, rtol=1e-5)
+
 
 def test_prior_is_not_called_on_tensors():
     with pytest.raises(TypeError, match="distribution"):
