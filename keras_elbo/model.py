@@ -11,6 +11,7 @@ from keras import ops
 # Private Keras classes, needed to build a functional `ELBOModel` without
 # Keras's `inject_functional_model_class`, which would rewrite
 # `ELBOModel.__bases__` for good and break subclassing it afterwards.
+from keras.src.losses.loss import scale_loss_for_distribution, unscale_loss_for_distribution
 from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
 from keras.src.trainers.trainer import Trainer
@@ -353,10 +354,15 @@ class ELBOModel(keras.Model):
             loss = loss * ops.cast(gate, loss.dtype)
         if not hasattr(self, "kl_trackers"):
             return loss
-        added = [self._aggregate_additional_loss(value) for value in self.losses]
+        # The logs in nats per example: under TensorFlow's MirroredStrategy
+        # Keras divides each replica's loss by the number of replicas.
+        added = [
+            unscale_loss_for_distribution(self._aggregate_additional_loss(value))
+            for value in self.losses
+        ]
         other = ops.sum(ops.stack(added)) if added else ops.zeros((), loss.dtype)
         if bounds is None:
-            reconstruction = loss - other
+            reconstruction = unscale_loss_for_distribution(loss) - other
         neg_elbo = reconstruction + other
         batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
         for regularizer, tracker in zip(self.kl_regularizers, self.kl_trackers, strict=True):
@@ -427,7 +433,9 @@ class ELBOModel(keras.Model):
             sample_weight = ops.cast(ops.reshape(sample_weight, (-1,)), bound.dtype)
             bound = bound * sample_weight
         batch = ops.cast(ops.shape(bound)[0], bound.dtype)
-        objective = -ops.sum(bound) / ops.maximum(batch, 1.0)
+        # Scaled as Keras scales a compiled loss (by 1 / replicas under
+        # MirroredStrategy); the added losses below are scaled already.
+        objective = scale_loss_for_distribution(-ops.sum(bound) / ops.maximum(batch, 1.0))
         added = [self._aggregate_additional_loss(value) for value in self.losses]
         loss = objective + ops.sum(ops.stack(added)) if added else objective
         reconstruction = -ops.mean(log_lik)

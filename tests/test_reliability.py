@@ -197,15 +197,17 @@ class TestBackend:
 # A VAE whose loss is deterministic, its three training steps' losses and KLs:
 # the distributed tests compare them with a single device's.
 DETERMINISTIC_VAE = """
-def build():
+def build(**objective):
     keras.utils.set_random_seed(0)
     x = keras.Input((8,))
     posterior = ke.GaussianPosterior(
         3, kl_regularizer=ke.KLRegularizer(prior=ke.MixturePrior(3, 4, seed=0)), min_scale=1e-7)
-    model = ke.ELBOModel(x, keras.layers.Dense(8)(posterior(keras.layers.Dense(16)(x))))
+    model = ke.ELBOModel(
+        x, keras.layers.Dense(8)(posterior(keras.layers.Dense(16)(x))), **objective)
     model.compile(keras.optimizers.SGD(0.1), ke.BernoulliNLL(from_logits=True))
     # A posterior scale of 1e-7 makes z = loc: the loss is then deterministic
-    # (mc_entropy uses the exact entropy), so the two runs must agree exactly.
+    # (mc_entropy uses the exact entropy; the K samples of a multi-sample
+    # objective are equal), so the two runs must agree exactly.
     kernel, bias = posterior.projection.get_weights()
     kernel[:, 3:] = 0.0
     bias[3:] = -30.0
@@ -213,9 +215,9 @@ def build():
     return model
 
 data = (np.random.default_rng(0).random((32, 8)) < 0.4).astype("float32")
-def losses(model):
+def losses(model, keys=("loss", "kl")):
     logs = [model.train_on_batch(data, data, return_dict=True) for _ in range(3)]
-    return [[float(step["loss"]), float(step["kl"])] for step in logs]
+    return [[float(step[key]) for key in keys] for step in logs]
 
 """
 
@@ -230,14 +232,16 @@ import keras, keras_elbo as ke
 """
     + DETERMINISTIC_VAE
     + """
-single = losses(build())
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-with strategy.scope():
-    mirrored_model = build()
-mirrored = losses(mirrored_model)
 print("REPLICAS", strategy.num_replicas_in_sync)
-print("SINGLE", single)
-print("MIRRORED", mirrored)
+keys = {"": ("loss", "kl", "reconstruction", "neg_elbo"),
+        "_IWAE": ("loss", "kl", "reconstruction", "neg_elbo", "neg_iwae")}
+for name, objective in [("", {}), ("_IWAE", {"objective": "iwae", "num_samples": 3})]:
+    single = losses(build(**objective), keys[name])
+    with strategy.scope():
+        mirrored_model = build(**objective)
+    print("SINGLE" + name, single)
+    print("MIRRORED" + name, losses(mirrored_model, keys[name]))
 """
 )
 
@@ -248,10 +252,13 @@ class TestMirroredStrategy:
         assert result.returncode == 0, result.stderr[-3000:]
         lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
         assert lines["REPLICAS"] == "2"
-        single, mirrored = json.loads(lines["SINGLE"]), json.loads(lines["MIRRORED"])
-        # The KL neither counted twice nor divided by the replicas: per-step
-        # losses and KL (and so the updates between steps) agree to round-off.
-        np.testing.assert_allclose(mirrored, single, rtol=1e-5)
+        for name in ("", "_IWAE"):
+            single = json.loads(lines["SINGLE" + name])
+            mirrored = json.loads(lines["MIRRORED" + name])
+            # The KL neither counted twice nor divided by the replicas: per-step
+            # losses, KL and the logged parts (and so the updates between
+            # steps) agree to round-off; for the ELBO and for the IWAE bound.
+            np.testing.assert_allclose(mirrored, single, rtol=1e-5, err_msg=name or "ELBO")
 
 
 class TestFloat64:
