@@ -38,6 +38,9 @@ def build_vae(
     seed: int | None = None,
     posterior: str = "gaussian",
     num_flows: int = 2,
+    objective: str = "elbo",
+    train_samples: int = 1,
+    dreg: bool = False,
 ) -> keras.Model:
     """An MLP VAE whose output is one Bernoulli logit per pixel.
 
@@ -46,7 +49,8 @@ def build_vae(
     posterior layer `"posterior"` and the decoder, a nested model from z to
     logits, `"decoder"`. With `posterior="iaf"` the posterior
     is a `FlowPosterior` of `num_flows` steps, each a MADE of `hidden` units
-    conditioned on the encoder's features.
+    conditioned on the encoder's features. `objective`, `train_samples`
+    and `dreg` are `ELBOModel`'s `objective`, `num_samples` and `dreg`.
     """
     encoder = keras.Sequential(
         [keras.Input((num_pixels,)), keras.layers.Dense(hidden, activation="relu")],
@@ -87,7 +91,14 @@ def build_vae(
         ],
         name="decoder",
     )
-    return ke.ELBOModel(x, decoder(z), name="vae")
+    return ke.ELBOModel(
+        x,
+        decoder(z),
+        name="vae",
+        objective=objective,
+        num_samples=train_samples,
+        dreg=dreg,
+    )
 
 
 class EpochReport(keras.callbacks.Callback):
@@ -95,8 +106,9 @@ class EpochReport(keras.callbacks.Callback):
 
     The demo's only display of an epoch: `fit` runs with `verbose=0`, so no
     progress bar repeats the same numbers. The loss is the negative ELBO when
-    the KL weight is 1 and free bits are off; during a KL warm-up it is the
-    weighted objective.
+    the KL weight is 1 and free bits are off (the negative importance-weighted
+    bound with `--objective iwae`); during a KL warm-up it is the weighted
+    objective.
     """
 
     def on_epoch_end(self, epoch, logs=None):
@@ -233,6 +245,24 @@ def make_parser() -> argparse.ArgumentParser:
         help="Monte Carlo samples of the KL per example (default: 1)",
     )
     add(
+        "--objective",
+        choices=("elbo", "iwae"),
+        default="elbo",
+        help="training objective: the ELBO, or the importance-weighted bound of "
+        "--train-samples samples (default: elbo)",
+    )
+    add(
+        "--train-samples",
+        type=_positive_int,
+        default=1,
+        help="samples of z per example in training, K of the objective (default: 1)",
+    )
+    add(
+        "--dreg",
+        action="store_true",
+        help="train --objective iwae with doubly reparameterised gradients",
+    )
+    add(
         "--warmup",
         type=int,
         default=0,
@@ -299,10 +329,13 @@ def main(argv: list[str] | None = None) -> dict:
             seed=args.seed,
             posterior=args.posterior,
             num_flows=args.num_flows,
+            objective=args.objective,
+            train_samples=args.train_samples,
+            dreg=args.dreg,
         )
+        vae.compile(optimizer="adam", loss=ke.BernoulliNLL(from_logits=True))
     except ValueError as error:  # e.g. --kl-mode analytic with a mixture prior
         parser.error(str(error))
-    vae.compile(optimizer="adam", loss=ke.BernoulliNLL(from_logits=True))
     callbacks = []
     if args.warmup > 0:
         callbacks.append(ke.KLAnnealing(ke.LinearWarmup(args.warmup), unit="epoch"))

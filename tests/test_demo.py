@@ -143,3 +143,21 @@ def test_iaf_posterior(tmp_path):
     assert len(model.get_layer("posterior").flows) == 2
     assert math.isfinite(result["test_elbo"]) and math.isfinite(result["test_log_likelihood"])
     assert result["test_kl"] > 0
+
+
+def test_iwae_objective(tmp_path):
+    argv = ["--objective", "iwae", "--train-samples", "3", "--dreg", "--epochs", "1"]
+    result = demo.main([*argv, "--iw-samples", "5", "--output", str(tmp_path), "--verbose", "0"])
+    model = keras.saving.load_model(result["model_path"])
+    assert (model.objective, model.num_samples, model.dreg) == ("iwae", 3, True)
+    history = result["history"]
+    # The trained bound is tighter than the ELBO of the same samples.
+    assert history["neg_iwae"][0] < history["neg_elbo"][0]
+    assert math.isfinite(result["test_log_likelihood"])
+
+
+def test_iwae_with_free_bits_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--objective", "iwae", "--train-samples", "2", "--free-bits", "0.5"])
+    assert exit_info.value.code == 2
+    assert "free_bits" in capsys.readouterr().err
