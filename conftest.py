@@ -39,6 +39,7 @@ ALL_BACKENDS = {
     "keras_elbo/posteriors.py",
     "keras_elbo/predictive.py",
     "keras_elbo/priors.py",
+    "keras_elbo/weight_posteriors.py",
     "keras_elbo/outputs.py",
     "tests/__init__.py",
     "tests/test_bayesian.py",

@@ -21,8 +21,6 @@ from keras_elbo.bayesian import (
     BayesianConv3D,
     BayesianDense,
     DenseVariational,
-    FullCovarianceWeights,
-    MeanFieldWeights,
 )
 from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
 from keras_elbo.divergence import KLRegularizer
@@ -45,6 +43,7 @@ from keras_elbo.outputs import (
 from keras_elbo.posteriors import GaussianPosterior, Posterior
 from keras_elbo.predictive import predictive_moments
 from keras_elbo.priors import MixturePrior, NormalPrior, Prior, ScaleMixturePrior, VampPrior
+from keras_elbo.weight_posteriors import FullCovarianceWeights, MeanFieldWeights
 
 __version__ = "0.1.0"
 

@@ -8,7 +8,6 @@ from scipy.special import expit
 import keras_elbo as ke
 from keras_elbo import distributions
 from keras_elbo.bayesian import (
-    MIN_SCALE,
     BayesianConv1D,
     BayesianConv2D,
     BayesianConv3D,
@@ -16,6 +15,9 @@ from keras_elbo.bayesian import (
 )
 from keras_elbo.predictive import predictive_moments
 from keras_elbo.priors import ScaleMixturePrior
+from keras_elbo.weight_posteriors import (
+    MIN_SCALE,
+)
 from tests import _helpers as h
 
 RNG = np.random.default_rng(0)

@@ -6,9 +6,11 @@ import pytest
 
 import keras_elbo as ke
 from keras_elbo.bayesian import (
-    MIN_SCALE,
     BayesianDense,
     DenseVariational,
+)
+from keras_elbo.weight_posteriors import (
+    MIN_SCALE,
     FullCovarianceWeights,
     MeanFieldWeights,
 )
