@@ -6,9 +6,10 @@ Run as `KERAS_BACKEND=b python tests/cross_backend_model.py save|load DIR`:
 predictions (`inference="mean"`: deterministic) to `DIR/<name>_predictions.npy`;
 `load` loads each file on this backend (with `compile=False`: an optimizer
 saved on one backend need not restore on another) and writes
-`DIR/<name>_loaded.npy`. The regression model's loss, a distribution output,
-is saved as its config and its value on the predictions as `loss.npy`; `load`
-rebuilds it from the config and writes its value as `loss_loaded.npy`.
+`DIR/<name>_loaded.npy`. Every distribution output (`keras_elbo.outputs`) is
+saved as its config with its per-example losses on fixed parameters and
+targets (`outputs.json`); `load` rebuilds each from its config and writes
+its losses on the same parameters and targets (`outputs_loaded.json`).
 """
 
 import json
@@ -65,6 +66,34 @@ def build_regression():
 
 MODELS = {"vae": (build, DATA), "regression": (build_regression, DATA[:, :1] * 2.0 - 1.0)}
 
+# One instance of every distribution output, with non-default arguments where
+# the class has them, and targets it accepts (labels, counts, bits, reals).
+_RNG = np.random.default_rng(1)
+OUTPUTS = {
+    "IndependentNormal": (ke.IndependentNormal((2, 2)), _RNG.normal(size=(4, 2, 2))),
+    "IndependentNormal-fixed": (ke.IndependentNormal(2, scale=0.5), _RNG.normal(size=(4, 2))),
+    "IndependentLogistic": (ke.IndependentLogistic(2), _RNG.normal(size=(4, 2))),
+    "IndependentStudentT": (ke.IndependentStudentT(2), _RNG.normal(size=(4, 2))),
+    "IndependentStudentT-df": (ke.IndependentStudentT(2, df=3.0), _RNG.normal(size=(4, 2))),
+    "IndependentBernoulli": (ke.IndependentBernoulli(3), _RNG.random((4, 3)) < 0.5),
+    "IndependentPoisson": (ke.IndependentPoisson(3), _RNG.poisson(2.0, size=(4, 3))),
+    "MultivariateNormalTriL": (ke.MultivariateNormalTriL(3), _RNG.normal(size=(4, 3))),
+    "OneHotCategorical": (ke.OneHotCategorical(3), np.eye(3)[[0, 2, 1, 1]]),
+    "Categorical": (ke.Categorical(3), np.array([0, 2, 1, 1])),
+    "MixtureNormal": (ke.MixtureNormal(2, 2), _RNG.normal(size=(4, 2))),
+    "MixtureLogistic": (ke.MixtureLogistic(3), _RNG.normal(size=(4, 1))),
+}
+
+
+def output_losses(outputs):
+    """Each output's per-example negative log-likelihoods on fixed inputs."""
+    losses = {}
+    for name, (output, targets) in OUTPUTS.items():
+        params = np.random.default_rng(2).normal(size=(4, output.params_size))
+        values = outputs[name].call(targets.astype("float32"), params.astype("float32"))
+        losses[name] = keras.ops.convert_to_numpy(values).tolist()
+    return losses
+
 
 def main(action, folder):
     folder = pathlib.Path(folder)
@@ -75,27 +104,21 @@ def main(action, folder):
             model.save(folder / f"{name}.keras")
             predictions = keras.ops.convert_to_numpy(model.predict(DATA, verbose=0))
             np.save(folder / f"{name}_predictions.npy", predictions)
-            if name == "regression":
-                config = keras.saving.serialize_keras_object(model.loss)
-                (folder / "loss.json").write_text(json.dumps(config))
-                np.save(
-                    folder / "loss.npy",
-                    keras.ops.convert_to_numpy(model.loss(targets, predictions)),
-                )
         else:
             model = keras.saving.load_model(folder / f"{name}.keras", compile=False)
             predictions = keras.ops.convert_to_numpy(model.predict(DATA, verbose=0))
             np.save(folder / f"{name}_loaded.npy", predictions)
-            if name == "regression":
-                loss = keras.saving.deserialize_keras_object(
-                    json.loads((folder / "loss.json").read_text())
-                )
-                np.save(
-                    folder / "loss_loaded.npy",
-                    keras.ops.convert_to_numpy(
-                        loss(targets, np.load(folder / "regression_predictions.npy"))
-                    ),
-                )
+    if action == "save":
+        outputs = {name: output for name, (output, _) in OUTPUTS.items()}
+        configs = {name: keras.saving.serialize_keras_object(o) for name, o in outputs.items()}
+        record = {"configs": configs, "losses": output_losses(outputs)}
+        (folder / "outputs.json").write_text(json.dumps(record))
+    else:
+        configs = json.loads((folder / "outputs.json").read_text())["configs"]
+        outputs = {
+            name: keras.saving.deserialize_keras_object(config) for name, config in configs.items()
+        }
+        (folder / "outputs_loaded.json").write_text(json.dumps(output_losses(outputs)))
 
 
 if __name__ == "__main__":
