@@ -2,8 +2,12 @@
 
 The backend is TensorFlow unless `KERAS_BACKEND` says otherwise. Under JAX or
 PyTorch only the modules listed in `ALL_BACKENDS` are collected (tests and
-doctests): the rest of the library still needs TensorFlow (issue 11 moves it
-module by module; add a module here once it runs on every backend). So
+doctests). The library runs on every backend; the modules left out are run on
+TensorFlow only because they test TensorFlow-side things or cost too much to
+repeat: the demo and notebooks (whole trainings), the README's code, the
+property tests (hypothesis), the reliability tests (tf.distribute, XLA,
+subprocesses), the cross-backend tests (which start each backend themselves)
+and the data loaders (NumPy only: nothing backend-specific to repeat). So
 
     KERAS_BACKEND=jax python -m pytest
 
