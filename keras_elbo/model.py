@@ -109,8 +109,9 @@ class ELBOModel(keras.Model):
     and `kl`, `reconstruction` (averaged over the samples) and `neg_elbo` are
     logged beside it for reference. Under `"iwae"` a `kl_weight` below 1
     (annealing) tempers the prior-to-posterior ratio inside the bound, a
-    warm-up that reaches the bound at weight 1; free bits have no meaning
-    there and are refused. The decoder's output must depend on the input only
+    warm-up that reaches the bound at weight 1 (with `dreg=True` too: the
+    gradient is then the tempered bound's); free bits have no meaning there
+    and are refused. The decoder's output must depend on the input only
     through the posterior's sample (no skip connection around it), and the
     compiled loss must give each example's negative log-likelihood
     (`keras_elbo.losses`, `keras_elbo.outputs`). `dreg=True` trains the
@@ -417,8 +418,12 @@ class ELBOModel(keras.Model):
             # (w: normalised weights). One surrogate gives both: the decoder
             # runs again on z_k whose gradient to the encoder is scaled by
             # w_k (same value), and sum_k w_k log w_k is differentiated.
+            # At a KL weight b != 1 (warm-up), log w_k holds -b log q(z_k): the
+            # score term that DReG rewrites is b times as large, the encoder's
+            # weight (1 - b) w_k + b w_k^2, so z_k's gradient is scaled by
+            # 1 - b + b w_k.
             w = ops.stop_gradient(ops.softmax(tempered, axis=0))
-            scale = w
+            scale = (1.0 - weight) + weight * w
             for _ in range(len(z.shape) - 2):
                 scale = ops.expand_dims(scale, -1)
             scaled = ops.stop_gradient(z) + ops.cast(scale, z.dtype) * (z - ops.stop_gradient(z))
