@@ -92,20 +92,34 @@ def numpy_log_q(q, z, covariance):
     )
 
 
+def numpy_log_prior(prior, z):
+    """log p(z) in float64: N(0, I), or a `MixturePrior`'s mixture by logsumexp."""
+    if prior is None:
+        return h.diag_normal_logpdf(z, 0.0, 1.0)
+    raw_scale = np.asarray(prior.raw_scale, np.float64)
+    scales = h.softplus(raw_scale) + prior.min_scale
+    return h.mixture_logpdf(z, np.asarray(prior.logits), np.asarray(prior.loc), scales)
+
+
 @pytest.mark.parametrize(
-    "objective, covariance, dreg, kl_weight",
+    "objective, covariance, dreg, kl_weight, prior",
     [
-        ("iwae", "diag", False, 1.0),
-        ("iwae", "full", False, 1.0),
-        ("iwae", "diag", True, 1.0),
-        ("iwae", "diag", False, 0.5),
-        ("elbo", "diag", False, 1.0),
-        ("elbo", "full", False, 1.0),
+        ("iwae", "diag", False, 1.0, "normal"),
+        ("iwae", "full", False, 1.0, "normal"),
+        ("iwae", "diag", True, 1.0, "normal"),
+        ("iwae", "diag", False, 0.5, "normal"),
+        ("iwae", "full", False, 1.0, "mixture"),
+        ("elbo", "diag", False, 1.0, "normal"),
+        ("elbo", "full", False, 1.0, "normal"),
     ],
 )
-def test_loss_equals_numpy_bound_of_the_same_samples(objective, covariance, dreg, kl_weight):
+def test_loss_equals_numpy_bound_of_the_same_samples(objective, covariance, dreg, kl_weight, prior):
     k = 4
-    model, posterior = vae(covariance, objective, k, dreg)
+    mixture = None
+    if prior == "mixture":
+        mixture = ke.MixturePrior(LATENT, 3, init_scale=0.7, seed=3)
+        mixture.logits.assign([0.5, -0.3, 0.1])  # unequal weights
+    model, posterior = vae(covariance, objective, k, dreg, prior=mixture)
     posterior.kl_regularizer.kl_weight.assign(kl_weight)
     seen = []
     loss = h.numpy(one_step_loss(model, DATA, seen=seen))
@@ -114,7 +128,7 @@ def test_loss_equals_numpy_bound_of_the_same_samples(objective, covariance, dreg
     assert z.shape == (k, len(DATA), LATENT)
     x = DATA.astype(np.float64)
     log_lik = numpy_decoder_log_lik(model, posterior, z, x)  # (K, B)
-    log_ratio = h.diag_normal_logpdf(z, 0.0, 1.0) - numpy_log_q(q, z, covariance)
+    log_ratio = numpy_log_prior(mixture, z) - numpy_log_q(q, z, covariance)
     if objective == "iwae":
         bound = logsumexp(log_lik + kl_weight * log_ratio, axis=0) - math.log(k)
         expected = -np.mean(bound)
