@@ -422,7 +422,10 @@ class ELBOModel(keras.Model):
             # score term that DReG rewrites is b times as large, the encoder's
             # weight (1 - b) w_k + b w_k^2, so z_k's gradient is scaled by
             # 1 - b + b w_k.
-            w = ops.stop_gradient(ops.softmax(tempered, axis=0))
+            if k == 1:  # (Keras warns of a softmax over an axis of size 1.)
+                w = ops.ones_like(tempered)
+            else:
+                w = ops.stop_gradient(ops.softmax(tempered, axis=0))
             scale = (1.0 - weight) + weight * w
             for _ in range(len(z.shape) - 2):
                 scale = ops.expand_dims(scale, -1)

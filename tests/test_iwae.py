@@ -8,6 +8,7 @@ within standard errors.
 """
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -366,3 +367,13 @@ def test_bad_arguments_are_refused():
     model = ke.ELBOModel(x, two(first(x)), num_samples=2)
     with pytest.raises(ValueError, match="exactly one"):
         model.compile(loss=ke.GaussianNLL())
+
+
+def test_dreg_with_one_sample_trains_without_warnings():
+    # At K = 1 DReG is the path-derivative gradient of the ELBO; the normalised
+    # weight is 1 (a softmax over one sample made Keras warn at every trace).
+    model, _ = vae(num_samples=1, dreg=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*softmax.*", category=UserWarning)
+        history = model.fit(DATA, DATA, epochs=1, batch_size=6, verbose=0).history
+    assert np.isfinite(history["neg_iwae"]).all()
