@@ -53,9 +53,34 @@ def execute(notebook: nbformat.NotebookNode, timeout: int = 1800) -> nbformat.No
     return notebook
 
 
+# TensorFlow's C++ start-up lines (oneDNN, CUDA stubs, absl), which TF 2.21
+# writes to stderr whatever TF_CPP_MIN_LOG_LEVEL says: noise to a reader.
+NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} .*"
+    r"(port\.cc|cudart_stub\.cc|cuda_\w+\.cc))"
+)
+
+
+def drop_start_up_noise(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Removes TensorFlow's start-up lines from the stderr outputs (and the
+    outputs they leave empty)."""
+    for cell in notebook.cells:
+        kept = []
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                lines = output["text"].splitlines(keepends=True)
+                output["text"] = "".join(line for line in lines if not NOISE.match(line))
+                if not output["text"].strip():
+                    continue
+            kept.append(output)
+        if "outputs" in cell:
+            cell["outputs"] = kept
+    return notebook
+
+
 def build(name: str) -> pathlib.Path:
     source = (HERE / "src" / f"{name}.py").read_text()
-    notebook = execute(to_notebook(source))
+    notebook = drop_start_up_noise(execute(to_notebook(source)))
     path = HERE / f"{name}.ipynb"
     nbformat.write(notebook, path)
     return path

@@ -28,6 +28,25 @@ def test_committed_notebook_matches_source_and_has_outputs(name):
     outputs = [out for cell in committed.cells for out in cell.get("outputs", [])]
     assert any("image/png" in out.get("data", {}) for out in outputs), "no plot stored"
     assert not [out for out in outputs if out.output_type == "error"]
+    stderr = "".join(out.text for out in outputs if out.get("name") == "stderr")
+    assert not [line for line in stderr.splitlines() if build.NOISE.match(line)]
+
+
+def test_start_up_noise_is_dropped():
+    noisy = build.to_notebook("# %%\nprint(1)\n")
+    noisy.cells[0].outputs = [
+        nbformat.v4.new_output(
+            "stream",
+            name="stderr",
+            text="WARNING: All log messages before absl::InitializeLog() is called are "
+            "written to STDERR\nI0000 00:00:1795622490.037997   22080 port.cc:153] oneDNN "
+            "custom operations are on.\n",
+        ),
+        nbformat.v4.new_output("stream", name="stderr", text="UserWarning: kept\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="1\n"),
+    ]
+    outputs = build.drop_start_up_noise(noisy).cells[0].outputs
+    assert [out.text for out in outputs] == ["UserWarning: kept\n", "1\n"]
 
 
 @pytest.mark.parametrize("name", NAMES)
