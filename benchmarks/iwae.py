@@ -19,13 +19,12 @@ the VAE row trained with the ELBO).
 
 Runs on any Keras backend (JAX is fastest on a CPU):
 
-    KERAS_BACKEND=jax python benchmarks/iwae.py --data ../shared/data/binarized_mnist.npz
-    KERAS_BACKEND=jax python benchmarks/iwae.py --data ../shared/data/binarized_mnist.npz --quick
+    KERAS_BACKEND=jax python -m benchmarks.iwae --data ../shared/data/binarized_mnist.npz
+    KERAS_BACKEND=jax python -m benchmarks.iwae --data ../shared/data/binarized_mnist.npz --quick
 """
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import time
@@ -36,7 +35,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_elbo as ke  # noqa: E402
-from keras_elbo import datasets  # noqa: E402
+from benchmarks._common import load_mnist, paired_differences, write_results  # noqa: E402
 
 HIDDEN, LATENT, PIXELS = 200, 50, 784
 MODELS = {"vae": ("elbo", 1), "iwae5": ("iwae", 5), "iwae50": ("iwae", 50)}
@@ -107,11 +106,7 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.iw_samples, args.test_subset = 1, 100, args.test_subset or 500
-    x_train, _, x_test = datasets.load_binarized_mnist(args.data)
-    if args.test_subset:
-        # The test rows are ordered by digit: a random subset, not the first N.
-        rows = np.random.default_rng(0).permutation(len(x_test))[: args.test_subset]
-        x_test = x_test[rows]
+    x_train, x_test = load_mnist(args.data, args.test_subset)
     print(
         f"{datetime.date.today()}  {platform.machine()}, {os.cpu_count()} CPUs, "
         f"Keras {keras.__version__} on {keras.backend.backend()}\n"
@@ -139,21 +134,10 @@ def main():
             f"| {name} | {-r['test_log_px']:.2f} ± {r['test_log_px_stderr']:.2f} "
             f"| {r['epoch_seconds_median']:.1f} | {PUBLISHED[name]:.2f} |"
         )
-    # Every model is evaluated on the same images: a difference has a paired
-    # standard error, much smaller than each model's own.
     names = list(results)
-    print("\nlog p(x) differences, per image (paired standard error):")
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            diff = per_image[b] - per_image[a]
-            stderr = diff.std(ddof=1) / np.sqrt(len(diff))
-            results[b][f"log_px_minus_{a}"] = [float(diff.mean()), float(stderr)]
-            print(f"  {b} - {a}: {diff.mean():+.3f} (+/- {stderr:.3f})")
-    os.makedirs(args.output, exist_ok=True)
-    path = os.path.join(args.output, "iwae.json")
-    with open(path, "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=1)
-    print(f"\nwrote {path}")
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    paired_differences(per_image, results, pairs)
+    write_results(args, results, "iwae")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ output) and over the decoder's.
 
 Gradients are taken eagerly with `tf.GradientTape` (TensorFlow backend).
 
-    python benchmarks/iwae_snr.py --data ../shared/data/binarized_mnist.npz
-    python benchmarks/iwae_snr.py --quick   # synthetic data, few draws
+    python -m benchmarks.iwae_snr --data ../shared/data/binarized_mnist.npz
+    python -m benchmarks.iwae_snr --quick   # synthetic data, few draws
 """
 
 import argparse
 import datetime
-import json
 import os
 import platform
 
@@ -32,8 +31,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_elbo as ke  # noqa: E402
+from benchmarks._common import load_mnist, write_results  # noqa: E402
 from benchmarks.iwae import build  # noqa: E402
-from keras_elbo import datasets  # noqa: E402
 
 
 def gradient_draws(model, x, draws):
@@ -67,7 +66,7 @@ def main():
     if args.quick:
         args.data, args.draws, args.train_epochs = None, 50, 1
     if args.data:
-        x_train, _, x_test = datasets.load_binarized_mnist(args.data)
+        x_train, x_test = load_mnist(args.data)
     else:
         rng = np.random.default_rng(0)
         x_train = (rng.random((2000, 784)) < 0.2).astype("float32")
@@ -114,11 +113,7 @@ def main():
                 f"| {row['decoder_snr']:.3f} |",
                 flush=True,
             )
-    os.makedirs(args.output, exist_ok=True)
-    path = os.path.join(args.output, "iwae_snr.json")
-    with open(path, "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=1)
-    print(f"\nwrote {path}")
+    write_results(args, results, "iwae_snr")
 
 
 if __name__ == "__main__":

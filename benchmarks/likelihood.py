@@ -14,13 +14,12 @@ first third of the epochs) for `--epochs`, then reports the test ELBO and the
 importance-weighted estimate of log p(x) with `--iw-samples` samples (the
 tables use 5000), printed next to the published figures and their budgets.
 
-    python benchmarks/likelihood.py --data ../shared/data/binarized_mnist.npz
-    python benchmarks/likelihood.py --data ../shared/data/binarized_mnist.npz --quick
+    python -m benchmarks.likelihood --data ../shared/data/binarized_mnist.npz
+    python -m benchmarks.likelihood --data ../shared/data/binarized_mnist.npz --quick
 """
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import time
@@ -32,7 +31,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_elbo as ke  # noqa: E402
-from keras_elbo import datasets  # noqa: E402
+from benchmarks._common import load_mnist, paired_differences, write_results  # noqa: E402
 from keras_elbo.flows import FlowPosterior  # noqa: E402
 
 HIDDEN, LATENT, PIXELS = 200, 50, 784
@@ -131,11 +130,7 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.iw_samples, args.test_subset = 2, 100, args.test_subset or 1000
-    x_train, _, x_test = datasets.load_binarized_mnist(args.data)
-    if args.test_subset:
-        # The test rows are ordered by digit: a random subset, not the first N.
-        rows = np.random.default_rng(0).permutation(len(x_test))[: args.test_subset]
-        x_test = x_test[rows]
+    x_train, x_test = load_mnist(args.data, args.test_subset)
     print(
         f"{datetime.date.today()}  {platform.machine()}, {os.cpu_count()} CPUs, "
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}\n"
@@ -159,22 +154,9 @@ def main():
         published, setting = PUBLISHED.get(kind, (None, "no published figure for this setting"))
         cell = f"{published:.2f}" if published else "-"
         print(f"| {kind} | {-r['test_elbo']:.2f} | {-r['test_log_px']:.2f} | {cell} | {setting} |")
-    # The rows share their test images: a difference between two rows has a
-    # paired standard error, much smaller than each row's own.
     kinds = list(results)
-    if len(kinds) > 1:
-        base = kinds[0]
-        print(f"\nlog p(x) difference to {base}, per image (paired standard error):")
-        for kind in kinds[1:]:
-            diff = per_image[kind] - per_image[base]
-            stderr = diff.std(ddof=1) / np.sqrt(len(diff))
-            results[kind][f"log_px_minus_{base}"] = [float(diff.mean()), float(stderr)]
-            print(f"  {kind:8s} {diff.mean():+.2f} (+/- {stderr:.2f})")
-    os.makedirs(args.output, exist_ok=True)
-    path = os.path.join(args.output, "likelihood.json")
-    with open(path, "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=1)
-    print(f"\nwrote {path}")
+    paired_differences(per_image, results, [(kinds[0], kind) for kind in kinds[1:]])
+    write_results(args, results, "likelihood")
 
 
 if __name__ == "__main__":
