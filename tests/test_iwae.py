@@ -7,6 +7,7 @@ log p(x); gradient estimators are compared by their means over many draws,
 within standard errors.
 """
 
+import copy
 import math
 import warnings
 
@@ -17,6 +18,7 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 import keras_elbo as ke
+from keras_elbo._base import find_layers
 from keras_elbo.flows import FlowPosterior
 from tests import _helpers as h
 
@@ -29,9 +31,13 @@ def vae(covariance="diag", objective="iwae", num_samples=3, dreg=False, prior=No
     keras.utils.set_random_seed(seed)
     x = keras.Input((FEATURES,))
     features = keras.layers.Dense(8, activation="tanh")(x)
-    posterior = ke.GaussianPosterior(
-        LATENT, covariance=covariance, kl_regularizer=ke.KLRegularizer(prior=prior), seed=seed
-    )
+    regularizer = ke.KLRegularizer(prior=prior)
+    if covariance == "iaf":
+        posterior = FlowPosterior(LATENT, num_flows=2, kl_regularizer=regularizer, seed=seed)
+    else:
+        posterior = ke.GaussianPosterior(
+            LATENT, covariance=covariance, kl_regularizer=regularizer, seed=seed
+        )
     hidden = keras.layers.Dense(8, activation="tanh")(posterior(features))
     model = ke.ELBOModel(
         x,
@@ -77,6 +83,10 @@ def numpy_decoder_log_lik(model, posterior, z, x):
 
 
 def numpy_log_q(q, z, covariance):
+    if covariance == "iaf":
+        # The flow's exact inverse (a copy forgets the log-density that
+        # sampling remembered): another path than the training step's.
+        return h.numpy(copy.copy(q).log_prob(z)).astype(np.float64)
     if covariance == "diag":
         return h.diag_normal_logpdf(z, q.loc, q.scale_diag)
     loc, tril = h.numpy(q.loc), h.numpy(q.scale_tril)
@@ -110,6 +120,8 @@ def numpy_log_prior(prior, z):
         ("iwae", "diag", True, 1.0, "normal"),
         ("iwae", "diag", False, 0.5, "normal"),
         ("iwae", "full", False, 1.0, "mixture"),
+        ("iwae", "iaf", False, 1.0, "normal"),
+        ("iwae", "iaf", False, 0.5, "mixture"),
         ("elbo", "diag", False, 1.0, "normal"),
         ("elbo", "full", False, 1.0, "normal"),
     ],
@@ -122,6 +134,11 @@ def test_loss_equals_numpy_bound_of_the_same_samples(objective, covariance, dreg
         mixture.logits.assign([0.5, -0.3, 0.1])  # unequal weights
     model, posterior = vae(covariance, objective, k, dreg, prior=mixture)
     posterior.kl_regularizer.kl_weight.assign(kl_weight)
+    if covariance == "iaf":  # away from the identity flow it starts as
+        rng = np.random.default_rng(5)
+        for made in find_layers(posterior, ke.MADE):
+            for weight in made.weights:
+                weight.assign(0.3 * rng.normal(size=weight.shape))
     seen = []
     loss = h.numpy(one_step_loss(model, DATA, seen=seen))
     q, z = seen
