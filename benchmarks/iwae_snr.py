@@ -97,7 +97,7 @@ def main():
     for k in (1, 5, 50):
         for dreg in (False, True):
             model = ke.ELBOModel(
-                base.inputs, base.outputs, objective="iwae", num_samples=k, dreg=dreg
+                base.input, base.output, objective="iwae", num_samples=k, dreg=dreg
             )
             model.compile(loss=ke.BernoulliNLL(from_logits=True))
             rows = gradient_draws(model, x, args.draws)

@@ -254,7 +254,7 @@ def test_dreg_gradient_equals_iwae_gradient_in_expectation(kl_weight):
     k, draws = 5, 400
     plain, posterior = vae(num_samples=k)
     posterior.kl_regularizer.kl_weight.assign(kl_weight)
-    dreg = ke.ELBOModel(plain.inputs, plain.outputs, objective="iwae", num_samples=k, dreg=True)
+    dreg = ke.ELBOModel(plain.input, plain.output, objective="iwae", num_samples=k, dreg=True)
     dreg.compile(loss=ke.BernoulliNLL(from_logits=True))
     x = DATA[:4]
 
