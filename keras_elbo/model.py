@@ -421,7 +421,7 @@ class ELBOModel(keras.Model):
             # At a KL weight b != 1 (warm-up), log w_k holds -b log q(z_k): the
             # score term that DReG rewrites is b times as large, the encoder's
             # weight (1 - b) w_k + b w_k^2, so z_k's gradient is scaled by
-            # 1 - b + b w_k.
+            # 1 - b + b w_k instead (w_k at b = 1).
             if k == 1:  # (Keras warns of a softmax over an axis of size 1.)
                 w = ops.ones_like(tempered)
             else:
