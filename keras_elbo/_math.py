@@ -152,4 +152,22 @@ def seed(name, value):
     return integer(name, value, minimum=0)
 
 
+def activation(name, value):
+    """A Keras activation: a name, a callable or None (linear)."""
+    try:
+        return keras.activations.get(value)
+    except (ValueError, TypeError):
+        raise invalid_argument(name, "a Keras activation (a name or a callable)", value) from None
+
+
+def initializer(name, value):
+    """A Keras initializer: a name, an instance or a config; None is Keras's
+    default for a kernel, `"glorot_uniform"` (as in `keras.layers.Dense`)."""
+    try:
+        return keras.initializers.get("glorot_uniform" if value is None else value)
+    except (ValueError, TypeError):
+        expected = "a Keras initializer (a name, an instance, a config or None)"
+        raise invalid_argument(name, expected, value) from None
+
+
 _FLOAT32 = np.finfo(np.float32)

@@ -119,7 +119,7 @@ class BayesianLayer(keras.layers.Layer):
                 )
         kl_mode = _math.choice("kl_mode", kl_mode, MODES)
         seed = _math.seed("seed", seed)
-        self.activation = keras.activations.get(activation)
+        self.activation = _math.activation("activation", activation)
         self.use_bias = use_bias
         self.prior = prior
         self.kl_weight = kl_weight
@@ -127,7 +127,7 @@ class BayesianLayer(keras.layers.Layer):
         self.inference = inference
         self.posterior_scale_init = posterior_scale_init
         self.seed = seed
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_initializer = _math.initializer("kernel_initializer", kernel_initializer)
         self.kl_mode = kl_mode
         # None in the config when the default: the posterior is then rebuilt
         # from `posterior_scale_init` on loading, as files written before

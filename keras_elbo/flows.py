@@ -115,9 +115,9 @@ class MADE(keras.layers.Layer):
         units = _math.positive_integers("hidden_units", hidden_units)
         reverse = _math.boolean("reverse", reverse)
         self.hidden_units = units
-        self.activation = keras.activations.get(activation)
+        self.activation = _math.activation("activation", activation)
         self.reverse = reverse
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_initializer = _math.initializer("kernel_initializer", kernel_initializer)
 
     def build(self, inputs_shape, context_shape=None):
         d = inputs_shape[-1]
@@ -559,8 +559,8 @@ class FlowPosterior(Posterior):
         self.hidden_units = units
         self.context = context
         self.min_scale = min_scale
-        self.activation = keras.activations.get(activation)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.activation = _math.activation("activation", activation)
+        self.kernel_initializer = _math.initializer("kernel_initializer", kernel_initializer)
         self.projection = keras.layers.Dense(
             2 * latent_dim,
             kernel_initializer=self.kernel_initializer,

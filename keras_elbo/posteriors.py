@@ -266,7 +266,7 @@ class GaussianPosterior(Posterior):
         )
         self.covariance = _math.choice("covariance", covariance, COVARIANCES)
         self.min_scale = _math.real("min_scale", min_scale, positive=True)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_initializer = _math.initializer("kernel_initializer", kernel_initializer)
         d = self.latent_dim
         num_params = 2 * d if self.covariance == "diag" else d + d * (d + 1) // 2
         self.projection = keras.layers.Dense(

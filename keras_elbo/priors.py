@@ -473,13 +473,15 @@ class VampPrior(Prior):
         self.encoder = encoder
         self.num_components = num_components
         self.input_shape_ = input_shape
-        self.activation = keras.activations.get(activation)
+        self.activation = _math.activation("activation", activation)
         self.seed = _math.seed("seed", seed)
         if pseudo_inputs_initializer is None:
             pseudo_inputs_initializer = keras.initializers.RandomNormal(
                 mean=0.5, stddev=0.05, seed=seed
             )
-        self.pseudo_inputs_initializer = keras.initializers.get(pseudo_inputs_initializer)
+        self.pseudo_inputs_initializer = _math.initializer(
+            "pseudo_inputs_initializer", pseudo_inputs_initializer
+        )
         self.build()
 
     def build(self, input_shape=None):

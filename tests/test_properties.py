@@ -13,8 +13,13 @@ whoever fixed it to remove the entry. The first run found about twenty such
 bugs (non-finite or float32-unrepresentable values accepted, bools taken for
 numbers, NumPy scalars refused, unclear errors, an empty batch's NaN KL), and
 adding the flow and Bayesian layers one more (`FlowPosterior(min_scale=inf)`
-gave NaN samples); all are fixed, by the shared argument checks of `keras_elbo._math`, and their
-cases below now pass as ordinary tests.
+gave NaN samples), and adding the distribution outputs, `DenseVariational`, the
+weight posteriors, `MADE` and the 1-D/3-D convolutions two more (`activation`
+and `kernel_initializer` errors were Keras's, naming no argument, and
+`kernel_initializer=None`, Keras's default elsewhere, failed at a Bayesian
+layer's first call); all are fixed, by
+the shared argument checks of `keras_elbo._math`, and their cases below now
+pass as ordinary tests.
 """
 
 import math
@@ -77,6 +82,10 @@ POSITIVE_INT = st.integers(1, 4)
 POSITIVE = st.floats(1e-4, 10.0)
 NON_NEGATIVE = st.floats(0.0, 10.0)
 REDUCTIONS = st.sampled_from(["sum_over_batch_size", "sum", "mean", "none", None])
+ACTIVATIONS = st.sampled_from([None, "relu", "tanh", "sigmoid"])
+INITIALIZERS = st.sampled_from(["glorot_uniform", "zeros", "he_normal"])
+EVENT_SHAPES = st.one_of(POSITIVE_INT, st.tuples(POSITIVE_INT, POSITIVE_INT), st.just(()))
+BAD_EVENT_SHAPES = st.one_of(st.tuples(INTS), st.lists(INTS, max_size=2), ANY)
 
 
 X3 = np.array([[0.5, -1.0, 2.0], [0.0, 0.3, -0.7]], "float32")
@@ -98,6 +107,8 @@ BAYESIAN_DRAWS = {
     "estimator": st.sampled_from(["reparameterization", "flipout"]),
     "inference": st.sampled_from(["mean", "sample"]),
     "posterior_scale_init": st.floats(1e-4, 1.0),
+    "activation": ACTIVATIONS,
+    "kernel_initializer": INITIALIZERS,
 }
 
 
@@ -133,6 +144,39 @@ def _smoke_gaussian_nll(loss):
     return [loss(Y3, y_pred)]
 
 
+SEQUENCES = np.linspace(-1.0, 1.0, 2 * 5 * 3, dtype="float32").reshape(2, 5, 3)
+VOLUMES = np.linspace(-1.0, 1.0, 2 * 3 * 3 * 3 * 2, dtype="float32").reshape(2, 3, 3, 3, 2)
+
+
+def _smoke_output(output):
+    """The loss on moderate parameters and valid targets, and two samples."""
+    batch, size = 2, output.params_size
+    params = np.linspace(-1.0, 1.0, batch * size, dtype="float32").reshape(batch, size)
+    shape = (batch, *output._target_shape)
+    n = int(np.prod(shape))
+    if isinstance(output, ke.Categorical):
+        y = np.arange(batch) % output.num_classes
+    elif isinstance(output, ke.OneHotCategorical):
+        y = np.eye(output.event_size, dtype="float32")[np.arange(batch) % output.event_size]
+    elif isinstance(output, ke.IndependentBernoulli):
+        y = (np.arange(n) % 2).astype("float32").reshape(shape)
+    elif isinstance(output, ke.IndependentPoisson):
+        y = (np.arange(n) % 4).astype("float32").reshape(shape)
+    else:
+        y = np.linspace(-2.0, 2.0, n, dtype="float32").reshape(shape)
+    samples = output.distribution(params).sample(2, seed=0)
+    return [output(y, params), samples]
+
+
+def _smoke_weight_posterior(posterior):
+    layer = ke.DenseVariational(2, posterior=posterior, kl_weight=0.5, seed=0)
+    return _outputs_and_losses(layer, X3, training=True)
+
+
+def _weight_posterior(kind):
+    return {"mean_field": ke.MeanFieldWeights, "full": ke.FullCovarianceWeights}[kind]()
+
+
 def _smoke_schedule(schedule):
     values = [schedule(p) for p in PROGRESS]
     assert all(v >= 0 for v in values), values
@@ -166,6 +210,7 @@ SPECS = [
             "min_scale": st.floats(1e-4, 1.0),
             "inference": st.sampled_from(["sample", "mean"]),
             "kl_regularizer": st.builds(ke.KLRegularizer, seed=st.just(0)),
+            "kernel_initializer": INITIALIZERS,
         },
         lambda layer: _outputs_and_losses(layer, X3),
     ),
@@ -213,6 +258,7 @@ SPECS = [
             "encoder": st.just(BODY),
             "num_components": POSITIVE_INT,
             "input_shape": st.sampled_from([(3,), [3]]),
+            "activation": ACTIVATIONS,
         },
         _smoke_vamp_prior,
         bad={"input_shape": st.one_of(st.tuples(INTS), st.lists(INTS, max_size=2), ANY)},
@@ -225,10 +271,23 @@ SPECS = [
             "num_flows": st.integers(1, 3),
             "hidden_units": st.lists(POSITIVE_INT, min_size=1, max_size=2).map(tuple),
             "context": st.booleans(),
+            "activation": ACTIVATIONS,
             "min_scale": st.floats(1e-4, 1.0),
             "inference": st.sampled_from(["sample", "mean"]),
         },
         lambda layer: _outputs_and_losses(layer, X3, training=True),
+        bad={"hidden_units": st.one_of(st.lists(INTS, max_size=2), ANY)},
+    ),
+    Spec(
+        ke.MADE,
+        {},
+        {
+            "hidden_units": st.lists(POSITIVE_INT, min_size=1, max_size=2).map(tuple),
+            "activation": ACTIVATIONS,
+            "kernel_initializer": INITIALIZERS,
+            "reverse": st.booleans(),
+        },
+        lambda made: list(made(X3)),  # (shift, log_scale) of each coordinate
         bad={"hidden_units": st.one_of(st.lists(INTS, max_size=2), ANY)},
     ),
     Spec(
@@ -245,7 +304,13 @@ SPECS = [
     Spec(
         ke.BayesianDense,
         {"units": 2, "seed": 0},
-        {**BAYESIAN_DRAWS, "units": POSITIVE_INT},
+        {
+            **BAYESIAN_DRAWS,
+            "units": POSITIVE_INT,
+            "estimator": st.sampled_from(
+                ["reparameterization", "flipout", "local_reparameterization"]
+            ),
+        },
         lambda layer: _outputs_and_losses(layer, X3, training=True),
     ),
     Spec(
@@ -259,6 +324,149 @@ SPECS = [
             "padding": st.sampled_from(["valid", "same"]),
         },
         lambda layer: _outputs_and_losses(layer, IMAGES, training=True),
+    ),
+    Spec(
+        ke.BayesianConv1D,
+        {"filters": 2, "kernel_size": 2, "seed": 0},
+        {
+            **BAYESIAN_DRAWS,
+            "filters": POSITIVE_INT,
+            "kernel_size": st.integers(1, 3),
+            "strides": st.integers(1, 2),
+            "dilation_rate": st.integers(1, 2),
+            "padding": st.sampled_from(["valid", "same"]),
+        },
+        lambda layer: _outputs_and_losses(layer, SEQUENCES, training=True),
+    ),
+    Spec(
+        ke.BayesianConv3D,
+        {"filters": 2, "kernel_size": 2, "seed": 0},
+        {
+            **BAYESIAN_DRAWS,
+            "filters": POSITIVE_INT,
+            "kernel_size": st.integers(1, 2),
+            "strides": st.integers(1, 2),
+            "padding": st.sampled_from(["valid", "same"]),
+        },
+        lambda layer: _outputs_and_losses(layer, VOLUMES, training=True),
+    ),
+    Spec(
+        ke.DenseVariational,
+        {"units": 2, "seed": 0},
+        {
+            "units": POSITIVE_INT,
+            # A fresh posterior object for each layer (the objects are not shared).
+            "posterior": st.sampled_from(["mean_field", "full"]).map(_weight_posterior),
+            "prior": BAYESIAN_DRAWS["prior"],
+            "kl_weight": st.one_of(st.none(), NON_NEGATIVE),
+            "kl_use_exact": st.booleans(),
+            "use_bias": st.booleans(),
+            "estimator": st.sampled_from(
+                ["reparameterization", "flipout", "local_reparameterization"]
+            ),
+            "inference": st.sampled_from(["mean", "sample"]),
+        },
+        lambda layer: _outputs_and_losses(layer, X3, training=True),
+    ),
+    Spec(
+        ke.MeanFieldWeights,
+        {},
+        {"scale_init": st.floats(1e-4, 1.0)},
+        _smoke_weight_posterior,
+    ),
+    Spec(
+        ke.FullCovarianceWeights,
+        {},
+        {"scale_init": st.floats(1e-4, 1.0)},
+        _smoke_weight_posterior,
+    ),
+    Spec(
+        ke.IndependentNormal,
+        {},
+        {
+            "event_shape": EVENT_SHAPES,
+            "scale": st.one_of(st.none(), POSITIVE),
+            "min_scale": st.floats(1e-4, 1.0),
+            "reduction": REDUCTIONS,
+        },
+        _smoke_output,
+        bad={"event_shape": BAD_EVENT_SHAPES},
+    ),
+    Spec(
+        ke.IndependentLogistic,
+        {},
+        {"event_shape": EVENT_SHAPES, "min_scale": st.floats(1e-4, 1.0), "reduction": REDUCTIONS},
+        _smoke_output,
+        bad={"event_shape": BAD_EVENT_SHAPES},
+    ),
+    Spec(
+        ke.IndependentStudentT,
+        {},
+        {
+            "event_shape": EVENT_SHAPES,
+            "df": st.one_of(st.none(), st.floats(0.1, 100.0)),
+            "min_scale": st.floats(1e-4, 1.0),
+            "min_df": st.floats(1e-3, 2.0),
+            "reduction": REDUCTIONS,
+        },
+        _smoke_output,
+        bad={"event_shape": BAD_EVENT_SHAPES},
+    ),
+    Spec(
+        ke.IndependentBernoulli,
+        {},
+        {"event_shape": EVENT_SHAPES, "reduction": REDUCTIONS},
+        _smoke_output,
+        bad={"event_shape": BAD_EVENT_SHAPES},
+    ),
+    Spec(
+        ke.IndependentPoisson,
+        {},
+        {"event_shape": EVENT_SHAPES, "reduction": REDUCTIONS},
+        _smoke_output,
+        bad={"event_shape": BAD_EVENT_SHAPES},
+    ),
+    Spec(
+        ke.MultivariateNormalTriL,
+        {"event_size": 2},
+        {"event_size": POSITIVE_INT, "min_scale": st.floats(1e-4, 1.0), "reduction": REDUCTIONS},
+        _smoke_output,
+    ),
+    Spec(
+        ke.OneHotCategorical,
+        {"event_size": 3},
+        {"event_size": POSITIVE_INT, "reduction": REDUCTIONS},
+        _smoke_output,
+    ),
+    Spec(
+        ke.Categorical,
+        {"num_classes": 3},
+        {"num_classes": POSITIVE_INT, "reduction": REDUCTIONS},
+        _smoke_output,
+    ),
+    Spec(
+        ke.MixtureNormal,
+        {"num_components": 2},
+        {
+            "num_components": POSITIVE_INT,
+            "event_shape": EVENT_SHAPES,
+            "min_scale": st.floats(1e-4, 1.0),
+            "reduction": REDUCTIONS,
+        },
+        _smoke_output,
+        bad={"event_shape": BAD_EVENT_SHAPES},
+    ),
+    Spec(
+        ke.MixtureLogistic,
+        {"num_components": 2},
+        {
+            "num_components": POSITIVE_INT,
+            "event_shape": EVENT_SHAPES,
+            "min_scale": st.floats(1e-4, 1.0),
+            "reduction": REDUCTIONS,
+        },
+        _smoke_output,
+        bad={"event_shape": BAD_EVENT_SHAPES},
     ),
     Spec(
         ke.BernoulliNLL,
