@@ -57,7 +57,8 @@ def execute(notebook: nbformat.NotebookNode, timeout: int = 1800) -> nbformat.No
 # writes to stderr whatever TF_CPP_MIN_LOG_LEVEL says: noise to a reader.
 NOISE = re.compile(
     r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} .*"
-    r"(port\.cc|cudart_stub\.cc|cuda_\w+\.cc))"
+    r"(port\.cc|cudart_stub\.cc|cuda_\w+\.cc|cpu_feature_guard\.cc)"
+    r"|To enable the following instructions: .* rebuild TensorFlow)"
 )
 
 
