@@ -21,7 +21,10 @@ import keras_elbo as ke
 from keras_elbo import datasets
 from keras_elbo.flows import FlowPosterior
 
-# Defaults that depend on the data set: (digits, MNIST).
+# Defaults that depend on the data set: (digits, MNIST). The 1,438 digits
+# take 23 steps an epoch: at 30 epochs the reconstructions are still one
+# blurred average digit (test -ELBO 19.7), at 100 they are the digits (18.2).
+_EPOCHS = (100, 30)
 _LATENT_DIM = (8, 32)
 _HIDDEN = (128, 256)
 
@@ -152,7 +155,9 @@ def plot_reconstructions(vae, x, path, seed=0, n=10):
     """Saves `n` images (top) over their reconstructions (bottom)."""
     # Shuffled first: MNIST's test rows are ordered by digit.
     x = x[np.random.default_rng(seed).permutation(len(x))[:n]]
-    probs = keras.ops.convert_to_numpy(keras.ops.sigmoid(vae.predict(x, verbose=0)))
+    # Called directly, not through `predict`: on TensorFlow each new batch
+    # shape retraces `predict`'s function, and it warns after five.
+    probs = keras.ops.convert_to_numpy(keras.ops.sigmoid(vae(x, training=False)))
     title = "test images (top), Bernoulli means of p(x|z), z ~ q(z|x) (bottom)"
     _image_grid(np.concatenate([x, probs]), 2, path, title)
 
@@ -166,7 +171,7 @@ def plot_samples(vae, path, seed=0, n=100):
         z = z.astype("float32")
     else:
         z = prior.distribution(posterior_layer=posterior).sample(n, seed=seed)
-    logits = vae.get_layer("decoder").predict(z, verbose=0)
+    logits = vae.get_layer("decoder")(z, training=False)
     probs = keras.ops.convert_to_numpy(keras.ops.sigmoid(logits))
     _image_grid(probs, math.isqrt(n), path, "decoded samples of the prior p(z)")
 
@@ -202,7 +207,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--data", metavar="PATH", help="binarized MNIST .npz (default: scikit-learn's digits)")
-    add("--epochs", type=_positive_int, default=30, help="training epochs (default: 30)")
+    add("--epochs", type=_positive_int, help="training epochs (default: 100 digits, 30 MNIST)")
     add("--latent-dim", type=_positive_int, help="size of z (default: 8 digits, 32 MNIST)")
     add("--hidden", type=_positive_int, help="hidden units (default: 128 digits, 256 MNIST)")
     add(
@@ -346,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
         x_train,
         x_train,
         batch_size=args.batch_size,
-        epochs=args.epochs,
+        epochs=args.epochs or _EPOCHS[mnist],
         validation_data=(x_test, x_test),
         callbacks=callbacks,
         verbose=0,  # EpochReport is the one display of each epoch
