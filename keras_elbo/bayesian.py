@@ -707,6 +707,14 @@ class BayesianConv(BayesianLayer):
         strides = _tuple(strides, "strides", self.rank)
         dilation_rate = _tuple(dilation_rate, "dilation_rate", self.rank)
         padding = _math.choice("padding", padding, ("valid", "same"))
+        if max(strides) > 1 and max(dilation_rate) > 1:
+            # As keras.layers.Conv*D: the convolution ops take one or the other.
+            raise _math.invalid_argument(
+                "dilation_rate",
+                f"1 when strides > 1 (strides={strides}): a convolution is either "
+                "strided or dilated",
+                dilation_rate,
+            )
         if estimator == "local_reparameterization":
             raise _math.invalid_argument(
                 "estimator",

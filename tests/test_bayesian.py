@@ -667,6 +667,10 @@ class TestErrors:
             CONVOLUTIONS[rank](2, (3,) * (rank + 1))
         with pytest.raises(ValueError, match="`strides`"):
             CONVOLUTIONS[rank](2, 3, strides=(2,) * (rank - 1) + (0,))
+        # Strided and dilated at once: keras.ops.conv refuses it at the first
+        # call; the constructor says so, as keras.layers.Conv*D does.
+        with pytest.raises(ValueError, match="`dilation_rate`.*strides"):
+            CONVOLUTIONS[rank](2, 2, strides=2, dilation_rate=2)
 
     @pytest.mark.parametrize("rank", [1, 2, 3], ids=["1d", "2d", "3d"])
     def test_conv_refuses_local_reparameterization(self, rank):
