@@ -1,5 +1,7 @@
 """Private helpers for layers that hold other layers."""
 
+import contextlib
+
 import keras
 
 
@@ -25,3 +27,31 @@ def find_layers(model, cls):
         for layer in model._flatten_layers(include_self=True, recursive=True)
         if isinstance(layer, cls)
     ]
+
+
+def stochastic_layers(model):
+    """The layers of `model` (nested ones included) with an `inference`
+    switch (posteriors, Bayesian layers)."""
+    return [
+        layer
+        for layer in find_layers(model, keras.layers.Layer)
+        if isinstance(getattr(layer, "inference", None), str)
+    ]
+
+
+@contextlib.contextmanager
+def sampling(layers):
+    """Switches each of `layers` to `inference="sample"` for the duration,
+    and back afterwards (also when the body raises).
+
+    A layer reads `inference` when Keras traces it: make the traced function
+    inside the block.
+    """
+    saved = [(layer, layer.inference) for layer in layers]
+    try:
+        for layer in layers:
+            layer.inference = "sample"
+        yield
+    finally:
+        for layer, inference in saved:
+            layer.inference = inference

@@ -66,6 +66,69 @@ def _cast_like(y_true, y_pred):
     return ops.cast(y_true, keras.backend.standardize_dtype(y_pred.dtype))
 
 
+def _matched_targets(y_true, y_pred, loss_name, learned_scale=False):
+    """`y_true` with the rank of `y_pred`, refused unless the shapes match.
+
+    As Keras's own losses do, a target with one axis fewer than `y_pred`
+    gets a last axis (`(n,)` against `(n, 1)`) and one with an extra last
+    axis of size 1 loses it. Every other difference raises a `ValueError`
+    that names both shapes: broadcasting `(n, 1)` targets against `(n, 64)`
+    outputs would silently give a loss of the wrong size (and `(n,)` against
+    `(n, 1)` an outer product). With `learned_scale` `y_pred`'s last axis is
+    twice the target's (means, then raw scales). Checked on the static
+    shapes, at trace time; unknown sizes (or ranks) pass.
+    """
+    try:
+        received, got = tuple(y_true.shape), tuple(y_pred.shape)
+    except ValueError:  # a TensorFlow graph retraced with shapes of unknown rank
+        return y_true
+    true_rank, pred_rank = len(received), len(got)
+    if true_rank + 1 == pred_rank:
+        y_true = ops.expand_dims(y_true, -1)
+    elif true_rank == pred_rank + 1 and y_true.shape[-1] == 1 and not learned_scale:
+        y_true = ops.squeeze(y_true, -1)
+    expected = tuple(y_true.shape)
+    if learned_scale and expected and expected[-1] is not None:
+        expected = expected[:-1] + (2 * expected[-1],)
+    if len(expected) != len(got) or any(
+        a is not None and b is not None and a != b for a, b in zip(expected, got, strict=True)
+    ):
+        what = "the same shape"
+        if learned_scale:
+            what += ", but for y_pred's last axis, twice y_true's"
+        raise ValueError(
+            f"{loss_name}: the targets (y_true) and the predictions (y_pred) must have "
+            f"{what} (one value per target). Received: y_true.shape={received}, "
+            f"y_pred.shape={got}"
+        )
+    return y_true
+
+
+def _checked_probabilities(y_pred, loss_name):
+    """`y_pred`, checked at run time to lie in [0, 1] (as `_checked_targets`
+    checks targets; where nothing can raise, values outside become NaN).
+
+    Clipping them instead would score a prediction of 1.5 for a target 1 as a
+    perfect fit: a decoder that lacks its sigmoid would train to a
+    meaningless loss.
+    """
+    valid = ops.logical_and(y_pred >= 0, y_pred <= 1)
+    # Without a gradient: eager JAX differentiates the loss with tracers.
+    values = ops.stop_gradient(y_pred)
+    _backend.assert_condition(
+        ops.all(valid),
+        [
+            f"{loss_name}(from_logits=False): the predictions (y_pred) must be "
+            "probabilities in [0, 1], but they range from",
+            ops.min(values, initial=math.inf),
+            "to",
+            ops.max(values, initial=-math.inf),
+            "; end the decoder with a sigmoid, or pass logits with from_logits=True",
+        ],
+    )
+    return ops.where(valid, y_pred, ops.full_like(y_pred, math.nan))
+
+
 def bernoulli_nll(y_true, y_pred, from_logits=False):
     """Bernoulli negative log-likelihood, summed over each example's events.
 
@@ -85,20 +148,25 @@ def bernoulli_nll(y_true, y_pred, from_logits=False):
         The negative log-likelihood of each example, shape `(batch,)`.
 
     Raises:
+        ValueError: when the shapes of `y_true` and `y_pred` differ (beyond
+            one trailing axis of size 1, as Keras's losses allow).
         InvalidArgumentError: (TensorFlow; `ValueError` on PyTorch and JAX)
             at run time, in `fit` too, if `y_true` holds NaN, Inf or a value
-            outside [0, 1], such as raw 8-bit pixels. Where nothing can raise,
+            outside [0, 1], such as raw 8-bit pixels, or, with
+            `from_logits=False`, if `y_pred` holds a value outside [0, 1]
+            (it is not clipped: a decoder without its sigmoid). Where nothing can raise,
             under XLA (`jit_compile=True`) and inside `jax.jit` (JAX's `fit`
             unless `jit_compile=False`), the loss is NaN instead.
     """
     y_pred = ops.convert_to_tensor(y_pred)
+    y_true = _matched_targets(ops.convert_to_tensor(y_true), y_pred, "BernoulliNLL")
     y_true = _checked_targets(_cast_like(y_true, y_pred), "BernoulliNLL", unit_interval=True)
     if from_logits:
         # max(l, 0) - l * x + log(1 + exp(-|l|)): no overflow for any logit l.
         nll = ops.relu(y_pred) - y_pred * y_true + ops.log1p(ops.exp(-ops.abs(y_pred)))
     else:
         eps = keras.config.epsilon()
-        p = ops.clip(y_pred, eps, 1.0 - eps)
+        p = ops.clip(_checked_probabilities(y_pred, "BernoulliNLL"), eps, 1.0 - eps)
         nll = -(y_true * ops.log(p) + (1.0 - y_true) * ops.log1p(-p))
     return _math.sum_event_dims(nll)
 
@@ -130,6 +198,9 @@ def gaussian_nll(y_true, y_pred, scale=1.0, min_scale=1e-3):
         The negative log-likelihood of each example, shape `(batch,)`.
 
     Raises:
+        ValueError: when the shapes of `y_true` and `y_pred` differ (beyond
+            one trailing axis of size 1, as Keras's losses allow; with
+            `scale=None` `y_pred`'s last axis is twice `y_true`'s).
         InvalidArgumentError: (TensorFlow; `ValueError` on PyTorch and JAX)
             at run time, in `fit` too, if `y_true` holds NaN or Inf. Where
             nothing can raise, under XLA (`jit_compile=True`) and inside
@@ -137,15 +208,15 @@ def gaussian_nll(y_true, y_pred, scale=1.0, min_scale=1e-3):
             NaN instead.
     """
     y_pred = ops.convert_to_tensor(y_pred)
+    y_true = _matched_targets(
+        ops.convert_to_tensor(y_true),
+        y_pred,
+        "GaussianNLL" if scale is not None else "GaussianNLL(scale=None) (mean and raw scale)",
+        learned_scale=scale is None,
+    )
     y_true = _checked_targets(_cast_like(y_true, y_pred), "GaussianNLL")
     if scale is None:
         d = y_true.shape[-1]
-        if y_pred.shape[-1] is not None and d is not None and y_pred.shape[-1] != 2 * d:
-            raise ValueError(
-                "GaussianNLL(scale=None) learns the scale: y_pred must hold the "
-                "mean and a raw scale along its last axis, twice y_true's size. "
-                f"Received: y_true.shape={y_true.shape}, y_pred.shape={y_pred.shape}"
-            )
         loc, raw = y_pred[..., :d], y_pred[..., d:]
         scale = _math.positive_scale(raw, min_scale)
         log_scale = ops.log(scale)

@@ -19,7 +19,7 @@ from keras.src.utils.naming import auto_name
 from keras.src.utils.tracking import no_automatic_dependency_tracking
 
 from keras_elbo import _backend, _math
-from keras_elbo._base import find_layers
+from keras_elbo._base import find_layers, sampling, stochastic_layers
 from keras_elbo.divergence import KLRegularizer, stop_parameter_gradients
 from keras_elbo.flows import FlowPosterior
 from keras_elbo.losses import is_reconstruction_loss
@@ -192,6 +192,8 @@ class ELBOModel(keras.Model):
         self.neg_iwae_tracker = None
         if self.objective == "iwae":
             self.neg_iwae_tracker = keras.metrics.Mean(name="neg_iwae")
+        # Plain attribute: the layers are sublayers already.
+        object.__setattr__(self, "_stochastic_layers", stochastic_layers(self))
         self._prepare_multi_sample()
 
     def _prepare_multi_sample(self):
@@ -283,7 +285,10 @@ class ELBOModel(keras.Model):
             return super().train_step(*args, **kwargs)
 
     def test_step(self, *args, **kwargs):
-        with self._drawing_several():
+        # The ELBO is an expectation over q: `evaluate` samples every
+        # posterior and Bayesian layer whatever its `inference` says (at the
+        # mean, the logged "ELBO" could even exceed log p(x)).
+        with sampling(getattr(self, "_stochastic_layers", ())), self._drawing_several():
             return super().test_step(*args, **kwargs)
 
     @property

@@ -7,19 +7,10 @@ import numpy as np
 from keras import ops
 
 from keras_elbo import _backend, _math
-from keras_elbo._base import find_layers
+from keras_elbo._base import sampling, stochastic_layers
 from keras_elbo.posteriors import Posterior
 
 TASKS = ("regression", "classification")
-
-
-def _stochastic_layers(model):
-    """The layers of `model` (nested ones included) with an `inference` switch."""
-    return [
-        layer
-        for layer in find_layers(model, keras.layers.Layer)
-        if isinstance(getattr(layer, "inference", None), str)
-    ]
 
 
 def _input_rank(model):
@@ -297,13 +288,10 @@ def predictive_moments(
     from_logits = _math.boolean("from_logits", from_logits)
     steps, batches = _input_batches(model, x, batch_size)
 
-    stochastic = _stochastic_layers(model)
+    stochastic = stochastic_layers(model)
     # Tiling x is only right when each example gets its own samples.
     vectorised = all(isinstance(layer, Posterior) for layer in stochastic)
-    saved = [(layer, layer.inference) for layer in stochastic]
-    try:
-        for layer in stochastic:
-            layer.inference = "sample"
+    with sampling(stochastic):
         # Made after the switch: the layers read `inference` when traced.
         passes = _Passes(model, num_samples, vectorised)
         progbar = keras.utils.Progbar(steps, verbose=verbose)
@@ -313,9 +301,6 @@ def predictive_moments(
                 _summarise(passes, batch, num_samples, vectorised, task, from_logits, model.name)
             )
             progbar.update(i + 1)
-    finally:
-        for layer, inference in saved:
-            layer.inference = inference
     if not results:  # a dataset of unknown length that held nothing
         raise _math.invalid_argument("x", "at least one example", x)
     return {key: np.concatenate([r[key] for r in results]) for key in results[0]}

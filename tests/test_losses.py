@@ -1,6 +1,7 @@
 """Reconstruction losses against NumPy log-likelihoods, in nats per example."""
 
 import math
+import re
 
 import keras
 import numpy as np
@@ -278,3 +279,97 @@ class TestTargetChecks:
 def test_losses_are_keras_losses():
     assert isinstance(ke.BernoulliNLL(), keras.losses.Loss)
     assert isinstance(ke.GaussianNLL(), keras.losses.Loss)
+
+
+class TestShapeChecks:
+    """Targets and predictions of different shapes are refused, not
+    broadcast (issue 17, point 2): `(n, 1)` targets against `(n, 64)` logits
+    gave 44.36 nats per example instead of an error."""
+
+    @pytest.mark.parametrize(
+        "loss, y_shape, pred_shape",
+        [
+            (ke.BernoulliNLL(from_logits=True), (4, 1), (4, 64)),
+            (ke.BernoulliNLL(from_logits=True), (4, 8, 8), (4, 64)),
+            (ke.GaussianNLL(), (4, 1), (4, 64)),
+            (ke.GaussianNLL(), (4, 3, 2), (4, 2, 3)),
+            (ke.GaussianNLL(scale=None), (4, 3), (4, 3)),
+        ],
+        ids=[
+            "bernoulli-column",
+            "bernoulli-rank",
+            "gaussian-column",
+            "gaussian-swapped",
+            "learned",
+        ],
+    )
+    def test_mismatched_shapes_are_named(self, loss, y_shape, pred_shape):
+        with pytest.raises(
+            ValueError, match=re.escape(f"y_true.shape={y_shape}, y_pred.shape={pred_shape}")
+        ):
+            loss(np.zeros(y_shape, "float32"), np.zeros(pred_shape, "float32"))
+
+    def test_targets_with_a_trailing_unit_axis_in_fit(self):
+        # `fit(x, x[..., None])` trained on an (n, 16, 16) outer product (a
+        # loss near 2,900 instead of 45). The trailing axis of size 1 is now
+        # dropped, as Keras's losses do: the same loss as with `x`.
+        x = (np.random.default_rng(4).random((16, 16)) < 0.5).astype("float32")
+        model = latent_model()
+        model.compile(optimizer="adam", loss=ke.BernoulliNLL(from_logits=True))
+        logits = h.numpy(model(x, training=False))
+        expected = bernoulli_nll_numpy(x, logits)
+        per_example = h.numpy(
+            ke.BernoulliNLL(from_logits=True, reduction="none")(x[..., None], logits)
+        )
+        np.testing.assert_allclose(per_example, expected, rtol=1e-5)
+        model.fit(x, x[..., None], batch_size=8, verbose=0)  # trains without broadcasting
+        model = latent_model()
+        model.compile(optimizer="adam", loss=ke.BernoulliNLL(from_logits=True))
+        with pytest.raises(ValueError, match=r"BernoulliNLL: .*y_true.shape=\((None|8), 1\)"):
+            model.fit(x, x[:, :1], batch_size=8, verbose=0)
+
+    @pytest.mark.parametrize("learned", [False, True], ids=["fixed-scale", "learned-scale"])
+    def test_a_target_vector_against_one_output_column(self, learned):
+        # As Keras's losses do: (n,) targets against (n, 1) outputs are one
+        # target per example, not an (n, n) outer product.
+        rng = np.random.default_rng(3)
+        y = rng.normal(size=5).astype("float32")
+        pred = rng.normal(size=(5, 2 if learned else 1)).astype("float32")
+        loss = ke.GaussianNLL(scale=None if learned else 0.5, reduction="none")
+        scale = np.logaddexp(0, pred[:, 1:]) + 1e-3 if learned else 0.5
+        assert_loss_close(loss(y, pred), gaussian_terms(y[:, None], pred[:, :1], scale))
+        if not learned:  # and a trailing axis of size 1 on the targets
+            assert_loss_close(loss(y[:, None], pred[:, 0]), gaussian_terms(y, pred[:, 0], 0.5))
+
+
+class TestPredictionChecks:
+    """`BernoulliNLL(from_logits=False)` refuses predictions outside [0, 1]
+    (issue 17, point 3): clipped, 1.5 for a target 1 scored as a perfect fit."""
+
+    def test_predictions_outside_unit_interval_raise_eagerly(self):
+        y = np.ones((2, 3), "float32")
+        with pytest.raises(
+            target_error(),
+            match=r"BernoulliNLL\(from_logits=False\): the predictions \(y_pred\) must be "
+            r"probabilities in \[0, 1\], but they range from 0.5 to 1.5",
+        ):
+            ke.BernoulliNLL()(y, np.array([[0.5, 1.5, 1.0]] * 2, "float32"))
+
+    def test_logits_are_not_range_checked(self):
+        y = np.ones((2, 3), "float32")
+        logits = np.full((2, 3), 1.5, "float32")
+        value = float(h.numpy(ke.BernoulliNLL(from_logits=True)(y, logits)))
+        np.testing.assert_allclose(value, bernoulli_nll_numpy(y, logits).mean(), rtol=1e-6)
+
+    def test_invalid_predictions_give_nan_where_nothing_can_raise(self):
+        y = np.ones((3, 2), "float32")
+        pred = np.array([[0.5, 0.5], [1.5, 0.5], [-0.1, 0.5]], "float32")
+        values = h.numpy(compiled(ke.BernoulliNLL(reduction="none"))(y, pred))
+        np.testing.assert_allclose(values, [2 * np.log(2.0), np.nan, np.nan], rtol=1e-6)
+
+    def test_predictions_outside_unit_interval_in_fit(self):
+        x = np.full((16, 16), 0.5, "float32")
+        model = latent_model()  # linear outputs: not probabilities
+        model.compile(optimizer="adam", loss=ke.BernoulliNLL(), jit_compile=False)
+        with pytest.raises(target_error(), match=r"the predictions \(y_pred\) must be"):
+            model.fit(x * 10, x, batch_size=8, verbose=0)

@@ -306,8 +306,16 @@ class TestNonFiniteInputs:
         # Why ELBOModel checks the inputs: the posterior's own check does not
         # fire (oneDNN's fused Dense + ReLU maps NaN to 0 on the forward pass,
         # where it is on), yet the encoder kernel's gradient is NaN.
+        import tensorflow as tf
+
         model = self._relu_vae(keras.Model)
-        model.fit(self._bad_data(), DATA, epochs=1, batch_size=128, verbose=0)
+        try:
+            model.fit(self._bad_data(), DATA, epochs=1, batch_size=128, verbose=0)
+        except tf.errors.InvalidArgumentError as error:
+            # Without the fusion (it depends on the CPU and the TensorFlow
+            # build) the NaN reaches the posterior, whose check fires.
+            assert "received non-finite posterior" in str(error)
+            pytest.skip("this CPU's TensorFlow does not fuse Dense + ReLU")
         assert np.isnan(model.layers[1].kernel.numpy()).any()
 
     def test_elbo_model_stops_before_any_update(self):
@@ -325,3 +333,54 @@ class TestNonFiniteInputs:
             model.fit(self._bad_data(), DATA, epochs=1, batch_size=128, verbose=0)
         for b, w in zip(before, model.trainable_weights, strict=True):
             np.testing.assert_array_equal(b, w.numpy())
+
+
+class TestInferenceMeanIsStillTheELBO:
+    """Issue 17, point 1: with `inference="mean"` (posterior or Bayesian
+    layer), `evaluate` logged the reconstruction at the posterior mean as
+    "neg_elbo", below -log p(x) on a trained VAE. `ELBOModel.evaluate` now
+    samples whatever `inference` says; `predict` still returns the mean.
+
+    A linear-Gaussian decoder makes the expected reconstruction a closed
+    form: for z ~ N(m, diag(s**2)) and x ~ N(W z + b, I),
+    E[-log p(x|z)] = 0.5 * |x - W m - b|**2 + 0.5 * sum((W s)**2) + P/2 log(2 pi),
+    which exceeds the value at the mean by 0.5 * sum((W s)**2).
+    """
+
+    def test_logged_reconstruction_is_the_expectation_over_q(self):
+        n, features, latent, pixels = 2000, 4, 2, 5
+        keras.utils.set_random_seed(0)
+        x = keras.Input((features,))
+        posterior = ke.GaussianPosterior(
+            latent, kl_regularizer=ke.KLRegularizer(), inference="mean", seed=5
+        )
+        decoder = keras.layers.Dense(pixels)
+        model = ke.ELBOModel(x, decoder(posterior(x)))
+        model.compile(optimizer="sgd", loss=ke.GaussianNLL(scale=1.0))
+        rng = np.random.default_rng(6)
+        data = np.repeat(rng.normal(size=(4, features)), n // 4, axis=0).astype("float32")
+        targets = rng.normal(size=(n, pixels)).astype("float32")
+        logs = model.evaluate(data, targets, batch_size=500, verbose=0, return_dict=True)
+
+        q = posterior.distribution(data)
+        loc, scale = h.numpy(q.mean()), h.numpy(q.stddev())
+        kernel, bias = (h.numpy(w) for w in decoder.weights)
+        residual = targets - loc @ kernel - bias
+        at_mean = 0.5 * np.sum(residual**2, axis=1) + 0.5 * pixels * h.LOG_2PI
+        spread = 0.5 * np.sum((scale[:, :, None] * kernel[None]) ** 2, axis=(1, 2))
+        expected = np.mean(at_mean + spread)
+        # Standard error of the logged mean over n independent draws, from a
+        # NumPy Monte Carlo of the per-example reconstruction.
+        eps = rng.normal(size=(200, n, latent))
+        draws = 0.5 * np.sum((residual - (eps * scale) @ kernel) ** 2, axis=-1)
+        std_err = np.sqrt(np.mean(np.var(draws, axis=0)) / n)
+        assert spread.mean() > 10 * std_err  # the bug's size is detectable
+        assert abs(logs["reconstruction"] - expected) < 4 * std_err, (logs, expected, std_err)
+        kl = h.kl_diag_normal(loc, scale).mean()
+        np.testing.assert_allclose(logs["kl"], kl, rtol=1e-5)
+        assert abs(logs["neg_elbo"] - (expected + kl)) < 4 * std_err
+        # `predict` and the layer's setting are unchanged.
+        assert posterior.inference == "mean"
+        np.testing.assert_allclose(
+            model.predict(data[:4], verbose=0), loc[:4] @ kernel + bias, rtol=1e-5, atol=1e-5
+        )
