@@ -80,6 +80,12 @@ class ELBOModel(keras.Model):
       `neg_elbo` does not: monitor `"val_neg_elbo"` in `EarlyStopping` and
       `ModelCheckpoint`.
 
+    `evaluate` (and the `val_` logs of `fit`) samples every posterior and
+    Bayesian layer of the model, whatever its `inference` says: the logged
+    terms are the ELBO, an expectation over q, and a reconstruction at the
+    posterior mean could even lie below -log p(x). `predict` and direct
+    calls still honour `inference`.
+
     It also checks each batch's inputs for NaN and Inf (on TensorFlow) and
     stops `fit` with an error before any weight is updated. A plain
     `keras.Model` cannot promise that: an input NaN can pass through a layer
