@@ -4,6 +4,7 @@ import ast
 import pathlib
 
 import keras
+import pytest
 
 import keras_elbo as ke
 
@@ -57,3 +58,19 @@ def test_library_never_imports_keras_2():
     # the library's layers must all be Keras 3 layers.
     offenders = {path.name: keras_2_uses(path.read_text()) for path in PACKAGE.glob("*.py")}
     assert {name: uses for name, uses in offenders.items() if uses} == {}
+
+
+def test_metadata_declares_ranges_not_pins():
+    # Issue 17, point 14: an exact pin in an extra forces every user of it
+    # onto that version (on a GPU machine, whatever build the index serves).
+    # CI pins what it tests in .ci/constraints.txt instead.
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = PACKAGE.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"]]
+    for extra in project["optional-dependencies"].values():
+        requirements += extra
+    assert [r for r in requirements if "==" in r] == []
+    constraints = (root / ".ci" / "constraints.txt").read_text()
+    assert "torch==2.13.0" in constraints.split()
+    assert "-c .ci/constraints.txt" in (root / ".ci" / "run").read_text()
