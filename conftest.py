@@ -1,17 +1,13 @@
 """Test-session settings shared by tests/ and the doctests in keras_elbo/.
 
-The backend is TensorFlow unless `KERAS_BACKEND` says otherwise. Under JAX or
-PyTorch only the modules listed in `ALL_BACKENDS` are collected (tests and
-doctests). The library runs on every backend; the modules left out are run on
-TensorFlow only because they test TensorFlow-side things or cost too much to
-repeat: the demo and notebooks (whole trainings), the README's code, the
-property tests (hypothesis), the reliability tests (tf.distribute, XLA,
-subprocesses), the cross-backend tests (which start each backend themselves)
-and the data loaders (NumPy only: nothing backend-specific to repeat). So
+The backend is TensorFlow unless `KERAS_BACKEND` says otherwise. Every test
+module and every doctest runs on every backend, except the modules listed in
+`TENSORFLOW_ONLY`, each with its reason. A new test file therefore runs on
+JAX and PyTorch too unless someone lists it here and says why. So
 
     KERAS_BACKEND=jax python -m pytest
 
-runs the backend-neutral part of the suite on JAX.
+runs the suite on JAX, less the TensorFlow-only modules.
 """
 
 import os
@@ -26,45 +22,18 @@ if os.environ["KERAS_BACKEND"] == "torch":
 
 ROOT = pathlib.Path(__file__).resolve().parent
 
-# Paths, relative to the repository root, that run on every backend.
-ALL_BACKENDS = {
-    "conftest.py",
-    "keras_elbo/_backend.py",
-    "keras_elbo/_base.py",
-    "keras_elbo/_math.py",
-    "keras_elbo/bayesian.py",
-    "keras_elbo/callbacks.py",
-    "keras_elbo/distributions.py",
-    "keras_elbo/divergence.py",
-    "keras_elbo/evaluation.py",
-    "keras_elbo/flows.py",
-    "keras_elbo/losses.py",
-    "keras_elbo/model.py",
-    "keras_elbo/posteriors.py",
-    "keras_elbo/predictive.py",
-    "keras_elbo/priors.py",
-    "keras_elbo/weight_posteriors.py",
-    "keras_elbo/outputs.py",
-    "tests/__init__.py",
-    "tests/test_bayesian.py",
-    "tests/test_callbacks.py",
-    "tests/test_distributions.py",
-    "tests/test_divergence.py",
-    "tests/test_evaluation.py",
-    "tests/test_flows.py",
-    "tests/test_layer_battery.py",
-    "tests/test_iwae.py",
-    "tests/test_variational.py",
-    "tests/test_outputs.py",
-    "tests/test_losses.py",
-    "tests/test_migration_guide.py",
-    "tests/test_model.py",
-    "tests/test_package.py",
-    "tests/test_posteriors.py",
-    "tests/test_predictive.py",
-    "tests/test_priors.py",
-    "tests/test_subclassing.py",
-    "tests/test_vampprior.py",
+# Paths, relative to the repository root, collected under TensorFlow only.
+TENSORFLOW_ONLY = {
+    "keras_elbo/_tfp.py": "TFP interop: TFP distributions exist on TensorFlow only",
+    "keras_elbo/demo.py": "whole training; tests/test_demo.py runs the demo",
+    "tests/test_demo.py": "whole trainings of the demo (its --backend runs are subprocesses)",
+    "tests/test_notebooks.py": "executes the notebooks: whole trainings, minutes each",
+    "tests/test_readme.py": "runs every README block, one of them tf.distribute (TensorFlow)",
+    "tests/test_properties.py": "hypothesis over every layer: costly; the layers' numbers "
+    "are checked on every backend by their own modules",
+    "tests/test_reliability.py": "tf.distribute, XLA, subprocesses that start each backend",
+    "tests/test_cross_backend.py": "starts each backend itself, in subprocesses",
+    "tests/cross_backend_model.py": "helper of test_cross_backend.py, run in its subprocesses",
 }
 
 
@@ -77,4 +46,4 @@ def pytest_ignore_collect(collection_path, config):
     ):
         return None
     relative = collection_path.resolve().relative_to(ROOT).as_posix()
-    return True if relative not in ALL_BACKENDS else None
+    return True if relative in TENSORFLOW_ONLY else None

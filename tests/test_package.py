@@ -74,3 +74,18 @@ def test_metadata_declares_ranges_not_pins():
     constraints = (root / ".ci" / "constraints.txt").read_text()
     assert "torch==2.13.0" in constraints.split()
     assert "-c .ci/constraints.txt" in (root / ".ci" / "run").read_text()
+
+
+def test_new_test_modules_run_on_every_backend(monkeypatch):
+    # Issue 17, point 16: conftest.py lists the TensorFlow-only modules, each
+    # with its reason; anything else (a new test file) runs on every backend.
+    import conftest
+
+    root = PACKAGE.parent
+    for path, reason in conftest.TENSORFLOW_ONLY.items():
+        assert (root / path).is_file(), f"stale entry {path}"
+        assert len(reason) > 20, path
+    for backend in ("jax", "torch"):
+        monkeypatch.setenv("KERAS_BACKEND", backend)
+        assert conftest.pytest_ignore_collect(root / "tests" / "test_new.py", None) is None
+        assert conftest.pytest_ignore_collect(root / "tests" / "test_demo.py", None) is True
