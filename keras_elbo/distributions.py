@@ -1098,7 +1098,8 @@ _POISSON_ATTEMPTS = 12
 class Poisson(Distribution):
     """Elementwise Poisson distributions of counts with rate `exp(log_rate)`.
 
-    Event shape `()`. `log_prob` is `-inf` at a negative or non-integer `x`.
+    Event shape `()`. `log_prob` is `-inf` at a negative `x`; at a fractional
+    `x >= 0` it is the same formula, as in TFP (`lgamma(x + 1)` for `log(x!)`).
     Samples are counts as floats of `self.dtype`, not reparameterised.
 
     Formula:
@@ -1152,11 +1153,14 @@ class Poisson(Distribution):
         return _dtype(self._log_rate)
 
     def log_prob(self, x):
+        # As TFP's Poisson: a fractional count is scored by the same formula
+        # (lgamma(x + 1) for log(x!)); a negative one is outside the support.
+        # (A NaN count stays NaN.)
         x = _cast(x, self.dtype)
-        valid = ops.logical_and(x >= 0, ops.equal(x, ops.floor(x)))
-        safe = ops.where(valid, x, 0.0)
+        negative = x < 0
+        safe = ops.where(negative, 0.0, x)
         value = safe * self._log_rate - ops.exp(self._log_rate) - _lgamma(safe + 1.0)
-        return ops.where(valid, value, -math.inf)
+        return ops.where(negative, -math.inf, value)
 
     def mean(self):
         return self.rate

@@ -8,6 +8,7 @@ which under-weights the reconstruction by the number of pixels.
 """
 
 import math
+import typing
 
 import keras
 from keras import ops
@@ -17,14 +18,34 @@ from keras_elbo import _backend, _math
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-def _checked_targets(y_true, loss_name, unit_interval=False):
-    """`y_true`, checked at run time to be finite (and within [0, 1]).
+class Support(typing.NamedTuple):
+    """The values a likelihood's targets may take, for `_checked_targets`.
+
+    `contains(y)` is an elementwise boolean tensor; `requirement` completes
+    "the targets (y_true) must ..."; `hint` says what to do.
+    """
+
+    contains: typing.Callable
+    requirement: str
+    hint: str = ""
+
+
+UNIT_INTERVAL = Support(
+    lambda y: ops.logical_and(y >= 0, y <= 1),
+    "lie in [0, 1]",
+    "; scale the data to [0, 1] (divide 8-bit images by 255)",
+)
+
+
+def _checked_targets(y_true, loss_name, support=None):
+    """`y_true`, checked at run time to be finite (and within `support`).
 
     A NaN target would make the loss NaN, and the NaN weights of the next
     step would be blamed on the first layer that checks its input; a target
-    outside [0, 1] would give a Bernoulli likelihood a meaningless (even
-    negative) value. Both stop here with an error that names the loss and the
-    cause (see `_backend.assert_condition`): on TensorFlow an `InvalidArgumentError`,
+    outside the likelihood's support (outside [0, 1] for a Bernoulli, a
+    label beyond the classes) would give a meaningless, or infinite, value.
+    Both stop here with an error that names the loss and the cause (see
+    `_backend.assert_condition`): on TensorFlow an `InvalidArgumentError`,
     at once in eager mode and in a `tf.function` (`fit`) before the step
     updates any weight; on PyTorch, and on JAX outside `jit`, a `ValueError`
     at once. Where nothing can raise, under XLA (`jit_compile=True`) and
@@ -34,8 +55,8 @@ def _checked_targets(y_true, loss_name, unit_interval=False):
     """
     finite = ops.isfinite(y_true)
     valid = finite
-    if unit_interval:
-        valid = ops.logical_and(finite, ops.logical_and(y_true >= 0, y_true <= 1))
+    if support is not None:
+        valid = ops.logical_and(finite, support.contains(y_true))
     all_finite, all_valid = ops.all(finite), ops.all(valid)
     _backend.assert_condition(
         all_finite,
@@ -44,20 +65,20 @@ def _checked_targets(y_true, loss_name, unit_interval=False):
             "them (check the data pipeline) before training"
         ],
     )
-    if unit_interval:
+    if support is not None:
         # The range of an empty batch is (inf, -inf): valid, as it should be.
         low = ops.min(y_true, initial=math.inf)
         high = ops.max(y_true, initial=-math.inf)
         # Checked only when every target is finite: a NaN is reported as such.
+        message = [
+            f"{loss_name}: the targets (y_true) must {support.requirement}, but they range from",
+            low,
+            "to",
+            high,
+        ]
         _backend.assert_condition(
             ops.logical_or(all_valid, ops.logical_not(all_finite)),
-            [
-                f"{loss_name}: the targets (y_true) must lie in [0, 1], but they range from",
-                low,
-                "to",
-                high,
-                "; scale the data to [0, 1] (divide 8-bit images by 255)",
-            ],
+            message + [support.hint] if support.hint else message,
         )
     return ops.where(valid, y_true, ops.full_like(y_true, math.nan))
 
@@ -160,7 +181,7 @@ def bernoulli_nll(y_true, y_pred, from_logits=False):
     """
     y_pred = ops.convert_to_tensor(y_pred)
     y_true = _matched_targets(ops.convert_to_tensor(y_true), y_pred, "BernoulliNLL")
-    y_true = _checked_targets(_cast_like(y_true, y_pred), "BernoulliNLL", unit_interval=True)
+    y_true = _checked_targets(_cast_like(y_true, y_pred), "BernoulliNLL", UNIT_INTERVAL)
     if from_logits:
         # max(l, 0) - l * x + log(1 + exp(-|l|)): no overflow for any logit l.
         nll = ops.relu(y_pred) - y_pred * y_true + ops.log1p(ops.exp(-ops.abs(y_pred)))

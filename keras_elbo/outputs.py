@@ -33,7 +33,7 @@ from keras import ops
 
 from keras_elbo import _math
 from keras_elbo import distributions as kd
-from keras_elbo.losses import _cast_like, _checked_targets
+from keras_elbo.losses import UNIT_INTERVAL, Support, _cast_like, _checked_targets
 from keras_elbo.posteriors import positive_scale_tril
 
 # ---------------------------------------------------------------------------
@@ -84,7 +84,7 @@ class _DistributionOutput(keras.losses.Loss):
     """
 
     is_reconstruction_loss = True
-    unit_interval_targets = False
+    target_support = None  # a `keras_elbo.losses.Support` checked on the targets
     params_size = _ParamsSize()
 
     def _size_arguments(self):
@@ -121,10 +121,10 @@ class _DistributionOutput(keras.losses.Loss):
         return self._distribution(self._checked_params(params))
 
     def _targets(self, y_true, params):
-        """`y_true` checked (finite, in [0, 1] where asked), cast like the
-        parameters and reshaped to `batch + target shape`."""
+        """`y_true` checked (finite, within `target_support` where given),
+        cast like the parameters and reshaped to `batch + target shape`."""
         y = _cast_like(y_true, params)
-        y = _checked_targets(y, type(self).__name__, unit_interval=self.unit_interval_targets)
+        y = _checked_targets(y, type(self).__name__, self.target_support)
         batch, target = tuple(params.shape[:-1]), self._target_shape
         y_shape = tuple(y.shape)
         if None not in batch + y_shape and math.prod(y_shape) != math.prod(batch + target):
@@ -441,7 +441,7 @@ class IndependentBernoulli(_IndependentOutput):
     543.43
     """
 
-    unit_interval_targets = True
+    target_support = UNIT_INTERVAL
 
     def __init__(
         self,
@@ -468,8 +468,11 @@ class IndependentPoisson(_IndependentOutput):
 
     Replaces `tfp.layers.IndependentPoisson`. `params` are the log-rates, of
     size `prod(event_shape)` (TFP reads them as log-rates too). Targets are
-    non-negative integer counts; a negative or fractional one makes the loss
-    infinite.
+    non-negative counts. As in TFP's `Poisson.log_prob`, a fractional target
+    is scored by the same formula (`lgamma(y + 1)` in place of `log(y!)`),
+    so that rates and averaged counts, as code written for `tfp.layers`
+    passes them, keep working; a negative target stops `fit` with an error
+    that names it (a NaN loss where nothing can raise: XLA, `jax.jit`).
 
     Formula:
 
@@ -496,6 +499,8 @@ class IndependentPoisson(_IndependentOutput):
     >>> round(float(output(np.full((3, 1), 2.0), np.zeros((3, 1)))), 4)  # 1 + log(2)
     1.6931
     """
+
+    target_support = Support(lambda y: y >= 0, "be non-negative counts")
 
     def __init__(
         self,
@@ -660,8 +665,10 @@ class Categorical(_DistributionOutput):
 
     Replaces `tfp.layers.DistributionLambda(lambda t: tfd.Categorical(logits=t))`.
     `params` are `num_classes` logits; targets are integer labels, of shape
-    `(batch,)` or `(batch, 1)`. A label outside `0 .. num_classes - 1` makes
-    the loss NaN (not a silent wrong value). The loss equals Keras's
+    `(batch,)` or `(batch, 1)`. A label outside `0 .. num_classes - 1`, or a
+    fractional one, stops `fit` with an error that names it and the range
+    (where nothing can raise, under XLA and `jax.jit`, the loss is NaN
+    instead of a silent wrong value). The loss equals Keras's
     `SparseCategoricalCrossentropy(from_logits=True)`.
 
     Formula:
@@ -706,6 +713,17 @@ class Categorical(_DistributionOutput):
 
     def _size_arguments(self):
         return {"num_classes": self.num_classes}
+
+    @property
+    def target_support(self):
+        last = self.num_classes - 1
+        return Support(
+            lambda y: ops.logical_and(
+                ops.logical_and(y >= 0, y <= last), ops.equal(y, ops.floor(y))
+            ),
+            f"be integer class labels in 0 .. {last}",
+            "; give Categorical(num_classes=...) the number of classes",
+        )
 
     @property
     def _target_shape(self):

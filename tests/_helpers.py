@@ -155,6 +155,20 @@ def run_time_error():
     return ValueError
 
 
+def compiled(fn):
+    """`fn` compiled where run-time checks cannot raise: XLA on TensorFlow,
+    `jax.jit` on JAX (skips on PyTorch, where the checks always raise)."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True)
+    if BACKEND == "jax":
+        import jax
+
+        return jax.jit(fn)
+    pytest.skip(f"nothing compiles the checks away on {BACKEND}: they raise")
+
+
 def weight_gradients(loss_fn, variables):
     """Gradients of the scalar `loss_fn()` w.r.t. Keras variables, as NumPy
     arrays, on TensorFlow and PyTorch (JAX differentiates pure functions only:

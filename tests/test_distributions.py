@@ -866,9 +866,19 @@ def test_new_families_log_prob(name):
     assert_close(build().log_prob(x), reference(x.astype(np.float64)), rtol=1e-5, atol=1e-4)
 
 
-def test_poisson_log_prob_of_an_invalid_count_is_minus_infinity():
-    values = numpy(kd.Poisson(0.0).log_prob(f32([-1.0, 0.5, 1.0])))
-    assert values[0] == -np.inf and values[1] == -np.inf and np.isfinite(values[2])
+def test_poisson_log_prob_of_fractional_and_negative_counts():
+    # Issue 17, point 6: as TFP's Poisson.log_prob, a fractional count is
+    # scored by the same formula with lgamma (code ported from tfp.layers
+    # passes rates); a negative one is outside the support.
+    x = f32([-1.0, 0.5, 1.0, 2.75])
+    values = numpy(kd.Poisson(f32(np.log(1.7))).log_prob(x))
+    counts = x[1:].astype(np.float64)
+    expected = counts * np.log(1.7) - 1.7 - special.gammaln(counts + 1.0)
+    assert values[0] == -np.inf
+    assert_close(values[1:], expected, rtol=1e-6)
+    if BACKEND == "tensorflow":
+        tfd = pytest.importorskip("tensorflow_probability").distributions
+        assert_close(values[1:], tfd.Poisson(rate=1.7).log_prob(x[1:]).numpy(), rtol=1e-6)
 
 
 def test_categorical_log_prob_and_entropy():

@@ -174,34 +174,10 @@ IMAGES = np.random.default_rng(8).integers(0, 256, size=(32, 16)).astype("uint8"
 IMAGES[0, 0], IMAGES[0, 1] = 0, 255
 
 
-def target_error():
-    """The error class of a failed target check: TensorFlow's run-time
-    `InvalidArgumentError`, a `ValueError` on PyTorch and JAX."""
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        return tf.errors.InvalidArgumentError
-    return ValueError
-
-
-def compiled(fn):
-    """`fn` compiled where run-time checks cannot raise: XLA on TensorFlow,
-    `jax.jit` on JAX."""
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(fn, jit_compile=True)
-    if BACKEND == "jax":
-        import jax
-
-        return jax.jit(fn)
-    pytest.skip(f"nothing compiles the checks away on {BACKEND}: they raise")
-
-
 class TestTargetChecks:
     def test_targets_outside_unit_interval_raise_eagerly(self):
         with pytest.raises(
-            target_error(),
+            h.run_time_error(),
             match=r"BernoulliNLL: .* range from 0 to 255; scale the data to \[0, 1\]",
         ):
             ke.BernoulliNLL()(IMAGES, np.full(IMAGES.shape, 0.5, "float32"))
@@ -214,7 +190,7 @@ class TestTargetChecks:
         if name == "BernoulliNLL":
             y[1, 1] = 2.0  # out of [0, 1]: invalid for Bernoulli only
         loss = getattr(ke, name)(reduction="none")
-        values = h.numpy(compiled(loss)(y, np.full(y.shape, 0.5, "float32")))
+        values = h.numpy(h.compiled(loss)(y, np.full(y.shape, 0.5, "float32")))
         if name == "BernoulliNLL":
             expected = [2 * np.log(2.0), np.nan, np.nan, np.nan]
         else:
@@ -239,7 +215,7 @@ class TestTargetChecks:
                 )
             else:  # PyTorch and JAX's fit without jit run eagerly
                 match = r"BernoulliNLL: .*range from 0 to 255; scale the data to \[0, 1\]"
-            with pytest.raises(target_error(), match=match):
+            with pytest.raises(h.run_time_error(), match=match):
                 model.fit(IMAGES, IMAGES, batch_size=32, verbose=0)
         else:
             # XLA drops assertions: the loss is NaN, not a finite (negative)
@@ -252,7 +228,7 @@ class TestTargetChecks:
         y = np.array([[0.0, 1.0], [1.0, np.inf if name == "GaussianNLL" else np.nan]])
         loss = getattr(ke, name)()
         with pytest.raises(
-            target_error(),
+            h.run_time_error(),
             match=rf"{name}: the targets \(y_true\) contain NaN or Inf",
         ):
             loss(y, np.full(y.shape, 0.5, "float32"))
@@ -269,7 +245,7 @@ class TestTargetChecks:
         model = latent_model()
         loss = ke.BernoulliNLL(from_logits=True) if name == "BernoulliNLL" else ke.GaussianNLL()
         model.compile(optimizer="adam", loss=loss, jit_compile=False)
-        with pytest.raises(target_error()) as info:
+        with pytest.raises(h.run_time_error()) as info:
             model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
         message = str(info.value)
         assert f"{name}: the targets (y_true) contain NaN or Inf" in message
@@ -349,7 +325,7 @@ class TestPredictionChecks:
     def test_predictions_outside_unit_interval_raise_eagerly(self):
         y = np.ones((2, 3), "float32")
         with pytest.raises(
-            target_error(),
+            h.run_time_error(),
             match=r"BernoulliNLL\(from_logits=False\): the predictions \(y_pred\) must be "
             r"probabilities in \[0, 1\], but they range from 0.5 to 1.5",
         ):
@@ -364,12 +340,12 @@ class TestPredictionChecks:
     def test_invalid_predictions_give_nan_where_nothing_can_raise(self):
         y = np.ones((3, 2), "float32")
         pred = np.array([[0.5, 0.5], [1.5, 0.5], [-0.1, 0.5]], "float32")
-        values = h.numpy(compiled(ke.BernoulliNLL(reduction="none"))(y, pred))
+        values = h.numpy(h.compiled(ke.BernoulliNLL(reduction="none"))(y, pred))
         np.testing.assert_allclose(values, [2 * np.log(2.0), np.nan, np.nan], rtol=1e-6)
 
     def test_predictions_outside_unit_interval_in_fit(self):
         x = np.full((16, 16), 0.5, "float32")
         model = latent_model()  # linear outputs: not probabilities
         model.compile(optimizer="adam", loss=ke.BernoulliNLL(), jit_compile=False)
-        with pytest.raises(target_error(), match=r"the predictions \(y_pred\) must be"):
+        with pytest.raises(h.run_time_error(), match=r"the predictions \(y_pred\) must be"):
             model.fit(x * 10, x, batch_size=8, verbose=0)

@@ -21,7 +21,16 @@ from scipy import optimize, special, stats
 import keras_elbo as ke
 from keras_elbo.losses import is_reconstruction_loss
 from keras_elbo.posteriors import fill_triangular
-from tests._helpers import BACKEND, JIT_MODES, config_round_trip, numpy, save_and_load, softplus
+from tests._helpers import (
+    BACKEND,
+    JIT_MODES,
+    compiled,
+    config_round_trip,
+    numpy,
+    run_time_error,
+    save_and_load,
+    softplus,
+)
 
 RTOL, ATOL = 1e-5, 1e-4
 BATCH = 5
@@ -483,10 +492,52 @@ def test_wrong_target_shape():
         output(np.zeros((BATCH, 4)), params)
 
 
-def test_invalid_categorical_label_gives_nan():
-    output = ke.Categorical(3)
-    values = numpy(output.call(np.array([0, 3, 1]), np.zeros((3, 3))))
-    assert np.isfinite(values[[0, 2]]).all() and np.isnan(values[1])
+class TestTargetSupport:
+    """Issue 17, point 6: a label outside the classes, or a fractional one,
+    gave a NaN loss, and a negative count an infinite one, with no message."""
+
+    @pytest.mark.parametrize(
+        "labels, high", [([0, 3, 1], "3"), ([0, 1.5, 1], "1.5"), ([0, -1, 2], "2")]
+    )
+    def test_invalid_categorical_labels_are_named(self, labels, high):
+        with pytest.raises(
+            run_time_error(),
+            match=r"Categorical: the targets \(y_true\) must be integer class labels in "
+            rf"0 \.\. 2, but they range from -?\d+ to {high}",
+        ):
+            ke.Categorical(3)(f32(labels), np.zeros((3, 3), "float32"))
+
+    def test_negative_counts_are_named(self):
+        with pytest.raises(
+            run_time_error(),
+            match=r"IndependentPoisson: the targets \(y_true\) must be non-negative counts, "
+            "but they range from -1 to 2",
+        ):
+            ke.IndependentPoisson()(f32([[2.0], [-1.0]]), np.zeros((2, 1), "float32"))
+
+    def test_fractional_counts_are_scored_as_tfp_scores_them(self):
+        # tfp.layers.IndependentPoisson users pass rates: lgamma(y + 1) for log(y!).
+        y, log_rate = f32([[0.5], [2.25]]), f32([[0.3], [-0.2]])
+        values = numpy(ke.IndependentPoisson(reduction="none")(y, log_rate))
+        y64, lr = y.astype(np.float64), log_rate.astype(np.float64)
+        expected = (np.exp(lr) - y64 * lr + special.gammaln(y64 + 1.0))[:, 0]
+        np.testing.assert_allclose(values, expected, rtol=RTOL)
+
+    def test_invalid_targets_give_nan_where_nothing_can_raise(self):
+        output = ke.Categorical(3, reduction="none")
+        values = numpy(compiled(output)(f32([0, 3, 1.5, 2]), np.zeros((4, 3), "float32")))
+        np.testing.assert_allclose(values, [np.log(3), np.nan, np.nan, np.log(3)], rtol=1e-6)
+        poisson = ke.IndependentPoisson(reduction="none")
+        values = numpy(compiled(poisson)(f32([[1.0], [-2.0]]), np.zeros((2, 1), "float32")))
+        np.testing.assert_allclose(values, [1.0, np.nan], rtol=1e-6)
+
+    def test_invalid_label_in_fit(self):
+        if BACKEND == "jax":
+            pytest.skip("inside JAX's jitted step nothing can raise (NaN: tested above)")
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+        model.compile(optimizer="sgd", loss=ke.Categorical(3), jit_compile=False)
+        with pytest.raises(run_time_error(), match="integer class labels in 0 .. 2"):
+            model.fit(np.zeros((4, 2), "float32"), f32([0, 1, 2, 3]), verbose=0)
 
 
 @pytest.mark.parametrize(
