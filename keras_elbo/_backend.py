@@ -6,14 +6,16 @@ here, one function each, with a branch per backend.
 
 What each backend can check:
 
-- TensorFlow: `CheckNumerics` and `Assert` raise at run time, in graph mode
-  too, before the step's weight update; XLA (`jit_compile=True`) drops them.
+- TensorFlow: `Assert` raises at run time, in graph mode too, before the
+  step's weight update (the checked tensors depend on it); XLA
+  (`jit_compile=True`) drops it.
 - PyTorch: the step runs eagerly, so a check raises at once (it reads one
   boolean from the device: a small synchronisation per check).
 - JAX: nothing can raise inside a jitted step; the checks are no-ops there
   (and raise eagerly outside `jit`).
 """
 
+import contextlib
 import sys
 
 import keras
@@ -31,11 +33,24 @@ def check_finite(tensor, message):
     """`tensor`, raising at run time where the backend can if it holds NaN or
     Inf (see the module docstring). Use the returned tensor, so that the
     check stays in the graph."""
+    return _checked(tensor, keras.ops.all(keras.ops.isfinite(tensor)), message)
+
+
+def _checked(tensor, ok, message):
+    """`tensor`, which raises `message` at run time unless `ok` holds.
+
+    In a TensorFlow graph, an `Assert` that the returned tensor depends on
+    (so that the gradients, and the updates, wait for it; a `CheckNumerics`
+    would also do, but appends "Tensor had Inf values" to the message, even
+    for a NaN). Elsewhere `assert_condition`.
+    """
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        return tf.debugging.check_numerics(tensor, message)
-    assert_condition(keras.ops.all(keras.ops.isfinite(tensor)), message)
+        if not tf.executing_eagerly():
+            with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
+                return tf.identity(tensor)
+    assert_condition(ok, message)
     return tensor
 
 
@@ -72,19 +87,42 @@ def assert_condition(ok, message):
         raise error(text.replace(" ;", ";"))
 
 
+def all_finite(tensors):
+    """A boolean scalar: whether every one of `tensors` is free of NaN and Inf."""
+    return keras.ops.all(keras.ops.stack([keras.ops.all(keras.ops.isfinite(t)) for t in tensors]))
+
+
 def finite_gate(tensors, message):
     """A float32 scalar 1.0 that raises at run time, before the step's weight
     update, if any of `tensors` holds NaN or Inf.
 
     Multiply the loss by it: the gradients, and so the optimizer's update,
-    then depend on the check. (On TensorFlow a check whose output is unused
-    runs, but is not ordered before the update.) Where nothing can raise
-    (XLA, a jitted JAX step) it is a plain 1.0.
+    then depend on the check. Where nothing can raise (XLA, a jitted JAX
+    step) it is 0.0 for a bad batch, and the loss, NaN times 0, stays NaN.
     """
-    finite = keras.ops.all(keras.ops.stack([keras.ops.all(keras.ops.isfinite(t)) for t in tensors]))
-    # log(1) = 0 passes the check; log(0) = -inf fails it with `message`.
-    checked = check_finite(keras.ops.log(keras.ops.cast(finite, "float32")), message)
-    return keras.ops.exp(checked)
+    finite = all_finite(tensors)
+    return _checked(keras.ops.cast(finite, "float32"), finite, message)
+
+
+@contextlib.contextmanager
+def checked_before(tensors, message):
+    """In a TensorFlow graph, every op made in the block runs after a check
+    that `tensors` are finite, which raises `message` otherwise.
+
+    Around a whole train step it orders the check before the optimizer's
+    step counter too, which depends on no gradient (`finite_gate` alone
+    spares the weights but lets `iterations` advance). Elsewhere (eager
+    execution, JAX, PyTorch) it does nothing: `finite_gate` serves there.
+    """
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.executing_eagerly():
+            check = tf.debugging.Assert(all_finite(tensors), [message])
+            with tf.control_dependencies([check]):
+                yield
+            return
+    yield
 
 
 def is_tf_dataset(x):

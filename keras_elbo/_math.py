@@ -55,11 +55,13 @@ def check_finite(tensor, layer_name, what):
 
     The message names the layer and the parameters, so a bad input batch or a
     diverged encoder stops `fit` with a readable error instead of a NaN loss.
+    (Names in backticks, not quotes: a TensorFlow graph's `Assert` prints
+    quotes escaped.)
     """
     return _backend.check_finite(
         tensor,
-        f"Layer '{layer_name}' received non-finite {what} (NaN or Inf). Check "
-        "the layer's input for NaN/Inf values and the learning rate for "
+        f"Layer `{layer_name}` received non-finite {what} (NaN or Inf). Check "
+        "the input of the layer for NaN/Inf values and the learning rate for "
         "divergence",
     )
 

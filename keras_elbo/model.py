@@ -284,17 +284,37 @@ class ELBOModel(keras.Model):
         finally:
             posterior.multi_sample = None
 
+    def _input_message(self):
+        return (
+            f"ELBOModel `{self.name}`: the inputs of this batch contain NaN or Inf. "
+            "Remove or impute them before training"
+        )
+
+    def _inputs_checked(self, data):
+        """On TensorFlow, the step's ops (the optimizer's step counter too)
+        wait for a check of the batch's inputs (`_backend.checked_before`).
+        Not under XLA, which drops the check, and cannot lift the optimizer's
+        variables out of a block with control dependencies."""
+        if self.jit_compile is True:
+            return contextlib.nullcontext()
+        x = keras.utils.unpack_x_y_sample_weight(data)[0]
+        return _backend.checked_before(_float_inputs(x), self._input_message())
+
     # One wrapper for every backend's signature: `(data)` on TensorFlow and
     # PyTorch, `(state, data)` on JAX.
     def train_step(self, *args, **kwargs):
-        with self._drawing_several():
+        with self._drawing_several(), self._inputs_checked(args[-1]):
             return super().train_step(*args, **kwargs)
 
     def test_step(self, *args, **kwargs):
         # The ELBO is an expectation over q: `evaluate` samples every
         # posterior and Bayesian layer whatever its `inference` says (at the
         # mean, the logged "ELBO" could even exceed log p(x)).
-        with sampling(getattr(self, "_stochastic_layers", ())), self._drawing_several():
+        with (
+            sampling(getattr(self, "_stochastic_layers", ())),
+            self._drawing_several(),
+            self._inputs_checked(args[-1]),
+        ):
             return super().test_step(*args, **kwargs)
 
     @property
@@ -352,17 +372,12 @@ class ELBOModel(keras.Model):
             if draws is not None:
                 y, sample_weight = self._tiled(y), self._tiled(sample_weight)
             loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
-        inputs = [
-            t
-            for t in keras.tree.flatten(x)
-            if t is not None and keras.backend.is_float_dtype(t.dtype)
-        ]
+        inputs = _float_inputs(x)
         if inputs:
-            gate = _backend.finite_gate(
-                inputs,
-                f"ELBOModel '{self.name}': the inputs of this batch contain NaN or Inf. "
-                "Remove or impute them before training",
-            )
+            # (On TensorFlow the step's own check, `_inputs_checked`, fires
+            # first; this one serves the other backends and `compute_loss`
+            # called from a train step of one's own.)
+            gate = _backend.finite_gate(inputs, self._input_message())
             loss = loss * ops.cast(gate, loss.dtype)
         if not hasattr(self, "kl_trackers"):
             return loss
@@ -459,6 +474,13 @@ class ELBOModel(keras.Model):
         loss = objective + ops.sum(ops.stack(added)) if added else objective
         reconstruction = -ops.mean(log_lik)
         return loss, reconstruction, ops.mean(ops.stop_gradient(bound_at_one))
+
+
+def _float_inputs(x):
+    """The floating-point tensors of a batch's inputs `x`."""
+    return [
+        t for t in keras.tree.flatten(x) if t is not None and keras.backend.is_float_dtype(t.dtype)
+    ]
 
 
 def _sum_positions(values):

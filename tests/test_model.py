@@ -329,10 +329,16 @@ class TestNonFiniteInputs:
         # With oneDNN (TensorFlow) the posterior sees no NaN: ELBOModel's input
         # check stops the step; elsewhere the posterior's own check may come first.
         message = "inputs of this batch contain NaN or Inf|received non-finite posterior"
-        with pytest.raises(h.run_time_error(), match=message):
+        with pytest.raises(h.run_time_error(), match=message) as info:
             model.fit(self._bad_data(), DATA, epochs=1, batch_size=128, verbose=0)
+        # Issue 17, point 12: TensorFlow's CheckNumerics appended "Tensor had
+        # Inf values", also for a NaN; the message is now ours alone.
+        assert "Tensor had" not in str(info.value)
         for b, w in zip(before, model.trainable_weights, strict=True):
             np.testing.assert_array_equal(b, w.numpy())
+        # Issue 17, point 5: nor does the step counter advance (on TensorFlow
+        # it did, shifting step-based KLAnnealing).
+        assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 0
 
 
 class TestInferenceMeanIsStillTheELBO:

@@ -165,7 +165,7 @@ class TestErrors:
             history = model.fit(bad, bad, epochs=1, batch_size=12, verbose=0).history
             assert not np.isfinite(history["loss"][0])
             return
-        with pytest.raises(h.run_time_error(), match="'q'.*non-finite"):
+        with pytest.raises(h.run_time_error(), match="`q`.*non-finite"):
             model.fit(bad, bad, epochs=1, batch_size=12, verbose=0)
         for b, a in zip(before, model.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
