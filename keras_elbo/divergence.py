@@ -141,13 +141,15 @@ def kl_estimate(q, p, method, samples=None, path_derivative=False):
     ```
 
     Args:
-        q, p: the posterior and the prior (TFP distributions).
+        q, p: the posterior and the prior (`keras_elbo.distributions`
+            objects, or on TensorFlow TFP distributions).
         method: `"analytic"`, `"mc"` or `"mc_entropy"`.
         samples: reparameterised samples of q: one sample (q's batch and
             event shape), or several along a leading axis; unused by
             `"analytic"`. One sample is best passed as the very tensor q
-            returned: TFP's bijector cache then gives log q(z) without
-            inverting a flow.
+            returned: a flow's distribution then gives log q(z) from its
+            sampling path without inverting the flow (as TFP's bijector
+            cache does for a TFP one).
         path_derivative: in `"mc"`, evaluate log q with its parameters behind
             `stop_gradient`: the gradient keeps only the path through z
             ("sticking the landing", Roeder et al., 2017). The value is
@@ -187,8 +189,9 @@ def _batch_mean(terms):
 class KLRegularizer(keras.layers.Layer):
     """Adds `weight * KL[q(z|x) || p(z)]` to the model's loss through `add_loss`.
 
-    Called as `kl_regularizer(z, posterior=q)`, with `z` a sample of the TFP
-    distribution `q`: it returns `z` unchanged and records one loss, the KL
+    Called as `kl_regularizer(z, posterior=q)`, with `z` a sample of the
+    distribution `q` (a `keras_elbo.distributions` object, or on TensorFlow a
+    TFP distribution): it returns `z` unchanged and records one loss, the KL
     in nats per example. The first axis of q's batch shape is the batch: the
     KL is summed over every other axis (latent dimensions, and the positions
     of a latent map of shape `(batch, h, w, latent_dim)` or of an elementwise
@@ -197,7 +200,7 @@ class KLRegularizer(keras.layers.Layer):
     layer) adds its whole KL. A reconstruction loss such as `BernoulliNLL`
     given to `compile` then makes the model's `loss` the negative ELBO.
     Posterior layers such as `GaussianPosterior` call it for you; any layer of
-    your own that builds a TFP distribution can call it the same way.
+    your own that builds a distribution can call it the same way.
 
     The KL is not logged by the layer itself: `keras_elbo.ELBOModel` logs the
     unweighted KL of each regularizer (named by `metric_name`), the
@@ -209,8 +212,10 @@ class KLRegularizer(keras.layers.Layer):
 
     Modes:
 
-    - `"analytic"`: TFP's registered closed form. Raises a `ValueError` naming
-      both distribution types where none is registered.
+    - `"analytic"`: the closed form registered for the pair of types in the
+      library's KL table (`keras_elbo.distributions.register_kl`; on
+      TensorFlow, TFP's for two TFP distributions). Raises a `ValueError`
+      naming both distribution types, and `mode="mc"`, where none is.
     - `"mc"`: `mean(log q(z_s) - log p(z_s))` over `num_samples`
       reparameterised samples z_s of q, drawn in one vectorised call; with
       `num_samples=1` it reuses the sample `z` it is given.
@@ -383,7 +388,8 @@ class KLRegularizer(keras.layers.Layer):
             super().load_own_variables(store)
 
     def prior_distribution(self, posterior, posterior_layer=None):
-        """p(z) as a TFP distribution, for the given posterior q(z|x).
+        """p(z) as a `keras_elbo.distributions` object (or the user's TFP
+        distribution, on TensorFlow), for the given posterior q(z|x).
 
         A prior layer whose `latent_dim` is `None` (`NormalPrior()`,
         `ScaleMixturePrior()`) first gets the posterior's event size as its

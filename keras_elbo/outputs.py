@@ -320,8 +320,10 @@ class IndependentLogistic(_IndependentOutput):
 class IndependentStudentT(_IndependentOutput):
     """Independent Student's t outputs: robust regression.
 
-    Replaces `tfp.layers.IndependentStudentT`. `params = [loc, raw_scale,
-    raw_df]` (TFP's order), each of size `prod(event_shape)`, with
+    TFP has no Student's t layer; this follows `tfp.layers`'
+    `IndependentNormal`/`IndependentLogistic` pattern (the parameters split
+    in blocks, then `Independent`): `params = [loc, raw_scale, raw_df]`, each
+    of size `prod(event_shape)`, with
     `scale = softplus(raw_scale) + min_scale` and, when `df=None`, the degrees
     of freedom learned per output as `softplus(raw_df) + min_df`. The floor
     `min_df` (default 0.01) keeps the density finite when `df` is driven

@@ -30,3 +30,16 @@ def test_guide_python_blocks_run():
     assert namespace["draws"].shape == (20, 5, 1)
     # Weights are drawn at each call: predictions differ between calls.
     assert namespace["draws"].std(axis=0).min() > 0
+
+
+def test_library_names_only_tfp_layers_that_exist():
+    # Issue 17, point 11: a docstring claimed to replace
+    # `tfp.layers.IndependentStudentT`, which TFP has never had.
+    tfp = pytest.importorskip("tensorflow_probability")
+    names = set(dir(tfp.layers))
+    package = pathlib.Path(__file__).resolve().parents[1] / "keras_elbo"
+    texts = [path.read_text() for path in package.glob("*.py")]
+    texts += [GUIDE.read_text(), (package.parent / "README.md").read_text()]
+    named = {name for text in texts for name in re.findall(r"tfp\.layers\.(\w+)", text)}
+    assert len(named) > 10
+    assert sorted(named - names) == []
