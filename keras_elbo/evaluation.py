@@ -44,7 +44,19 @@ class _LatentModel:
                 "the model has no prior to evaluate against."
             )
         try:
-            self.body = keras.Model(model.inputs, self.posterior.input)
+            inputs = model.inputs
+        except AttributeError:  # a subclassed model has no graph to split
+            inputs = None
+        if not inputs:
+            raise ValueError(
+                f"Evaluation splits a model at its posterior layer, so it needs a "
+                f"functional model (built from keras.Input); model '{model.name}' "
+                f"({type(model).__name__}) is subclassed. Build the same layers "
+                "functionally, or evaluate with `model.evaluate` (ELBOModel logs the "
+                "single-sample ELBO's parts)."
+            )
+        try:
+            self.body = keras.Model(inputs, self.posterior.input)
             self.decoder = keras.Model(self.posterior.output, model.outputs)
         except ValueError as err:
             raise ValueError(

@@ -251,15 +251,23 @@ class ELBOModel(keras.Model):
                     f"{what}, dreg=True needs a functional ELBOModel (it runs the "
                     "decoder, the part after the posterior, a second time)."
                 )
+        if isinstance(self, Functional):
+            # The K samples reach the decoder as K * batch rows: a path from
+            # the input around the posterior (a skip connection) would meet
+            # them with batch rows and fail inside the step. Checked here,
+            # where the cause can be named.
             try:
                 decoder = keras.Model(posterior.output, self.outputs)
             except ValueError as err:
                 raise ValueError(
-                    f"{what}, dreg=True: could not split model '{self.name}' at "
-                    f"posterior '{posterior.name}': the output must depend on the "
-                    "input only through the posterior's sample."
+                    f"{what}: could not split model '{self.name}' at posterior "
+                    f"'{posterior.name}': with several samples per example the "
+                    "output must depend on the input only through the posterior's "
+                    "sample (no skip connection around it, no other input to the "
+                    "decoder). Use num_samples=1 and objective='elbo' for such a model."
                 ) from err
-            object.__setattr__(self, "_dreg_decoder", decoder)
+            if self.dreg:
+                object.__setattr__(self, "_dreg_decoder", decoder)
         object.__setattr__(self, "_multi_posterior", posterior)
 
     def compile_from_config(self, config):

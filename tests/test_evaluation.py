@@ -456,6 +456,24 @@ class TestErrors:
         with pytest.raises(ValueError, match="exactly one posterior"):
             ke.evaluate_elbo(model, X, verbose=0)
 
+    def test_subclassed_model_is_named(self):
+        # Issue 17, point 9: was `AttributeError: ... has no attribute 'inputs'`.
+        class Subclassed(ke.ELBOModel):
+            def __init__(self):
+                super().__init__()
+                self.posterior = ke.GaussianPosterior(2, kl_regularizer=ke.KLRegularizer())
+                self.decoder = keras.layers.Dense(D)
+
+            def call(self, x, training=None):
+                return self.decoder(self.posterior(x, training=training))
+
+        model = Subclassed()
+        model(X[:2])
+        model.compile(loss=ke.GaussianNLL())
+        for estimate in (ke.evaluate_elbo, ke.importance_weighted_log_likelihood):
+            with pytest.raises(ValueError, match=r"needs a functional model .* is subclassed"):
+                estimate(model, X, verbose=0)
+
     @pytest.mark.parametrize("num_samples", [0, 1.5, True])
     def test_bad_num_samples(self, num_samples):
         model, _, _ = make_model()

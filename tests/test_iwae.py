@@ -379,6 +379,13 @@ def test_bad_arguments_are_refused():
     model = ke.ELBOModel(x, flow(x), objective="iwae", num_samples=2, dreg=True)
     with pytest.raises(ValueError, match="flow"):
         model.compile(loss=ke.GaussianNLL())
+    # Issue 17, point 9: a skip connection around the posterior failed inside
+    # the step with a Concatenate shape error; compile names the cause.
+    posterior = ke.GaussianPosterior(LATENT, kl_regularizer=ke.KLRegularizer())
+    skip = keras.layers.Concatenate()([posterior(x), x])
+    model = ke.ELBOModel(x, keras.layers.Dense(FEATURES)(skip), objective="iwae", num_samples=2)
+    with pytest.raises(ValueError, match="no skip connection around it"):
+        model.compile(loss=ke.GaussianNLL())
     two = ke.GaussianPosterior(LATENT, kl_regularizer=ke.KLRegularizer())
     first = ke.GaussianPosterior(LATENT, kl_regularizer=ke.KLRegularizer())
     model = ke.ELBOModel(x, two(first(x)), num_samples=2)
