@@ -98,10 +98,12 @@ def finite_gate(tensors, message):
 
     Multiply the loss by it: the gradients, and so the optimizer's update,
     then depend on the check. Where nothing can raise (XLA, a jitted JAX
-    step) it is 0.0 for a bad batch, and the loss, NaN times 0, stays NaN.
+    step) it is NaN for a bad batch, so that the loss is NaN (not 0: XLA
+    turns a product with a 0/1 gate into a select).
     """
     finite = all_finite(tensors)
-    return _checked(keras.ops.cast(finite, "float32"), finite, message)
+    gate = keras.ops.where(finite, 1.0, float("nan"))
+    return _checked(keras.ops.cast(gate, "float32"), finite, message)
 
 
 @contextlib.contextmanager
