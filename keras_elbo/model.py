@@ -273,7 +273,7 @@ class ELBOModel(keras.Model):
     def compile_from_config(self, config):
         # Keras skips an overridden `compile` when loading; this is its own
         # `compile_from_config`, calling ours.
-        config = keras.saving.deserialize_keras_object(config)
+        config = keras.saving.deserialize_keras_object(_portable_optimizer(config))
         self.compile(**config)
         if getattr(self, "optimizer", None) is not None and self.built:
             self.optimizer.build(self.trainable_variables)
@@ -482,6 +482,27 @@ class ELBOModel(keras.Model):
         loss = objective + ops.sum(ops.stack(added)) if added else objective
         reconstruction = -ops.mean(log_lik)
         return loss, reconstruction, ops.mean(ops.stop_gradient(bound_at_one))
+
+
+def _portable_optimizer(config):
+    """A compile config whose optimizer is the running backend's.
+
+    Keras saves the optimizer of a model compiled on PyTorch as a class of its
+    torch backend (`keras.src.backend.torch.optimizers...`), which, loaded
+    on TensorFlow or JAX where PyTorch is installed, fails at the first
+    `fit` (and, where it is not, fails to load). The same optimizer by its
+    public name (`keras.optimizers.Adam`) is the running backend's.
+    """
+    optimizer = config.get("optimizer") if isinstance(config, dict) else None
+    if (
+        isinstance(optimizer, dict)
+        and str(optimizer.get("module", "")).startswith("keras.src.backend.")
+        and hasattr(keras.optimizers, optimizer.get("class_name", ""))
+    ):
+        optimizer = {**optimizer, "module": "keras.optimizers"}
+        optimizer.pop("registered_name", None)
+        config = {**config, "optimizer": optimizer}
+    return config
 
 
 def _float_inputs(x):

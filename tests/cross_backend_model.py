@@ -4,9 +4,9 @@ tests/test_cross_backend.py.
 Run as `KERAS_BACKEND=b python tests/cross_backend_model.py save|load DIR`:
 `save` trains each model one epoch, writes `DIR/<name>.keras` and the model's
 predictions (`inference="mean"`: deterministic) to `DIR/<name>_predictions.npy`;
-`load` loads each file on this backend (with `compile=False`: an optimizer
-saved on one backend need not restore on another) and writes
-`DIR/<name>_loaded.npy`. Every distribution output (`keras_elbo.outputs`) is
+`load` loads each file on this backend with `compile=False` and writes
+`DIR/<name>_loaded.npy`, then loads it compiled, records the restored
+optimizer's step count and trains one epoch (`DIR/<name>_compiled.json`). Every distribution output (`keras_elbo.outputs`) is
 saved as its config with its per-example losses on fixed parameters and
 targets (`outputs.json`); `load` rebuilds each from its config and writes
 its losses on the same parameters and targets (`outputs_loaded.json`).
@@ -108,6 +108,13 @@ def main(action, folder):
             model = keras.saving.load_model(folder / f"{name}.keras", compile=False)
             predictions = keras.ops.convert_to_numpy(model.predict(DATA, verbose=0))
             np.save(folder / f"{name}_loaded.npy", predictions)
+            # Compiled too: the optimizer is this backend's, its state restored,
+            # and the model trains on (a PyTorch optimizer failed at `fit`).
+            model = keras.saving.load_model(folder / f"{name}.keras")
+            steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+            loss = model.fit(DATA, targets, epochs=1, batch_size=8, verbose=0).history["loss"]
+            compiled = {"iterations": steps, "loss": loss[0]}
+            (folder / f"{name}_compiled.json").write_text(json.dumps(compiled))
     if action == "save":
         outputs = {name: output for name, (output, _) in OUTPUTS.items()}
         configs = {name: keras.saving.serialize_keras_object(o) for name, o in outputs.items()}

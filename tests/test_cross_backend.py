@@ -46,6 +46,12 @@ def test_saved_model_predicts_the_same_on_another_backend(source, target, tmp_pa
         # Same weights, deterministic outputs (inference="mean"): equal up to
         # float32 round-off of differently ordered sums on each backend.
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+        # Loaded compiled (issue 17, point 8: a model compiled on PyTorch failed
+        # at `fit` elsewhere): the optimizer's state is restored (one epoch of
+        # 32 rows in batches of 8 is 4 steps) and training goes on.
+        compiled = json.loads((tmp_path / f"{name}_compiled.json").read_text())
+        assert compiled["iterations"] == 4, name
+        assert np.isfinite(compiled["loss"]), name
     # Every distribution output, rebuilt from its config on the other backend,
     # gives the same negative log-likelihoods of the same parameters and targets
     # (float32 round-off of each backend's own lgamma, softplus and sums).
