@@ -3,6 +3,7 @@ single- or multi-sample objectives (the averaged ELBO, the importance-weighted
 bound)."""
 
 import contextlib
+import inspect
 import math
 
 import keras
@@ -190,6 +191,12 @@ class ELBOModel(keras.Model):
     @no_automatic_dependency_tracking
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
+        # Keras saves `jit_compile` resolved for this backend ("auto" is True
+        # on JAX): a file saved on JAX would turn XLA on under TensorFlow
+        # (dropping the run-time checks) and torch.compile under PyTorch. The
+        # argument as given is saved instead (`get_compile_config`).
+        arguments = inspect.signature(keras.Model.compile).bind(self, *args, **kwargs).arguments
+        object.__setattr__(self, "_jit_compile_argument", arguments.get("jit_compile", "auto"))
         self.kl_regularizers = find_layers(self, KLRegularizer)
         names = _metric_names(self, self.kl_regularizers)
         self.kl_trackers = [keras.metrics.Mean(name=name) for name in names]
@@ -269,6 +276,12 @@ class ELBOModel(keras.Model):
             if self.dreg:
                 object.__setattr__(self, "_dreg_decoder", decoder)
         object.__setattr__(self, "_multi_posterior", posterior)
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config is not None and hasattr(self, "_jit_compile_argument"):
+            config = {**config, "jit_compile": self._jit_compile_argument}
+        return config
 
     def compile_from_config(self, config):
         # Keras skips an overridden `compile` when loading; this is its own

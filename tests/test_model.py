@@ -390,3 +390,25 @@ class TestInferenceMeanIsStillTheELBO:
         np.testing.assert_allclose(
             model.predict(data[:4], verbose=0), loc[:4] @ kernel + bias, rtol=1e-5, atol=1e-5
         )
+
+
+class TestJitCompileIsSavedAsGiven:
+    """Issue 17, point 4: Keras saved `jit_compile` resolved for the saving
+    backend ("auto" is True on JAX), so a file saved on JAX turned XLA on
+    under TensorFlow (the run-time checks silently off) and torch.compile
+    under PyTorch. `ELBOModel` saves the argument as given."""
+
+    @pytest.mark.parametrize("jit_compile", ["auto", False], ids=["auto", "off"])
+    def test_saved_and_restored(self, jit_compile, tmp_path):
+        import json
+        import zipfile
+
+        model = compile_vae(make_vae(), jit_compile=jit_compile)
+        model.fit(DATA, DATA, epochs=1, batch_size=64, verbose=0)
+        model.save(tmp_path / "m.keras")
+        config = json.loads(zipfile.ZipFile(tmp_path / "m.keras").read("config.json"))
+        assert config["compile_config"]["jit_compile"] == jit_compile
+        loaded = keras.saving.load_model(tmp_path / "m.keras")
+        # Resolved again on loading, as this backend resolves it.
+        assert loaded.jit_compile == model.jit_compile
+        assert loaded.get_compile_config()["jit_compile"] == jit_compile
