@@ -567,15 +567,15 @@ class FlowPosterior(Posterior):
             dtype=self.dtype_policy,
             name="projection",
         )
-        # Flows compute in float32 whatever the policy: log q(z) is a sum of
-        # their log-scales.
+        # Flows compute in float32 whatever the policy (float64 under a
+        # float64 floatx): log q(z) is a sum of their log-scales.
         self.flows = [
             MADE(
                 units,
                 activation=self.activation,
                 reverse=k % 2 == 1,
                 kernel_initializer=self.kernel_initializer,
-                dtype="float32",
+                dtype=_math.density_dtype(),
                 name=f"made_{k}",
             )
             for k in range(num_flows)
@@ -589,14 +589,16 @@ class FlowPosterior(Posterior):
 
     def distribution(self, inputs):
         """q(z|x) for a batch of inputs, an `InverseAutoregressiveFlowDistribution`
-        (float32) over a `MultivariateNormalDiag` base."""
-        params = keras.ops.cast(self.projection(inputs), "float32")
+        (float32, or float64 under a float64 `floatx`) over a
+        `MultivariateNormalDiag` base."""
+        dtype = _math.density_dtype()
+        params = keras.ops.cast(self.projection(inputs), dtype)
         params = _math.check_finite(params, self.name, "posterior parameters")
         d = self.latent_dim
         base = distributions.MultivariateNormalDiag(
             loc=params[..., :d], scale_diag=_math.positive_scale(params[..., d:], self.min_scale)
         )
-        context = keras.ops.cast(inputs, "float32") if self.context else None
+        context = keras.ops.cast(inputs, dtype) if self.context else None
         steps = [InverseAutoregressiveFlow(made, context=context) for made in self.flows]
         return InverseAutoregressiveFlowDistribution(base, steps)
 

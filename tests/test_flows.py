@@ -745,3 +745,50 @@ class TestErrors:
         bad[1, 2] = np.nan
         with pytest.raises(error, match="flow_q.*non-finite"):
             layer(bad)
+
+
+class TestFloat64:
+    """Issue 17, point 7: under a float64 floatx the flow computed in float32:
+    `fit` failed on TensorFlow (a float32 KL in a float64 loss) and
+    `evaluate_elbo` returned float32 on PyTorch."""
+
+    @pytest.fixture
+    def float64(self):
+        if h.BACKEND == "jax":
+            import jax
+
+            if not jax.config.jax_enable_x64:
+                pytest.skip("JAX keeps float32 unless JAX_ENABLE_X64 is set (README)")
+        # The policy too: a test that set one (mixed precision) leaves it
+        # fixed, whatever floatx says.
+        policy = keras.config.dtype_policy()
+        keras.config.set_floatx("float64")
+        keras.config.set_dtype_policy("float64")
+        yield
+        keras.config.set_floatx("float32")
+        keras.config.set_dtype_policy(policy)
+
+    def test_log_q_is_float64_exact(self, float64):
+        layer = flow_posterior(num_flows=2, context=True)
+        x = X.astype("float64")
+        q = layer.distribution(x)
+        z0 = np.random.default_rng(3).normal(size=(len(x), LATENT))
+        z, _ = q.forward(keras.ops.convert_to_tensor(z0, "float64"))
+        log_q = q.log_prob(z)
+        assert keras.backend.standardize_dtype(log_q.dtype) == "float64"
+        expected_z, expected = numpy_log_q(layer, z0, x)
+        # float64 throughout: agreement to ~1e-12, where float32 gives ~1e-6.
+        # Except on PyTorch, where Keras 3.15 computes a float64 matmul in
+        # float32 (keras-team/keras#23704, open): float64 tensors there,
+        # float32 precision.
+        rtol = 1e-5 if h.BACKEND == "torch" else 1e-10
+        np.testing.assert_allclose(h.numpy(z), expected_z, rtol=rtol, atol=1e-12)
+        np.testing.assert_allclose(h.numpy(log_q), expected, rtol=rtol)
+
+    def test_vae_trains_and_evaluates_in_float64(self, float64):
+        model = compile_vae(make_vae())
+        data = (np.random.default_rng(4).random((32, PIXELS)) < 0.4).astype("float64")
+        history = model.fit(data, data, epochs=1, batch_size=16, verbose=0).history
+        assert np.isfinite(history["loss"]).all()
+        estimate = ke.evaluate_elbo(model, data, num_samples=2, verbose=0)
+        assert {np.asarray(v).dtype for v in estimate.values()} == {np.dtype("float64")}
