@@ -6,10 +6,11 @@ Run as `KERAS_BACKEND=b python tests/cross_backend_model.py save|load DIR`:
 predictions (`inference="mean"`: deterministic) to `DIR/<name>_predictions.npy`;
 `load` loads each file on this backend with `compile=False` and writes
 `DIR/<name>_loaded.npy`, then loads it compiled, records the restored
-optimizer's step count and trains one epoch (`DIR/<name>_compiled.json`). Every distribution output (`keras_elbo.outputs`) is
-saved as its config with its per-example losses on fixed parameters and
-targets (`outputs.json`); `load` rebuilds each from its config and writes
-its losses on the same parameters and targets (`outputs_loaded.json`).
+optimizer's step count and trains one epoch (`DIR/<name>_compiled.json`).
+Every distribution output (`keras_elbo.outputs`) is saved as its config
+with its per-example losses on fixed parameters and targets
+(`outputs.json`); `load` rebuilds each from its config and writes its
+losses on the same parameters and targets (`outputs_loaded.json`).
 """
 
 import json
