@@ -244,16 +244,20 @@ class KLRegularizer(keras.layers.Layer):
     gradient pushing it further towards the prior, which counters posterior
     collapse. This needs a KL that is a sum over dimensions (a diagonal
     Gaussian posterior and a factorised prior); otherwise the whole KL is
-    clamped at `lam * latent_dim`. The logged `kl` metric stays the true KL,
+    clamped at `lam * latent_dim`. On a latent map (q of batch shape
+    `(batch, *positions)`, H positions), `kl_j` is dimension j's KL summed
+    over the positions and its floor `lam * H`: `lam` nats per latent
+    scalar. The logged `kl` metric stays the true KL,
     so with free bits `loss` is an upper bound of the negative ELBO, not the
     negative ELBO itself.
 
     Formula:
 
     ```python
-    kl_j = mean_over_batch(KL_j[q(z|x) || p(z)])        # per latent dim j
-    kl = sum_j(kl_j)                                    # logged metric
-    loss += kl_weight * sum_j(max(free_bits, kl_j))     # kl when free_bits=0
+    kl_j = mean_over_batch(sum_positions(KL_j[q(z|x) || p(z)]))  # per latent dim j
+    kl = sum_j(kl_j)                                             # logged metric
+    loss += kl_weight * sum_j(max(free_bits * H, kl_j))          # kl when free_bits=0
+    # H: the positions of a latent map per example (1 for a (batch, d) posterior)
     ```
 
     Args:

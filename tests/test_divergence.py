@@ -416,6 +416,27 @@ class TestFreeBits:
             np.testing.assert_allclose(added_loss(reg, q), max(expected, 4 * lam), rtol=1e-5)
 
 
+    def test_latent_map_floors_each_dimension_over_its_positions(self):
+        # Issue 17: no free-bits test used a latent map, and a floor that
+        # ignored the positions survived. q of shape (batch, positions, d): the
+        # KL of dimension j is summed over the H positions and averaged over
+        # the batch, and its floor is free_bits * H (the docstring's rule).
+        rng = np.random.default_rng(5)
+        batch, positions, d, lam = 4, 3, 4, 0.5
+        loc = rng.normal(scale=[0.1, 0.3, 0.8, 1.5], size=(batch, positions, d))
+        scale = np.exp(rng.normal(scale=0.2, size=(batch, positions, d)))
+        kl = 0.5 * (loc**2 + scale**2 - 1.0 - 2.0 * np.log(scale))  # (b, h, j)
+        per_dim = kl.sum(axis=1).mean(axis=0)  # (d,)
+        floor = lam * positions
+        # Both sides of the floor occur, and a floor of lam alone would differ.
+        assert np.any(per_dim < floor) and np.any(per_dim > floor) and np.any(per_dim < lam)
+        q = kd.MultivariateNormalDiag(loc.astype("float32"), scale.astype("float32"))
+        reg = ke.KLRegularizer(free_bits=lam, mode="analytic")
+        loss = added_loss(reg, q)
+        np.testing.assert_allclose(loss, np.maximum(per_dim, floor).sum(), rtol=1e-5)
+        np.testing.assert_allclose(h.numpy(reg.last_kl), per_dim.sum(), rtol=1e-5)
+
+
 class TestNewArgumentErrors:
     @pytest.mark.parametrize(
         "kwargs, argument",
