@@ -74,6 +74,14 @@ def sum_event_dims(values):
     return keras.ops.sum(values, axis=tuple(range(1, rank)))
 
 
+def sum_positions(values):
+    """`(samples, batch, *positions)` log-densities summed over the positions
+    of a latent map: `(samples, batch)`. Shared by the multi-sample objectives
+    and the estimators of `keras_elbo.evaluation`."""
+    rank = len(values.shape)
+    return keras.ops.sum(values, axis=tuple(range(2, rank))) if rank > 2 else values
+
+
 def invalid_argument(name, expected, value):
     """The ValueError every constructor raises for a bad argument."""
     return ValueError(

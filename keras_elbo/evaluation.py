@@ -98,13 +98,6 @@ class _LatentModel:
         return ops.reshape(log_lik, (num_samples, batch))
 
 
-def _sum_positions(values):
-    """`(S, B, *positions)` log-densities summed over the positions of a latent
-    map: `(S, B)`."""
-    rank = len(values.shape)
-    return ops.sum(values, axis=tuple(range(2, rank))) if rank > 2 else values
-
-
 class _BatchFunction(keras.Model):
     """`fn(x, target, seed_generator)` on one batch, as a model to predict with.
 
@@ -351,7 +344,7 @@ def importance_weighted_log_likelihood(
             """logsumexp over `count` samples of the log-weights: `(B,)`."""
             q, p = parts.posterior_and_prior(x)
             z = draw(q, (count,), seed_generator)
-            log_ratio = _sum_positions(p.log_prob(z) - q.log_prob(z))
+            log_ratio = _math.sum_positions(p.log_prob(z) - q.log_prob(z))
             return ops.logsumexp(parts.log_likelihood(target, z) + log_ratio, axis=0)
 
         if count not in chunk_functions:

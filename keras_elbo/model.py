@@ -450,7 +450,7 @@ class ELBOModel(keras.Model):
         def log_weights(z, outputs, q):
             """`(K, batch)` log p(x|z_k), and log p(z_k) - log q(z_k|x)."""
             nll = ops.cast(self.loss.call(targets, outputs), dtype)
-            log_ratio = ops.cast(_sum_positions(p.log_prob(z) - q.log_prob(z)), dtype)
+            log_ratio = ops.cast(_math.sum_positions(p.log_prob(z) - q.log_prob(z)), dtype)
             return -ops.reshape(nll, (k, -1)), log_ratio
 
         log_lik, log_ratio = log_weights(z, y_pred, q)
@@ -523,13 +523,6 @@ def _float_inputs(x):
     return [
         t for t in keras.tree.flatten(x) if t is not None and keras.backend.is_float_dtype(t.dtype)
     ]
-
-
-def _sum_positions(values):
-    """`(K, batch, *positions)` log-densities summed over the positions of a
-    latent map: `(K, batch)`."""
-    rank = len(values.shape)
-    return ops.sum(values, axis=tuple(range(2, rank))) if rank > 2 else values
 
 
 @keras.saving.register_keras_serializable(package="keras_elbo", name="ELBOModel")

@@ -415,7 +415,6 @@ class TestFreeBits:
             reg = ke.KLRegularizer(free_bits=float(lam), mode="analytic")
             np.testing.assert_allclose(added_loss(reg, q), max(expected, 4 * lam), rtol=1e-5)
 
-
     def test_latent_map_floors_each_dimension_over_its_positions(self):
         # Issue 17: no free-bits test used a latent map, and a floor that
         # ignored the positions survived. q of shape (batch, positions, d): the

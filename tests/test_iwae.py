@@ -150,6 +150,11 @@ def test_loss_equals_numpy_bound_of_the_same_samples(objective, covariance, dreg
     if objective == "iwae":
         bound = logsumexp(log_lik + kl_weight * log_ratio, axis=0) - math.log(k)
         expected = -np.mean(bound)
+        # The logged `neg_iwae` is the bound at KL weight 1 whatever the
+        # weight of the loss (issue 17: a log at the weight survived).
+        bound_at_one = logsumexp(log_lik + log_ratio, axis=0) - math.log(k)
+        logged = h.numpy(model.neg_iwae_tracker.result())
+        np.testing.assert_allclose(logged, -np.mean(bound_at_one), rtol=2e-5)
     else:
         kl = (
             h.kl_diag_normal(q.loc, q.scale_diag)
@@ -158,6 +163,38 @@ def test_loss_equals_numpy_bound_of_the_same_samples(objective, covariance, dreg
         )
         expected = -np.mean(log_lik) + kl_weight * np.mean(kl)
     np.testing.assert_allclose(loss, expected, rtol=2e-5)
+
+
+def test_latent_map_bound_sums_over_positions():
+    # Issue 17: no IWAE test used a latent map, and a bound that averaged
+    # log p(z) - log q(z) over the positions instead of summing survived.
+    k, positions = 3, 4
+    keras.utils.set_random_seed(1)
+    x = keras.Input((positions, FEATURES))
+    posterior = ke.GaussianPosterior(LATENT, kl_regularizer=ke.KLRegularizer(), seed=1)
+    decoder = keras.layers.Dense(FEATURES)
+    model = ke.ELBOModel(
+        x,
+        decoder(posterior(keras.layers.Dense(8, activation="tanh")(x))),
+        objective="iwae",
+        num_samples=k,
+    )
+    model.compile(optimizer="adam", loss=ke.BernoulliNLL(from_logits=True))
+    data = (np.random.default_rng(2).random((5, positions, FEATURES)) < 0.4).astype("float32")
+    seen = []
+    loss = h.numpy(one_step_loss(model, data, seen=seen))
+    q, z = seen
+    z = h.numpy(z)
+    assert z.shape == (k, len(data), positions, LATENT)
+    kernel, bias = (np.asarray(w, np.float64) for w in decoder.get_weights())
+    logits = z @ kernel + bias  # (K, B, H, P)
+    x64 = data.astype(np.float64)
+    log_lik = np.sum(x64 * logits - np.logaddexp(0.0, logits), axis=(-2, -1))
+    log_q = h.diag_normal_logpdf(z, q.loc, q.scale_diag)  # (K, B, H)
+    log_ratio = np.sum(h.diag_normal_logpdf(z, 0.0, 1.0) - log_q, axis=-1)
+    bound = logsumexp(log_lik + log_ratio, axis=0) - math.log(k)
+    np.testing.assert_allclose(loss, -np.mean(bound), rtol=2e-5)
+    np.testing.assert_allclose(h.numpy(model.neg_iwae_tracker.result()), -np.mean(bound), rtol=2e-5)
 
 
 def test_logs_name_the_bound_and_its_parts():
