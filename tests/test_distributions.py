@@ -859,6 +859,35 @@ NEW_CASES = {
 }
 
 
+def test_logistic_and_student_t_moments_against_scipy():
+    # Issue 17: a wrong Logistic stddev and Student's t variance were caught
+    # only by another module's tests. As TFP's allow_nan_stats (and scipy for
+    # the variance): a Student's t variance is NaN for df <= 1 and inf for
+    # 1 < df <= 2, its mean NaN for df <= 1.
+    loc, scale = f32([0.0, 1.0, -2.0]), f32([1.0, 0.5, 3.0])
+    logistic = kd.Logistic(loc, scale)
+    loc64, scale64 = loc.astype(np.float64), scale.astype(np.float64)
+    assert_close(logistic.stddev(), stats.logistic.std(loc64, scale64), rtol=1e-6, atol=0)
+    assert_close(logistic.mean(), stats.logistic.mean(loc64, scale64), rtol=1e-6, atol=0)
+    df = f32([0.5, 1.0, 1.5, 2.0, 2.5, 30.0])
+    loc, scale = f32([0.0, 1.0, -1.0, 2.0, 0.5, -3.0]), f32([1.0, 0.5, 2.0, 1.5, 0.7, 1.2])
+    student = kd.StudentT(df, loc, scale)
+    df64, loc64, scale64 = (a.astype(np.float64) for a in (df, loc, scale))
+    variance, expected = numpy(student.variance()), stats.t.var(df64, loc64, scale64)
+    np.testing.assert_array_equal(np.isnan(variance), np.isnan(expected))  # df <= 1
+    np.testing.assert_array_equal(np.isinf(variance), np.isinf(expected))  # 1 < df <= 2
+    assert np.isnan(expected[:2]).all() and np.isinf(expected[2:4]).all()
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(variance[finite], expected[finite], rtol=1e-6)
+    np.testing.assert_allclose(
+        numpy(student.stddev())[finite], np.sqrt(expected[finite]), rtol=1e-6
+    )
+    mean = numpy(student.mean())
+    # scipy gives inf for an undefined mean (df <= 1), TFP and this library NaN.
+    expected_mean = stats.t.mean(df64, loc64, scale64)
+    np.testing.assert_allclose(mean, np.where(np.isfinite(expected_mean), expected_mean, np.nan))
+
+
 @pytest.mark.parametrize("name", list(NEW_CASES))
 def test_new_families_log_prob(name):
     build, reference = NEW_CASES[name]
