@@ -232,6 +232,41 @@ class TestKLAnnealingArguments:
             model.fit(DATA, DATA, epochs=1, verbose=0, callbacks=[KLAnnealing(LinearWarmup(4))])
 
 
+class TestKLAnnealingProgress:
+    """The callback's units of progress, called directly (fast; issue 17: the
+    epoch unit's fractional progress was caught by a slow test only)."""
+
+    @pytest.mark.parametrize("steps", [4, None], ids=["known-steps", "unknown-steps"])
+    def test_epoch_unit(self, steps):
+        model = make_vae()
+        callback = KLAnnealing(LinearWarmup(3), unit="epoch")
+        callback.set_model(model)
+        callback.set_params({"epochs": 3, "steps": steps, "verbose": 0})
+        callback.on_train_begin()
+        weights, progress = [], []
+        for epoch in range(3):
+            callback.on_epoch_begin(epoch)
+            for batch in range(4):
+                callback.on_train_batch_begin(batch)
+                weights.append(float(h.numpy(regularizers_of(model)[0].kl_weight)))
+                progress.append(epoch + (batch / steps if steps else 0.0))
+        expected = linear_reference(np.array(progress), 3)
+        assert len(set(expected)) == (12 if steps else 3)  # the fractions matter
+        np.testing.assert_allclose(weights, expected, rtol=1e-6)
+
+    def test_step_unit_reads_the_optimizer(self):
+        model = make_vae()
+        model.optimizer.build(model.trainable_variables)
+        callback = KLAnnealing(LinearWarmup(8), unit="step")
+        callback.set_model(model)
+        callback.on_train_begin()
+        for steps in (0, 3, 6):
+            model.optimizer.iterations.assign(steps)
+            callback.on_train_batch_begin(0)
+            weight = float(h.numpy(regularizers_of(model)[0].kl_weight))
+            np.testing.assert_allclose(weight, linear_reference(np.array(steps), 8), rtol=1e-6)
+
+
 @pytest.mark.slow
 class TestKLAnnealingFit:
     @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
