@@ -3,6 +3,7 @@
 import contextlib
 
 import keras
+import numpy as np
 
 
 def deserialize_nested(config, *keys):
@@ -55,3 +56,39 @@ def sampling(layers):
     finally:
         for layer, inference in saved:
             layer.inference = inference
+
+
+def batch_iterable(x):
+    """`(elements, steps)` for batched data given as an iterable: a
+    `keras.utils.PyDataset`, a Python generator or iterator, a PyTorch
+    `DataLoader` (anything iterable that is not array-like); `None` for an
+    array-like `x` (NumPy, a backend tensor, a list), which the callers cut
+    themselves (as they do a `tf.data.Dataset`, checked first).
+
+    Each element is `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`, as
+    `Model.evaluate` takes them (a list, as a `DataLoader` collates, counts
+    as a tuple), with tensors of any backend turned into NumPy arrays.
+    `steps` is the number of batches, `None` where unknown.
+    """
+    if isinstance(x, keras.utils.PyDataset):
+        steps = len(x)
+        return (_numpy_element(x[i]) for i in range(steps)), steps
+    if hasattr(x, "__array__") or isinstance(x, (list, tuple, dict)) or not hasattr(x, "__iter__"):
+        return None
+    steps = len(x) if hasattr(x, "__len__") else None
+    return (_numpy_element(element) for element in x), steps
+
+
+def _numpy_element(element):
+    """A batch `x` or tuple of parts as NumPy arrays (dicts left as they are)."""
+    if isinstance(element, (list, tuple)):
+        return tuple(_numpy_part(part) for part in element)
+    return _numpy_part(element)
+
+
+def _numpy_part(part):
+    if part is None or isinstance(part, dict):
+        return part
+    if hasattr(part, "detach"):  # a PyTorch tensor, which may require grad
+        part = part.detach().cpu()
+    return np.asarray(part)

@@ -21,7 +21,7 @@ import numpy as np
 from keras import ops
 
 from keras_elbo import _backend, _math
-from keras_elbo._base import find_layers
+from keras_elbo._base import batch_iterable, find_layers
 from keras_elbo.divergence import draw
 from keras_elbo.losses import is_reconstruction_loss
 from keras_elbo.posteriors import Posterior
@@ -126,8 +126,9 @@ class _BatchFunction(keras.Model):
 
 
 _DATA_TYPES = (
-    "`x` must be a NumPy array (or array-like) of shape `(n, ...)` or a batched "
-    "tf.data.Dataset yielding `x`, `(x, y)` or `(x, y, sample_weight)`"
+    "`x` must be a NumPy array (or array-like) of shape `(n, ...)`, or batches as "
+    "Model.evaluate takes them (a batched tf.data.Dataset, a keras.utils.PyDataset, a "
+    "generator or a PyTorch DataLoader) yielding `x`, `(x, y)` or `(x, y, sample_weight)`"
 )
 
 
@@ -141,6 +142,10 @@ def _data(x, batch_size, input_shape):
     """
     if _backend.is_tf_dataset(x):
         return _dataset_batches(x, input_shape)
+    iterable = batch_iterable(x)
+    if iterable is not None:
+        elements, steps = iterable
+        return _checked_batches(elements, input_shape), steps
     try:
         array = np.asarray(x, dtype="float32")
     except (TypeError, ValueError) as err:
@@ -195,6 +200,19 @@ def _dataset_batches(dataset, input_shape):
     return batches, cardinality if cardinality >= 0 else None
 
 
+def _checked_batches(elements, input_shape):
+    """`(x, y)` float32 pairs of batches from a `PyDataset`, generator or
+    `DataLoader` (`_base.batch_iterable`), checked as they come."""
+    for element in elements:
+        x, y = _input_and_target(element, np.ndarray)
+        if x.ndim == len(input_shape) - 1:
+            raise ValueError(
+                f"The data `x` yields single examples of shape {x.shape}, but the "
+                f"model takes batches of shape {tuple(input_shape)}: yield batches."
+            )
+        yield np.asarray(x, dtype="float32"), np.asarray(y, dtype="float32")
+
+
 def _empty_dataset():
     return ValueError("The dataset `x` yielded no batches: evaluation needs at least one.")
 
@@ -227,10 +245,11 @@ def evaluate_elbo(
         model: a model with one posterior layer, compiled with a
             `keras_elbo` reconstruction loss (or pass `likelihood`).
         x: the data: an array of shape `(n, ...)`, which is also the target
-            of the likelihood, or a batched `tf.data.Dataset` yielding `x`,
-            `(x, y)` or `(x, y, sample_weight)` (target `y` where given; the
-            weights are not used), on any backend where TensorFlow is
-            installed.
+            of the likelihood, or batches as `Model.evaluate` takes them (a
+            batched `tf.data.Dataset`, on any backend where TensorFlow is
+            installed; a `keras.utils.PyDataset`; a generator; a PyTorch
+            `DataLoader`), each `x`, `(x, y)` or `(x, y, sample_weight)`
+            (target `y` where given; the weights are not used).
         num_samples: samples of z per example. Defaults to `1`.
         batch_size: examples per step of an array (a dataset keeps its
             own batches). Defaults to `100`.
@@ -307,10 +326,11 @@ def importance_weighted_log_likelihood(
         model: a model with one posterior layer, compiled with a
             `keras_elbo` reconstruction loss (or pass `likelihood`).
         x: the data: an array of shape `(n, ...)`, which is also the target
-            of the likelihood, or a batched `tf.data.Dataset` yielding `x`,
-            `(x, y)` or `(x, y, sample_weight)` (target `y` where given; the
-            weights are not used), on any backend where TensorFlow is
-            installed.
+            of the likelihood, or batches as `Model.evaluate` takes them (a
+            batched `tf.data.Dataset`, on any backend where TensorFlow is
+            installed; a `keras.utils.PyDataset`; a generator; a PyTorch
+            `DataLoader`), each `x`, `(x, y)` or `(x, y, sample_weight)`
+            (target `y` where given; the weights are not used).
         num_samples: importance samples K per example. Defaults to `5000`.
         batch_size: examples per step of an array (a dataset keeps its
             own batches). Defaults to `20`.
@@ -330,9 +350,9 @@ def importance_weighted_log_likelihood(
     batch_size = _math.integer("batch_size", batch_size)
     # Each chunk decodes at least one sample of every example of a batch (a
     # dataset's batches are checked as they come).
-    is_dataset = _backend.is_tf_dataset(x)
+    in_batches = _backend.is_tf_dataset(x) or batch_iterable(x) is not None
     max_decoder_batch = _math.integer(
-        "max_decoder_batch", max_decoder_batch, minimum=1 if is_dataset else batch_size
+        "max_decoder_batch", max_decoder_batch, minimum=1 if in_batches else batch_size
     )
     parts = _LatentModel(model, likelihood)
     batches, steps = _data(x, batch_size, parts.body.inputs[0].shape)

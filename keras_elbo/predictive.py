@@ -7,7 +7,7 @@ import numpy as np
 from keras import ops
 
 from keras_elbo import _backend, _math
-from keras_elbo._base import sampling, stochastic_layers
+from keras_elbo._base import batch_iterable, sampling, stochastic_layers
 from keras_elbo.posteriors import Posterior
 
 TASKS = ("regression", "classification")
@@ -34,9 +34,10 @@ def _input_batches(model, x, batch_size):
     of batches (`None` if unknown) and `batches` an iterable of NumPy arrays.
 
     `x` is what `Model.evaluate` takes as inputs: an array of shape `(n,
-    ...)`, cut in batches of `batch_size`, or a batched `tf.data.Dataset`
-    yielding `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`, of which only
-    `x` is used (on any backend, where TensorFlow is installed).
+    ...)`, cut in batches of `batch_size`, or batches (a batched
+    `tf.data.Dataset`, a `keras.utils.PyDataset`, a generator, a PyTorch
+    `DataLoader`) each `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`, of
+    which only `x` is used.
     """
     if _backend.is_tf_dataset(x):
         import tensorflow as tf
@@ -63,6 +64,10 @@ def _input_batches(model, x, batch_size):
         steps = cardinality if cardinality > 0 else None
         batches = (_as_input(keras.utils.unpack_x_y_sample_weight(e)[0]) for e in x)
         return steps, batches
+    iterable = batch_iterable(x)
+    if iterable is not None:
+        elements, steps = iterable
+        return steps, _checked_inputs(elements, model)
     x = np.asarray(x)
     if x.ndim < 1 or len(x) == 0:
         expected = "at least one example: an array of shape (n, ...) with n >= 1"
@@ -70,6 +75,25 @@ def _input_batches(model, x, batch_size):
     x = _as_input(x)
     batches = (x[start : start + batch_size] for start in range(0, len(x), batch_size))
     return math.ceil(len(x) / batch_size), batches
+
+
+def _checked_inputs(elements, model):
+    """The `x` of each batch of a `PyDataset`, generator or `DataLoader`
+    (`_base.batch_iterable`), checked as it comes."""
+    rank = _input_rank(model)
+    for element in elements:
+        x = keras.utils.unpack_x_y_sample_weight(element)[0]
+        if not isinstance(x, np.ndarray):
+            raise _math.invalid_argument(
+                "x", "batches whose x is one array of shape (batch, ...)", f"a batch x of {x!r}"
+            )
+        if rank is not None and x.ndim == rank - 1:
+            raise _math.invalid_argument(
+                "x",
+                f"batches (model '{model.name}' takes inputs of rank {rank}, batch axis included)",
+                f"a single example of shape {x.shape}",
+            )
+        yield _as_input(x)
 
 
 class _Passes(keras.Model):
@@ -241,10 +265,11 @@ def predictive_moments(
     Args:
         model: a Keras model with a single tensor output.
         x: the inputs, as `Model.evaluate` takes them: an array of shape
-            `(n, ...)`, or a batched `tf.data.Dataset` yielding `x`, `(x, y)`
-            or `(x, y, sample_weight)`, of which only `x` is used (its
-            batches replace `batch_size`; on any backend where TensorFlow is
-            installed).
+            `(n, ...)`, or batches (a batched `tf.data.Dataset`, on any
+            backend where TensorFlow is installed; a `keras.utils.PyDataset`;
+            a generator; a PyTorch `DataLoader`) each `x`, `(x, y)` or
+            `(x, y, sample_weight)`, of which only `x` is used (its batches
+            replace `batch_size`).
         num_samples: number of passes S, at least 2. Defaults to `100`.
         task: `"regression"` or `"classification"`. For classification the
             model outputs class probabilities over its last axis (softmax),

@@ -341,8 +341,34 @@ def dataset(*arrays):
     return tf.data.Dataset.from_tensor_slices(arrays if len(arrays) > 1 else arrays[0])
 
 
+class Batches(keras.utils.PyDataset):
+    """A `keras.utils.PyDataset` of `(x, x)` batches of 8 rows."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.x = x
+
+    def __len__(self):
+        return -(-len(self.x) // 8)
+
+    def __getitem__(self, i):
+        batch = self.x[8 * i : 8 * (i + 1)]
+        return batch, batch
+
+
+def data_loader(x):
+    torch = pytest.importorskip("torch")
+    tensors = torch.utils.data.TensorDataset(torch.tensor(x), torch.tensor(x))
+    return torch.utils.data.DataLoader(tensors, batch_size=8)
+
+
 DATA_FORMS = {
     "array": lambda x: x,
+    # Issue 17, point 15: what Model.evaluate takes, on every backend.
+    "pydataset": Batches,
+    "generator": lambda x: (x[i : i + 8] for i in range(0, len(x), 8)),
+    "generator_x_y": lambda x: ((x[i : i + 8], x[i : i + 8]) for i in range(0, len(x), 8)),
+    "torch_dataloader": data_loader,
     "nested_list": lambda x: x.tolist(),
     "dataset_x": lambda x: dataset(x).batch(8),
     "dataset_x_y": lambda x: dataset(x, x).batch(8),
@@ -428,7 +454,13 @@ class TestData:
                 marks=TF_ONLY,
             ),
             pytest.param(
-                lambda: (row for row in X), TypeError, "must be a NumPy array", id="generator"
+                lambda: (row for row in X), ValueError, "yield batches", id="generator_of_rows"
+            ),
+            pytest.param(
+                lambda: ({"x": X[i : i + 4]} for i in range(0, len(X), 4)),
+                TypeError,
+                "must be a NumPy array",
+                id="generator_of_dicts",
             ),
         ],
     )

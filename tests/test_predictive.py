@@ -114,6 +114,37 @@ class TestInputs:
         scale = h.softplus(params[:, 3:]) + posterior.min_scale
         assert_gaussian_moments(moments, params[:, :3], scale**2, n)
 
+    @pytest.mark.parametrize("form", ["pydataset", "generator", "torch_dataloader"])
+    def test_batches_as_model_evaluate_takes_them(self, form):
+        # Issue 17, point 15: on every backend, what Model.evaluate takes.
+        y = np.ones((len(X), 1), "float32")
+        if form == "pydataset":
+
+            class Batches(keras.utils.PyDataset):
+                def __len__(self):
+                    return 3
+
+                def __getitem__(self, i):
+                    return X[3 * i : 3 * i + 3], y[3 * i : 3 * i + 3]
+
+            data = Batches()
+        elif form == "generator":
+            data = (X[i : i + 3] for i in range(0, len(X), 3))
+        else:
+            torch = pytest.importorskip("torch")
+            tensors = torch.utils.data.TensorDataset(torch.tensor(X), torch.tensor(y))
+            data = torch.utils.data.DataLoader(tensors, batch_size=3)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        moments = predictive_moments(model, data, num_samples=2)
+        expected, bound = dense_reference(model.layers[0], X)
+        assert moments["mean"].shape == (7, 2)
+        assert np.all(np.abs(moments["mean"] - expected) <= bound)
+
+    def test_generator_of_single_examples_is_refused(self):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        with pytest.raises(ValueError, match=r"`x`.*batches.*single example of shape \(4,\)"):
+            predictive_moments(model, (row for row in X), num_samples=2)
+
     @TF_ONLY
     def test_unbatched_dataset_is_refused(self):
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
