@@ -139,12 +139,23 @@ def _sample_shape(sample_shape):
     return tuple(int(n) for n in items)
 
 
+def _is_seed_integer(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+
+
 def _check_seed(seed):
     if seed is None or isinstance(seed, keras.random.SeedGenerator):
         return seed
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+    if isinstance(seed, (tuple, list)) and len(seed) == 2 and all(map(_is_seed_integer, seed)):
+        # TFP's stateless seed, a pair of integers: hashed into one (the same
+        # pair gives the same draws here; not TFP's numbers).
+        return int(np.random.SeedSequence([int(v) for v in seed]).generate_state(1)[0] >> 1)
+    if not _is_seed_integer(seed):
         raise _invalid_argument(
-            "seed", "None, a non-negative integer or a keras.random.SeedGenerator", repr(seed)
+            "seed",
+            "None, a non-negative integer, a pair of them (TFP's stateless seeds) or a "
+            "keras.random.SeedGenerator",
+            repr(seed),
         )
     return int(seed)
 
@@ -528,6 +539,11 @@ class MultivariateNormalDiag(Distribution):
     def stddev(self):
         return self._marginals.stddev()
 
+    def covariance(self):
+        """The (diagonal) covariance matrix, `batch_shape + (d, d)`."""
+        variance = self.variance()
+        return variance[..., None] * ops.eye(_shape(variance)[-1], dtype=self.dtype)
+
     def entropy(self):
         return ops.sum(self._marginals.entropy(), axis=-1)
 
@@ -614,7 +630,14 @@ class MultivariateNormalTriL(Distribution):
 
     def stddev(self):
         # Var(x_i) = (L @ L.T)_ii = sum_j L_ij**2.
-        return ops.sqrt(ops.sum(ops.square(self._scale_tril), axis=-1))
+        return ops.sqrt(self.variance())
+
+    def variance(self):
+        return ops.sum(ops.square(self._scale_tril), axis=-1)
+
+    def covariance(self):
+        """The covariance matrix `L @ L.T`, `batch_shape + (d, d)`."""
+        return ops.matmul(self._scale_tril, ops.swapaxes(self._scale_tril, -1, -2))
 
     def entropy(self):
         d = self.event_shape[0]
@@ -703,6 +726,16 @@ class MixtureSameFamily(Distribution):
 
     @property
     def components(self):
+        return self._components
+
+    @property
+    def mixture_distribution(self):
+        """TFP's name: the `Categorical` over the components."""
+        return Categorical(self._logits)
+
+    @property
+    def components_distribution(self):
+        """TFP's name for `components`."""
         return self._components
 
     @property

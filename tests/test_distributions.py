@@ -407,6 +407,42 @@ def test_seeds():
     first, second = numpy(dist.sample(50, seed=generator)), numpy(dist.sample(50, seed=generator))
     assert not np.allclose(first, second)
     np.testing.assert_array_equal(first, numpy(dist.sample(50, seed=keras.random.SeedGenerator(5))))
+    # TFP's stateless pair of integers: the same draws for the same pair
+    # (issue 17, point 18), other draws for another pair.
+    pair = numpy(dist.sample(50, seed=(1, 2)))
+    np.testing.assert_array_equal(pair, numpy(dist.sample(50, seed=[1, 2])))
+    assert not np.allclose(pair, numpy(dist.sample(50, seed=(2, 1))))
+
+
+class TestTFPAccessors:
+    """Issue 17, point 18: the accessors of TFP that ported code calls."""
+
+    def test_covariance_and_variance(self):
+        rng = np.random.default_rng(4)
+        tril = np.tril(rng.normal(size=(3, 4, 4))) + 2 * np.eye(4)
+        loc = rng.normal(size=(3, 4))
+        full = kd.MultivariateNormalTriL(f32(loc), f32(tril))
+        expected = tril @ np.swapaxes(tril, -1, -2)
+        assert_close(full.covariance(), expected, rtol=1e-5, atol=1e-6)
+        assert_close(full.variance(), np.diagonal(expected, axis1=-2, axis2=-1), rtol=1e-5)
+        scale = np.exp(rng.normal(size=(3, 4)))
+        diag = kd.MultivariateNormalDiag(f32(loc), f32(scale))
+        assert_close(diag.covariance(), scale[..., None] ** 2 * np.eye(4), rtol=1e-6, atol=0)
+        assert_close(diag.variance(), scale**2, rtol=1e-6, atol=0)
+
+    def test_mixture_distribution_and_components_distribution(self):
+        logits = f32([[0.3, -0.2, 1.0]])
+        components = kd.MultivariateNormalDiag(f32(np.zeros((1, 3, 2))), f32(np.ones((1, 3, 2))))
+        mixture = kd.MixtureSameFamily(logits, components)
+        assert mixture.components_distribution is components
+        probs = np.exp(logits[0]) / np.exp(logits[0]).sum()
+        assert_close(mixture.mixture_distribution.probs(), probs[None], rtol=1e-6, atol=0)
+        if BACKEND == "tensorflow":  # the same names as TFP's
+            tfd = pytest.importorskip("tensorflow_probability").distributions
+            for name in ("mixture_distribution", "components_distribution"):
+                assert hasattr(tfd.MixtureSameFamily, name)
+            for name in ("covariance", "variance", "scale_tril"):
+                assert hasattr(tfd.MultivariateNormalTriL, name)
 
 
 @pytest.mark.parametrize(
@@ -415,6 +451,8 @@ def test_seeds():
         ("seed", {"seed": 1.5}),
         ("seed", {"seed": -1}),
         ("seed", {"seed": True}),
+        ("seed", {"seed": (1, -2)}),
+        ("seed", {"seed": (1, 2, 3)}),
         ("sample_shape", {"sample_shape": 2.0}),
         ("sample_shape", {"sample_shape": (2, -1)}),
     ],
