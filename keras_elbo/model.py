@@ -547,3 +547,8 @@ class _FunctionalELBOModel(ELBOModel, Functional):
             "num_samples": self.num_samples,
             "dreg": self.dreg,
         }
+
+
+# Printed as what the user built (`type(model)`, summaries, error messages);
+# saved under the registered name `keras_elbo>ELBOModel` either way.
+_FunctionalELBOModel.__name__ = _FunctionalELBOModel.__qualname__ = "ELBOModel"

@@ -412,3 +412,14 @@ class TestJitCompileIsSavedAsGiven:
         # Resolved again on loading, as this backend resolves it.
         assert loaded.jit_compile == model.jit_compile
         assert loaded.get_compile_config()["jit_compile"] == jit_compile
+
+
+def test_a_functional_model_prints_as_elbo_model(tmp_path):
+    # Issue 17, point 12: a loaded model's type printed as the private
+    # `_FunctionalELBOModel`.
+    model = compile_vae(make_vae())
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    for m in (model, loaded):
+        assert isinstance(m, ke.ELBOModel)
+        assert repr(type(m)) == "<class 'keras_elbo.model.ELBOModel'>"
