@@ -162,15 +162,19 @@ class TestKL:
         model(X, training=True)
         assert len(model.losses) == 1
         np.testing.assert_allclose(float(h.numpy(model.losses[0])), kl / n_train, rtol=1e-5)
-        # In evaluate (inference="mean": deterministic), `loss` is the
-        # per-example NLL plus KL / N, and the metric is the unweighted KL.
+        # ELBOModel logs the unweighted KL (its evaluate samples the weights:
+        # the ELBO). A plain model's evaluate honours inference="mean": its
+        # `loss` is the per-example NLL at the mean weights plus KL / N.
         model.compile(loss=ke.GaussianNLL(scale=1.0))
         y = RNG.normal(size=(3, 3)).astype("float32")
         logs = model.evaluate(X, y, return_dict=True, verbose=0)
+        np.testing.assert_allclose(logs[f"{layer.name}_kl"], kl, rtol=1e-5)
+        plain = keras.Model(inputs, layer(inputs))
+        plain.compile(loss=ke.GaussianNLL(scale=1.0))
         mean = X.astype(np.float64) @ k_loc + b_loc
         nll = np.mean(np.sum(0.5 * (y - mean) ** 2 + 0.5 * h.LOG_2PI, axis=-1))
-        np.testing.assert_allclose(logs[f"{layer.name}_kl"], kl, rtol=1e-5)
-        np.testing.assert_allclose(logs["loss"], nll + kl / n_train, rtol=1e-5)
+        loss = plain.evaluate(X, y, verbose=0)
+        np.testing.assert_allclose(loss, nll + kl / n_train, rtol=1e-5)
 
     def test_conv_kl_is_closed_form_over_all_parameters(self):
         layer = BayesianConv2D(3, 2, kl_weight=0.01, seed=0)

@@ -677,7 +677,7 @@ def test_posterior_rejects_non_finite_input_naming_the_layer(case, training):
     the layer; the layer never returns silently."""
     (latent_dim, covariance, mode), x = case
     layer = posterior_layer(latent_dim, covariance, x.shape[1], mode)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="'q_prop'.*non-finite"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="`q_prop`.*non-finite"):
         layer(x, training=training)
 
 
