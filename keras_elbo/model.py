@@ -530,14 +530,19 @@ class _FunctionalELBOModel(ELBOModel, Functional):
     """What `ELBOModel(inputs, outputs)` returns: an `ELBOModel` that is also a
     functional model, saved and loaded as `keras_elbo>ELBOModel`."""
 
-    # Keyword-only objective arguments: Keras saves a functional model's
-    # config only if its constructor's positional arguments are Functional's.
-    def __init__(
-        self, inputs, outputs, name=None, *, objective="elbo", num_samples=1, dreg=False, **kwargs
-    ):
+    # `(*args, **kwargs)`: Keras saves (and revives) a subclass's graph only
+    # if its constructor looks like Functional's, which each Keras version
+    # checks its own way: Keras 3.15 accepts `*args, **kwargs`, and in
+    # Keras <= 3.8, where `Functional.__init__` is decorated, its signature
+    # reads as no arguments at all, which `*args, **kwargs` matches too.
+    def __init__(self, *args, **kwargs):
+        objective = kwargs.pop("objective", "elbo")
+        num_samples = kwargs.pop("num_samples", 1)
+        dreg = kwargs.pop("dreg", False)
         Trainer.__init__(self)
-        name = name or auto_name("ELBOModel")
-        Functional.__init__(self, inputs, outputs, name=name, **kwargs)
+        if len(args) < 3 and not kwargs.get("name"):
+            kwargs["name"] = auto_name("ELBOModel")
+        Functional.__init__(self, *args, **kwargs)
         self._set_objective(objective, num_samples, dreg)
 
     def get_config(self):
