@@ -25,8 +25,8 @@ def quiet_demo_start():
     if not is_demo or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-        return
+    # Under JAX and PyTorch too: the demo calls `keras.utils.set_random_seed`,
+    # which imports TensorFlow wherever it is installed (to seed tf.data).
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)

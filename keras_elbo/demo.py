@@ -13,6 +13,7 @@ Needs matplotlib and scikit-learn: `pip install "keras_elbo[demo]"`.
 import argparse
 import math
 import os
+import sys
 
 import keras
 import numpy as np
@@ -361,8 +362,11 @@ def main(argv: list[str] | None = None) -> dict:
     elbo = ke.evaluate_elbo(vae, x_test, batch_size=500, seed=args.seed, verbose=0)
     test_elbo, test_kl = float(elbo["elbo"].mean()), float(elbo["kl"].mean())
     print(f"final test ELBO {test_elbo:.2f}  KL {test_kl:.2f}  (nats per example)")
+    # A live progress bar in a terminal; in a log (a pipe, a file) one line
+    # when done: Keras's bar writes backspaces and carriage returns otherwise.
+    progress = (1 if sys.stdout.isatty() else 2) if args.verbose else 0
     log_px = ke.importance_weighted_log_likelihood(
-        vae, x_test, num_samples=args.iw_samples, seed=args.seed, verbose=args.verbose
+        vae, x_test, num_samples=args.iw_samples, seed=args.seed, verbose=progress
     )
     test_log_px = float(log_px.mean())
     print(f"test log-likelihood {test_log_px:.2f} nats ({args.iw_samples} importance samples)")

@@ -93,9 +93,11 @@ class TestCommandLine:
         assert exit_info.value.code == 2
         assert "absent.npz" in capsys.readouterr().err
 
-    def test_subprocess_output(self, tmp_path):
+    @pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+    def test_subprocess_output(self, backend, tmp_path):
         # As a user runs it: without the TF_CPP_MIN_LOG_LEVEL of conftest.py.
         env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+        env["KERAS_BACKEND"] = backend
         command = [sys.executable, "-m", "keras_elbo.demo", "--epochs", "2", "--iw-samples", "5"]
         completed = subprocess.run(
             [*command, "--output", str(tmp_path)],
@@ -114,6 +116,9 @@ class TestCommandLine:
         # No TensorFlow start-up lines (oneDNN, CUDA drivers, cuInit).
         output = (completed.stdout + completed.stderr).lower()
         assert "onednn" not in output and "cuda" not in output, completed.stderr[-2000:]
+        # Issue 17, point 12: a log (not a terminal) gets no progress-bar
+        # control characters.
+        assert not set("\b\r\x1b") & set(completed.stdout), repr(completed.stdout[-500:])
 
 
 def test_build_vae_with_normal_prior():
