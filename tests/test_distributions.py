@@ -414,6 +414,19 @@ def test_seeds():
     assert not np.allclose(pair, numpy(dist.sample(50, seed=(2, 1))))
 
 
+def test_erfc_fallback_for_older_keras():
+    # `keras.ops.erfc` exists from Keras 3.15 only; the declared floor is
+    # older, where the Normal's cdf uses this fit (issue 17, point 13).
+    from keras_elbo.distributions import _erfc_rational
+
+    x = np.linspace(-9.0, 9.0, 721)
+    actual = numpy(_erfc_rational(f32(x)))
+    expected = special.erfc(x.astype(np.float32).astype(np.float64))
+    # The fit's 1.2e-7, and float32's rounding of exp(-x**2 + ...).
+    bound = 1.2e-7 + (x**2 + 4.0) * 2.0**-22
+    np.testing.assert_array_less(np.abs(actual / expected - 1.0), bound)
+
+
 class TestTFPAccessors:
     """Issue 17, point 18: the accessors of TFP that ported code calls."""
 
