@@ -92,3 +92,23 @@ def _numpy_part(part):
     if hasattr(part, "detach"):  # a PyTorch tensor, which may require grad
         part = part.detach().cpu()
     return np.asarray(part)
+
+
+def decoder_after(posterior, model):
+    """The part of functional `model` after `posterior`: a model from the
+    posterior's output to the model's outputs.
+
+    Raises `ValueError` if the outputs depend on the model's input other than
+    through the posterior's sample (a skip connection around it). Keras 3.14
+    and later refuse such a graph themselves; older Keras builds it with the
+    model's own input layer inside (and fails when it is called), so the
+    input layers are counted as well.
+    """
+    decoder = keras.Model(posterior.output, model.outputs)
+    input_layers = [op for op in decoder.operations if isinstance(op, keras.layers.InputLayer)]
+    if len(input_layers) != len(keras.tree.flatten(decoder.inputs)):
+        raise ValueError(
+            f"The outputs of model '{model.name}' depend on its input other than "
+            f"through posterior '{posterior.name}'."
+        )
+    return decoder

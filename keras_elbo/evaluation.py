@@ -21,7 +21,7 @@ import numpy as np
 from keras import ops
 
 from keras_elbo import _backend, _math
-from keras_elbo._base import batch_iterable, find_layers
+from keras_elbo._base import batch_iterable, decoder_after, find_layers
 from keras_elbo.divergence import draw
 from keras_elbo.losses import is_reconstruction_loss
 from keras_elbo.posteriors import Posterior
@@ -57,7 +57,7 @@ class _LatentModel:
             )
         try:
             self.body = keras.Model(inputs, self.posterior.input)
-            self.decoder = keras.Model(self.posterior.output, model.outputs)
+            self.decoder = decoder_after(self.posterior, model)
         except ValueError as err:
             raise ValueError(
                 f"Could not split model '{model.name}' at posterior "

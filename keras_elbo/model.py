@@ -20,7 +20,7 @@ from keras.src.utils.naming import auto_name
 from keras.src.utils.tracking import no_automatic_dependency_tracking
 
 from keras_elbo import _backend, _math
-from keras_elbo._base import find_layers, sampling, stochastic_layers
+from keras_elbo._base import decoder_after, find_layers, sampling, stochastic_layers
 from keras_elbo.divergence import KLRegularizer, stop_parameter_gradients
 from keras_elbo.flows import FlowPosterior
 from keras_elbo.losses import is_reconstruction_loss
@@ -264,7 +264,7 @@ class ELBOModel(keras.Model):
             # them with batch rows and fail inside the step. Checked here,
             # where the cause can be named.
             try:
-                decoder = keras.Model(posterior.output, self.outputs)
+                decoder = decoder_after(posterior, self)
             except ValueError as err:
                 raise ValueError(
                     f"{what}: could not split model '{self.name}' at posterior "
