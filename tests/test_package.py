@@ -73,7 +73,14 @@ def test_metadata_declares_ranges_not_pins():
     assert [r for r in requirements if "==" in r] == []
     constraints = (root / ".ci" / "constraints.txt").read_text()
     assert "torch==2.13.0" in constraints.split()
-    assert "-c .ci/constraints.txt" in (root / ".ci" / "run").read_text()
+    ci = (root / ".ci" / "run").read_text()
+    assert "-c .ci/constraints.txt" in ci
+    # Issue 17, point 13: CI tests the Keras floor the metadata declares.
+    (keras_requirement,) = [r for r in project["dependencies"] if r.startswith("keras")]
+    floor = keras_requirement.split(">=")[1]
+    floor_constraints = (root / ".ci" / "constraints-floor.txt").read_text().split()
+    assert f"keras=={floor}.0" in floor_constraints
+    assert "-c .ci/constraints-floor.txt" in ci
 
 
 def test_new_test_modules_run_on_every_backend(monkeypatch):
