@@ -1,4 +1,6 @@
-"""Private helpers for layers that hold other layers."""
+"""Private helpers shared by the layers, `ELBOModel` and the estimators: nested
+layers, the stochastic layers' `inference` switch, batches of data as
+`Model.evaluate` takes them, and the split of a model at its posterior."""
 
 import contextlib
 
