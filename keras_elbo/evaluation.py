@@ -15,6 +15,7 @@ sums them.
 """
 
 import math
+import weakref
 
 import keras
 import numpy as np
@@ -96,6 +97,48 @@ class _LatentModel:
         repeats = [num_samples] + [1] * (len(target.shape) - 1)
         log_lik = -ops.cast(self.nll(ops.tile(target, repeats), params), z.dtype)
         return ops.reshape(log_lik, (num_samples, batch))
+
+
+class _Estimators:
+    """What the estimators build for one model, kept between calls.
+
+    A new compiled function at each call would retrace on TensorFlow (which
+    warns after five) and recompile on JAX. One per model, likelihood (the
+    compiled loss when `None`: a new `compile` gives a new one) and
+    `jit_compile`; its `_BatchFunction`s share one seed generator, set from
+    the call's `seed` by `reseed`.
+    """
+
+    def __init__(self, model, likelihood):
+        self.parts = _LatentModel(model, likelihood)
+        self.seed_generator = _math.seed_generator(None, "evaluation")
+        self._functions = {}
+
+    def reseed(self, seed):
+        start = _math.seed_generator(seed, "evaluation").state.value
+        self.seed_generator.state.assign(start)
+
+    def function(self, key, make_fn):
+        """The `_BatchFunction` of `make_fn()` (a `fn(x, target,
+        seed_generator)`), made the first time `key` is asked for."""
+        if key not in self._functions:
+            self._functions[key] = _BatchFunction(self.parts, make_fn(), self.seed_generator)
+        return self._functions[key]
+
+
+_ESTIMATORS = weakref.WeakKeyDictionary()  # model -> {key: _Estimators}
+
+
+def _estimators(model, likelihood, seed):
+    """The model's `_Estimators` for `likelihood`, reseeded from `seed`."""
+    loss = likelihood if likelihood is not None else getattr(model, "loss", None)
+    # The parts hold `loss` (its `call`), so its id is not reused while cached.
+    key = (id(loss), model.jit_compile)
+    per_model = _ESTIMATORS.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = _Estimators(model, likelihood)
+    per_model[key].reseed(seed)
+    return per_model[key]
 
 
 class _BatchFunction(keras.Model):
@@ -264,7 +307,8 @@ def evaluate_elbo(
     """
     num_samples = _math.integer("num_samples", num_samples)
     batch_size = _math.integer("batch_size", batch_size)
-    parts = _LatentModel(model, likelihood)
+    estimators = _estimators(model, likelihood, seed)
+    parts = estimators.parts
     batches, steps = _data(x, batch_size, parts.body.inputs[0].shape)
     regularizer = parts.posterior.kl_regularizer
 
@@ -279,7 +323,7 @@ def evaluate_elbo(
         # One KL per example: summed over the positions of a latent map.
         return reconstruction, _math.sum_event_dims(kl)
 
-    step = _BatchFunction(parts, elbo_terms, _math.seed_generator(seed, "evaluation"))
+    step = estimators.function(("elbo", num_samples), lambda: elbo_terms)
     results = {"reconstruction": [], "kl": []}
     progbar = keras.utils.Progbar(steps, verbose=verbose)
     for i, batch in enumerate(batches):
@@ -354,10 +398,9 @@ def importance_weighted_log_likelihood(
     max_decoder_batch = _math.integer(
         "max_decoder_batch", max_decoder_batch, minimum=1 if in_batches else batch_size
     )
-    parts = _LatentModel(model, likelihood)
+    estimators = _estimators(model, likelihood, seed)
+    parts = estimators.parts
     batches, steps = _data(x, batch_size, parts.body.inputs[0].shape)
-    seed_generator = _math.seed_generator(seed, "evaluation")
-    chunk_functions = {}  # by number of samples: at most two (chunk, remainder)
 
     def chunk_function(count):
         def log_sum_of_weights(x, target, seed_generator):
@@ -367,9 +410,9 @@ def importance_weighted_log_likelihood(
             log_ratio = _math.sum_positions(p.log_prob(z) - q.log_prob(z))
             return ops.logsumexp(parts.log_likelihood(target, z) + log_ratio, axis=0)
 
-        if count not in chunk_functions:
-            chunk_functions[count] = _BatchFunction(parts, log_sum_of_weights, seed_generator)
-        return chunk_functions[count]
+        # Two per call at most (a chunk and the remainder); the shared seed
+        # generator advances at each chunk: new samples each time.
+        return estimators.function(("iw", count), lambda: log_sum_of_weights)
 
     estimates = []
     progbar = keras.utils.Progbar(steps, verbose=verbose)
@@ -383,8 +426,7 @@ def importance_weighted_log_likelihood(
                 max_decoder_batch,
             )
         chunk = min(num_samples, max_decoder_batch // size)
-        # Running log-sum-exp over chunks of samples, in float64; the shared
-        # seed generator advances at each chunk: new samples each time.
+        # Running log-sum-exp over chunks of samples, in float64.
         total = np.full(size, -np.inf)
         for start in range(0, num_samples, chunk):
             count = min(chunk, num_samples - start)

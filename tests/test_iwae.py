@@ -260,7 +260,19 @@ def gradient_draws(model, posterior, x, draws):
     """`draws` gradients of the training loss w.r.t. the model's trainable
     variables, one flattened row each, on the active backend."""
     variables = model.trainable_variables
-    if h.BACKEND != "jax":
+    if h.BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        # Traced once: each call advances the seed generators' state, so
+        # each draws new samples (eagerly, 400 draws took a minute).
+        @tf.function
+        def gradient():
+            with tf.GradientTape() as tape:
+                loss = one_step_loss(model, x)
+            return tape.gradient(loss, [v.value for v in variables])
+
+        rows = [gradient() for _ in range(draws)]
+    elif h.BACKEND == "torch":
         rows = [
             h.weight_gradients(lambda: one_step_loss(model, x), variables) for _ in range(draws)
         ]
