@@ -7,8 +7,9 @@ here, one function each, with a branch per backend.
 What each backend can check:
 
 - TensorFlow: `Assert` raises at run time, in graph mode too, before the
-  step's weight update (the checked tensors depend on it); XLA
-  (`jit_compile=True`) drops it.
+  step's weight update (the checked tensors depend on it). XLA
+  (`jit_compile=True`) would drop it, with a warning per `Assert`: inside a
+  function XLA compiles, none is made.
 - PyTorch: the step runs eagerly, so a check raises at once (it reads one
   boolean from the device: a small synchronisation per check).
 - JAX: nothing can raise inside a jitted step; the checks are no-ops there
@@ -29,6 +30,27 @@ def _is_traced_jax(tensor):
     return isinstance(tensor, jax.core.Tracer)
 
 
+def _tf_graph_with_checks():
+    """On TensorFlow: whether ops are being added to a graph that can hold
+    an `Assert`, i.e. a traced function that XLA does not compile. (Eagerly
+    a check raises at once instead; XLA drops an `Assert` and warns.)"""
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return False
+    try:  # TensorFlow's own test, private: without it the checks stay
+        from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
+    except ImportError:
+        return True
+    return not GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _in_tf_graph():
+    import tensorflow as tf
+
+    return not tf.executing_eagerly()
+
+
 def check_finite(tensor, message):
     """`tensor`, raising at run time where the backend can if it holds NaN or
     Inf (see the module docstring). Use the returned tensor, so that the
@@ -44,12 +66,13 @@ def _checked(tensor, ok, message):
     would also do, but appends "Tensor had Inf values" to the message, even
     for a NaN). Elsewhere `assert_condition`.
     """
-    if BACKEND == "tensorflow":
+    if BACKEND == "tensorflow" and _in_tf_graph():
+        if not _tf_graph_with_checks():  # XLA
+            return tensor
         import tensorflow as tf
 
-        if not tf.executing_eagerly():
-            with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
-                return tf.identity(tensor)
+        with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
+            return tf.identity(tensor)
     assert_condition(ok, message)
     return tensor
 
@@ -59,7 +82,7 @@ def assert_condition(ok, message):
 
     `message` is a string, or a list of strings and scalar tensors joined with
     spaces. In a TensorFlow graph it is the data of a `tf.debugging.Assert`
-    (stateful: run in program order; XLA drops it). Eagerly (TensorFlow's
+    (stateful: run in program order; none under XLA). Eagerly (TensorFlow's
     eager mode, PyTorch, JAX outside `jit`) it raises at once, TensorFlow's
     `InvalidArgumentError` or a `ValueError`, with the numbers written
     `{:g}`. Inside `jax.jit` nothing can raise.
@@ -68,8 +91,9 @@ def assert_condition(ok, message):
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        if not tf.executing_eagerly():
-            tf.debugging.Assert(ok, message)
+        if _in_tf_graph():
+            if _tf_graph_with_checks():
+                tf.debugging.Assert(ok, message)
             return
 
         def error(text):
@@ -114,16 +138,16 @@ def checked_before(tensors, message):
     Around a whole train step it orders the check before the optimizer's
     step counter too, which depends on no gradient (`finite_gate` alone
     spares the weights but lets `iterations` advance). Elsewhere (eager
-    execution, JAX, PyTorch) it does nothing: `finite_gate` serves there.
+    execution, XLA, JAX, PyTorch) it does nothing: `finite_gate` serves
+    there. (XLA could not lift the optimizer's variables out of the block.)
     """
-    if BACKEND == "tensorflow":
+    if BACKEND == "tensorflow" and _in_tf_graph() and _tf_graph_with_checks():
         import tensorflow as tf
 
-        if not tf.executing_eagerly():
-            check = tf.debugging.Assert(all_finite(tensors), [message])
-            with tf.control_dependencies([check]):
-                yield
-            return
+        check = tf.debugging.Assert(all_finite(tensors), [message])
+        with tf.control_dependencies([check]):
+            yield
+        return
     yield
 
 

@@ -313,11 +313,8 @@ class ELBOModel(keras.Model):
 
     def _inputs_checked(self, data):
         """On TensorFlow, the step's ops (the optimizer's step counter too)
-        wait for a check of the batch's inputs (`_backend.checked_before`).
-        Not under XLA, which drops the check, and cannot lift the optimizer's
-        variables out of a block with control dependencies."""
-        if self.jit_compile is True:
-            return contextlib.nullcontext()
+        wait for a check of the batch's inputs (`_backend.checked_before`;
+        not under XLA)."""
         x = keras.utils.unpack_x_y_sample_weight(data)[0]
         return _backend.checked_before(_float_inputs(x), self._input_message())
 

@@ -110,6 +110,23 @@ class TestXLA:
         assert all(np.all(np.isfinite(v)) for v in history.values())
         assert history["loss"][-1] < history["loss"][0]
 
+    @pytest.mark.skipif(h.BACKEND != "tensorflow", reason="TensorFlow graphs and Asserts")
+    def test_no_assert_is_made_for_xla_to_drop(self):
+        # XLA drops an Assert with a warning ("Ignoring Assert operator"), so
+        # none is made inside a function XLA compiles; the graph keeps them.
+        import tensorflow as tf
+
+        model = every_layer_vae(seed=3)
+        loss = ke.BernoulliNLL(from_logits=True)
+
+        def asserts(jit_compile):
+            step = tf.function(lambda x: loss(x, model(x, training=True)), jit_compile=jit_compile)
+            graph = step.get_concrete_function(tf.TensorSpec((None, PIXELS))).graph
+            return [op.name for op in graph.get_operations() if op.type == "Assert"]
+
+        assert len(asserts(jit_compile=False)) >= 4  # three posteriors, the targets
+        assert asserts(jit_compile=True) == []
+
 
 class TestReproducibility:
     def test_same_seeds_same_loss_sequence(self):
