@@ -63,6 +63,14 @@ def _as_float(**values):
     return [_cast(t, dtype) for t in tensors]
 
 
+def _is_constant(value, constant):
+    """Whether `value` is a Python number or NumPy array (not a tensor) all
+    of whose entries equal `constant`."""
+    if not isinstance(value, (numbers.Real, np.ndarray)) or isinstance(value, bool):
+        return False
+    return bool(np.all(np.asarray(value) == constant))
+
+
 def _dtype(tensor):
     return keras.backend.standardize_dtype(tensor.dtype)
 
@@ -82,6 +90,12 @@ def _broadcast_batch(**params):
     """
     items = [(name, t, len(t.shape) - rank) for name, (t, rank) in params.items()]
     batch_shapes = [_shape(t)[:split] for _, t, split in items]
+    if any(None in shape for shape in batch_shapes) and len(set(batch_shapes)) == 1:
+        # The same static batch shape, unknown sizes at the same axes (the
+        # batch of a traced call, as from one projection of the features):
+        # left as they are, without the ops below in every training step.
+        # Sampling takes the broadcast shape at run time (`_runtime_shape`).
+        return [t for _, t, _ in items]
     if any(None in shape for shape in batch_shapes):
         # Unknown sizes (a symbolic batch axis on TensorFlow): let the ops
         # broadcast at run time, adding zeros of every parameter's batch shape.
@@ -110,6 +124,20 @@ def _broadcast_batch(**params):
         target = batch + _shape(t)[split:]
         out.append(t if _shape(t) == target else ops.broadcast_to(t, target))
     return out
+
+
+def _runtime_shape(tensor, *others):
+    """`ops.shape(tensor)`, the batch and event shape of the samples to draw.
+    Where a size is unknown, that of `tensor` broadcast against `others` (one
+    operation, no gradient): `_broadcast_batch` leaves parameters of the same
+    static shape as they are, and at run time one of them may still hold 1
+    where another holds the batch."""
+    if None not in _shape(tensor):
+        return tuple(ops.shape(tensor))
+    total = tensor
+    for other in others:
+        total = total + ops.zeros_like(other)
+    return tuple(ops.shape(total))
 
 
 def _shape(tensor):
@@ -340,6 +368,10 @@ class Distribution:
     """
 
     reparameterized = False
+    # `(sample, noise)` of the last reparameterised draw, where a subclass
+    # keeps it (`Normal`): `log_prob` of that very tensor reads the noise
+    # back instead of recomputing it, as TFP's bijector cache does.
+    _last_draw = None
 
     def sample(
         self,
@@ -447,6 +479,9 @@ class Normal(Distribution):
     reparameterized = True
 
     def __init__(self, loc, scale):
+        # Given as constants 0 and 1 (the default prior): `log_prob` then
+        # skips the shift and scaling of its argument.
+        self._standard = _is_constant(loc, 0.0) and _is_constant(scale, 1.0)
         loc, scale = _as_float(loc=loc, scale=scale)
         self._loc, self._scale = _broadcast_batch(loc=(loc, 0), scale=(scale, 0))
 
@@ -457,6 +492,19 @@ class Normal(Distribution):
     @property
     def scale(self):
         return self._scale
+
+    def _standardized(self, x):
+        """`(x - loc) / scale`. For the tensor `_sample` last returned, the
+        noise it was made from: the same value, and the same gradient (the
+        total derivative of `(loc + scale * eps - loc) / scale` is zero),
+        without two operations on every sample."""
+        if self._last_draw is not None and x is self._last_draw[0]:
+            return self._last_draw[1]
+        x = _cast(x, self.dtype)
+        return x if self._standard else (x - self._loc) / self._scale
+
+    def _log_scale(self):
+        return ops.zeros_like(self._scale) if self._standard else ops.log(self._scale)
 
     @property
     def batch_shape(self) -> tuple:
@@ -471,13 +519,16 @@ class Normal(Distribution):
         return _dtype(self._loc)
 
     def _sample(self, sample_shape, seed):
-        shape = sample_shape + tuple(ops.shape(self._loc))
+        shape = sample_shape + _runtime_shape(self._loc, self._scale)
         eps = keras.random.normal(shape, dtype=self.dtype, seed=seed)
-        return self._loc + self._scale * eps
+        sample = self._loc + self._scale * eps
+        self._last_draw = (sample, eps)
+        return sample
 
     def log_prob(self, x):
-        z = (_cast(x, self.dtype) - self._loc) / self._scale
-        return -0.5 * ops.square(z) - ops.log(self._scale) - _HALF_LOG_2PI
+        z = self._standardized(x)
+        # The constant terms on the parameters' shape, not the samples'.
+        return -0.5 * ops.square(z) - (self._log_scale() + _HALF_LOG_2PI)
 
     def mean(self):
         return self._loc
@@ -520,11 +571,13 @@ class MultivariateNormalDiag(Distribution):
     reparameterized = True
 
     def __init__(self, loc, scale_diag):
+        standard = _is_constant(loc, 0.0) and _is_constant(scale_diag, 1.0)
         loc, scale_diag = _as_float(loc=loc, scale_diag=scale_diag)
         _check_rank("loc", loc, 1, "a tensor of rank >= 1, shape (..., d)")
         _check_rank("scale_diag", scale_diag, 1, "a tensor of rank >= 1, shape (..., d)")
         # The event axis broadcasts too (a scalar scale for every coordinate).
         self._marginals = Normal(*_broadcast_batch(loc=(loc, 0), scale_diag=(scale_diag, 0)))
+        self._marginals._standard = standard
 
     @property
     def loc(self):
@@ -550,7 +603,12 @@ class MultivariateNormalDiag(Distribution):
         return self._marginals._sample(sample_shape, seed)
 
     def log_prob(self, x):
-        return ops.sum(self._marginals.log_prob(x), axis=-1)
+        # The marginals' log-densities summed, with the sum taken before the
+        # constant terms are added: on the parameters' shape, not on that of
+        # many samples (the Monte Carlo KL's cost, benchmarks/kl_cost.py).
+        z = self._marginals._standardized(x)
+        constant = ops.sum(self._marginals._log_scale() + _HALF_LOG_2PI, axis=-1)
+        return -0.5 * ops.sum(ops.square(z), axis=-1) - constant
 
     def mean(self):
         return self._marginals.mean()
@@ -633,7 +691,7 @@ class MultivariateNormalTriL(Distribution):
         return _dtype(self._loc)
 
     def _sample(self, sample_shape, seed):
-        shape = sample_shape + tuple(ops.shape(self._loc))
+        shape = sample_shape + _runtime_shape(self._loc, self._scale_tril[..., 0])
         eps = keras.random.normal(shape, dtype=self.dtype, seed=seed)
         return self._loc + ops.squeeze(ops.matmul(self._scale_tril, eps[..., None]), axis=-1)
 
@@ -923,6 +981,9 @@ class Logistic(Distribution):
     reparameterized = True
 
     def __init__(self, loc, scale):
+        # Given as constants 0 and 1 (the default prior): `log_prob` then
+        # skips the shift and scaling of its argument.
+        self._standard = _is_constant(loc, 0.0) and _is_constant(scale, 1.0)
         loc, scale = _as_float(loc=loc, scale=scale)
         self._loc, self._scale = _broadcast_batch(loc=(loc, 0), scale=(scale, 0))
 
@@ -933,6 +994,19 @@ class Logistic(Distribution):
     @property
     def scale(self):
         return self._scale
+
+    def _standardized(self, x):
+        """`(x - loc) / scale`. For the tensor `_sample` last returned, the
+        noise it was made from: the same value, and the same gradient (the
+        total derivative of `(loc + scale * eps - loc) / scale` is zero),
+        without two operations on every sample."""
+        if self._last_draw is not None and x is self._last_draw[0]:
+            return self._last_draw[1]
+        x = _cast(x, self.dtype)
+        return x if self._standard else (x - self._loc) / self._scale
+
+    def _log_scale(self):
+        return ops.zeros_like(self._scale) if self._standard else ops.log(self._scale)
 
     @property
     def batch_shape(self) -> tuple:
@@ -947,7 +1021,7 @@ class Logistic(Distribution):
         return _dtype(self._loc)
 
     def _sample(self, sample_shape, seed):
-        u = _uniform_open(sample_shape + tuple(ops.shape(self._loc)), self.dtype, seed)
+        u = _uniform_open(sample_shape + _runtime_shape(self._loc, self._scale), self.dtype, seed)
         return self._loc + self._scale * (ops.log(u) - ops.log1p(-u))
 
     def log_prob(self, x):
@@ -1086,7 +1160,7 @@ class StudentT(Distribution):
 
     def _sample(self, sample_shape, seed):
         normal_seed, gamma_seed = _seeds(seed, 2)
-        shape = sample_shape + tuple(ops.shape(self._loc))
+        shape = sample_shape + _runtime_shape(self._loc, self._scale, self._df)
         eps = keras.random.normal(shape, dtype=self.dtype, seed=normal_seed)
         half_df = 0.5 * self._df
         alpha = ops.broadcast_to(half_df, shape)
@@ -1521,7 +1595,12 @@ def stop_parameter_gradients(dist):
     estimator of `KLRegularizer`).
     """
     clone = copy.copy(dist)
+    # A clone has drawn nothing: log q(z) of a sample of `dist` is computed
+    # afresh, with the gradient through z alone.
+    clone._last_draw = None
     for name, value in vars(dist).items():
+        if name == "_last_draw":
+            continue
         if isinstance(value, Distribution):
             setattr(clone, name, stop_parameter_gradients(value))
         elif ops.is_tensor(value) or isinstance(value, keras.Variable):
@@ -1648,10 +1727,15 @@ def _kl_normal_normal(q, p):
     kl = 0.5 * ((q.loc - p.loc) / p.scale)**2 + 0.5 * expm1(2 * log_ratio) - log_ratio
     ```
     """
-    log_ratio = ops.log(q.scale) - ops.log(p.scale)
-    return (
-        0.5 * ops.square((q.loc - p.loc) / p.scale) + 0.5 * ops.expm1(2.0 * log_ratio) - log_ratio
+    p_shape, q_shape = _shape(p.loc), _shape(q.loc)
+    broadcasts_into_q = len(p_shape) <= len(q_shape) and all(
+        n == 1 or n == m for n, m in zip(p_shape[::-1], q_shape[::-1], strict=False)
     )
+    if p._standard and broadcasts_into_q:  # N(0, 1), the default prior: no shift, no scaling
+        log_ratio, z = ops.log(q.scale), q.loc
+    else:
+        log_ratio, z = ops.log(q.scale) - ops.log(p.scale), (q.loc - p.loc) / p.scale
+    return 0.5 * ops.square(z) + 0.5 * ops.expm1(2.0 * log_ratio) - log_ratio
 
 
 @register_kl(MultivariateNormalDiag, MultivariateNormalDiag)

@@ -8,6 +8,7 @@ TFP Gaussians so that one KL table serves both.
 import math
 
 import keras
+import numpy as np
 
 from keras_elbo import _math, _tfp
 from keras_elbo import distributions as kd
@@ -74,7 +75,9 @@ def standard_normal_like(q):
     if _tfp.is_distribution(q):
         return _tfp.standard_normal_like(q)
     dtype = keras.backend.standardize_dtype(q.dtype)
-    zeros, ones = keras.ops.zeros(event_shape, dtype), keras.ops.ones(event_shape, dtype)
+    # NumPy constants: the distribution knows it is standard (no shift and
+    # scaling of every sample in `log_prob`).
+    zeros, ones = np.zeros(event_shape, dtype), np.ones(event_shape, dtype)
     if len(event_shape) == 0:
         return kd.Normal(zeros, ones)
     if isinstance(q, kd.Independent):  # the closed form is Independent's

@@ -26,6 +26,8 @@ import pytest
 from keras import ops
 from scipy import special, stats
 
+from tests._helpers import gradients
+
 _PATH = Path(__file__).resolve().parents[1] / "keras_elbo" / "distributions.py"
 
 try:
@@ -53,36 +55,6 @@ def numpy(x):
 
 def assert_close(actual, expected, rtol=RTOL, atol=ATOL):
     np.testing.assert_allclose(numpy(actual), np.asarray(expected, np.float64), rtol, atol)
-
-
-def gradients(fn, *arrays):
-    """Gradients of `sum(fn(*tensors))` w.r.t. each array, on the active backend.
-
-    `fn` is written in `keras.ops` and receives backend tensors.
-    """
-    if BACKEND == "jax":
-        import jax
-
-        argnums = tuple(range(len(arrays)))
-        grads = jax.grad(lambda *a: ops.sum(fn(*a)), argnums=argnums)(
-            *map(jax.numpy.asarray, arrays)
-        )
-        return [np.asarray(g, np.float64) for g in grads]
-    if BACKEND == "torch":
-        import torch
-
-        tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
-        ops.sum(fn(*tensors)).backward()
-        return [t.grad.numpy().astype(np.float64) for t in tensors]
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        tensors = [tf.constant(a) for a in arrays]
-        with tf.GradientTape() as tape:
-            tape.watch(tensors)
-            total = ops.sum(fn(*tensors))
-        return [g.numpy().astype(np.float64) for g in tape.gradient(total, tensors)]
-    pytest.skip(f"no gradient helper for the {BACKEND} backend")
 
 
 # ---------------------------------------------------------------------------
@@ -494,6 +466,63 @@ def test_samples_are_reparameterised():
     assert_close(grad_tril, np.tril(np.ones((3, 1)) * eps.sum(0)), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["Normal", "MultivariateNormalDiag"])
+def test_log_prob_of_its_own_sample_reads_back_the_noise(family):
+    # log q of the very tensor q sampled uses the stored noise: the value and
+    # the gradient (total derivative through the sample too) must equal those
+    # of log q at a copy of the same numbers, and the NumPy density.
+    n = 4
+    build = getattr(kd, family)
+
+    def own(loc, scale):
+        q = build(loc, scale)
+        return q.log_prob(q.sample(n, seed=3))
+
+    def copied(loc, scale):
+        q = build(loc, scale)
+        z = q.sample(n, seed=3)
+        return q.log_prob(z + keras.ops.zeros_like(z))  # a new tensor
+
+    x = numpy(build(NORMAL_LOC, NORMAL_SCALE).sample(n, seed=3))
+    reference = stats.norm.logpdf(x, NORMAL_LOC, NORMAL_SCALE)
+    if family == "MultivariateNormalDiag":
+        reference = reference.sum(-1)
+    assert_close(numpy(own(NORMAL_LOC, NORMAL_SCALE)), reference)
+    for g_own, g_copied in zip(
+        gradients(own, NORMAL_LOC, NORMAL_SCALE),
+        gradients(copied, NORMAL_LOC, NORMAL_SCALE),
+        strict=True,
+    ):
+        assert_close(g_own, g_copied, rtol=1e-5, atol=1e-5)
+    # Sampled through z alone: d/d loc = 0, d/d scale = -1/scale per draw.
+    grad_loc, grad_scale = gradients(own, NORMAL_LOC, NORMAL_SCALE)
+    assert_close(grad_loc, np.zeros(3), atol=1e-5)
+    assert_close(grad_scale, -n / NORMAL_SCALE, rtol=1e-5)
+
+
+def test_standard_normal_given_as_constants():
+    # NumPy or Python 0 and 1 make a standard normal (log_prob skips the
+    # shift and scaling); tensors of 0 and 1 the general one: same numbers.
+    x = f32([[-2.0, 0.0, 0.5], [1.0, 3.0, -0.3]])
+    reference = stats.norm.logpdf(x).sum(-1)
+    for loc, scale in [(np.zeros(3, "float32"), np.ones(3, "float32")), (0.0, 1.0)]:
+        d = kd.MultivariateNormalDiag(loc, scale) if np.ndim(loc) else kd.Normal(loc, scale)
+        assert d._marginals._standard if np.ndim(loc) else d._standard
+        value = d.log_prob(x) if np.ndim(loc) else keras.ops.sum(d.log_prob(x), axis=-1)
+        assert_close(numpy(value), reference)
+    general = kd.MultivariateNormalDiag(keras.ops.zeros(3), keras.ops.ones(3))
+    assert not general._marginals._standard
+    assert_close(numpy(general.log_prob(x)), reference)
+
+    # The closed-form KL to it, and to one of a larger batch (broadcast).
+    q = kd.MultivariateNormalDiag(DIAG_LOC, DIAG_SCALE)
+    kl = DIAG_LOC**2 / 2 + DIAG_SCALE**2 / 2 - 0.5 - np.log(DIAG_SCALE)
+    standard = kd.MultivariateNormalDiag(np.zeros(3, "float32"), np.ones(3, "float32"))
+    assert_close(kd.kl_divergence(q, standard), kl.sum(-1))
+    wider = kd.MultivariateNormalDiag(np.zeros((4, 1, 3), "float32"), np.ones(3, "float32"))
+    assert_close(kd.kl_divergence(q, wider), np.broadcast_to(kl.sum(-1), (4, 2)))
+
+
 # ---------------------------------------------------------------------------
 # KL divergences.
 
@@ -826,6 +855,30 @@ def test_symbolic_batch_axis():
     kl, draws, mixture_draws = kl_and_samples(TRIL_LOC, TRIL)
     assert_close(kl, kl_cases()["tril-diag"][2])
     assert tuple(draws.shape) == tuple(mixture_draws.shape) == (2, 2, 3)
+
+
+@tensorflow_only
+@pytest.mark.parametrize("family", ["Normal", "Logistic", "StudentT", "MultivariateNormalTriL"])
+def test_unknown_sizes_of_one_static_shape_broadcast_at_run_time(family):
+    # Parameters of the same static shape (None, 3) are not broadcast when
+    # built; a loc of 1 row against a scale of 4 rows must still give 4 rows
+    # of samples, each with its own noise.
+    import tensorflow as tf
+
+    def build(loc, scale):
+        if family == "StudentT":
+            return kd.StudentT(5.0 + 0.0 * scale, loc, scale)
+        if family == "MultivariateNormalTriL":
+            return kd.MultivariateNormalTriL(loc, scale[..., None] * np.eye(3, dtype="float32"))
+        return getattr(kd, family)(loc, scale)
+
+    spec = tf.TensorSpec([None, 3])
+    draw = tf.function(
+        lambda loc, scale: build(loc, scale).sample(seed=1), input_signature=[spec] * 2
+    )
+    samples = numpy(draw(np.zeros((1, 3), "float32"), np.ones((4, 3), "float32")))
+    assert samples.shape == (4, 3)
+    assert len(np.unique(samples[:, 0])) == 4
 
 
 @tensorflow_only
