@@ -12,11 +12,14 @@ benchmark's sizes (batch 128, 256 features in, 32 latent dimensions), for:
   mc_entropy16     ... with mode="mc_entropy", 16 samples
   normals_x1/x16   drawing 128 x 32 (x 16) normals alone, with the
                    reparameterisation z = loc + scale * eps: the noise's cost
-  tfp_mc16         the 16-sample Monte Carlo KL alone, with TFP distributions
+  library_mc16     the 16-sample Monte Carlo KL alone, with this library's
+                   distributions (as the regularizer computes it)
+  tfp_mc16         the same with TFP distributions
   plain_tf_mc16    the same in plain TensorFlow ops: TFP's own overhead
 
-interleaved over rounds, each a burst of steps; it prints the median time per
-step and the difference to `dense32`.
+interleaved over rounds, each a burst of steps, timed in process CPU time
+with one TensorFlow thread (steadier than wall time on a shared machine); it
+prints the median time per step and the difference to `dense32`.
 
     python benchmarks/kl_cost.py
 """
@@ -34,6 +37,8 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
 
 import keras_elbo as ke  # noqa: E402
+from keras_elbo import distributions as kd  # noqa: E402
+from keras_elbo.divergence import kl_estimate, standard_normal_like  # noqa: E402
 
 tfd = tfp.distributions
 
@@ -79,6 +84,7 @@ def mc_kl_step(num_samples, written_in):
     loc = tf.Variable(tf.zeros((BATCH, LATENT)))
     raw = tf.Variable(tf.zeros((BATCH, LATENT)))
     seed = tf.Variable([1, 2], dtype=tf.int32)
+    seed_generator = keras.random.SeedGenerator(1)
     prior = tfd.MultivariateNormalDiag(tf.zeros(LATENT), tf.ones(LATENT))
     half_log_2pi = 0.5 * np.log(2 * np.pi)
 
@@ -89,6 +95,10 @@ def mc_kl_step(num_samples, written_in):
             q = tfd.MultivariateNormalDiag(loc, scale)
             z = q.sample(num_samples, seed=step_seed)
             return tf.reduce_mean(q.log_prob(z) - prior.log_prob(z), axis=0)
+        if written_in == "keras_elbo":
+            q = kd.MultivariateNormalDiag(loc, scale)
+            z = q.sample(num_samples, seed=seed_generator)
+            return kl_estimate(q, standard_normal_like(q), "mc", z)
         eps = tf.random.stateless_normal((num_samples, BATCH, LATENT), seed=step_seed)
         z = loc + scale * eps
         log_q = tf.reduce_sum(-0.5 * eps**2 - tf.math.log(scale) - half_log_2pi, axis=-1)
@@ -113,7 +123,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=300, help="steps per burst")
+    parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads (0: its choice)")
     args = parser.parse_args()
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     h = tf.constant(np.random.default_rng(0).normal(size=(BATCH, FEATURES)), tf.float32)
     steps = {
         "dense32": layer_step(keras.layers.Dense(LATENT), h),
@@ -124,6 +138,7 @@ def main():
         "mc_entropy16": layer_step(posterior("mc_entropy", 16), h),
         "normals_x1": normals_step(1),
         "normals_x16": normals_step(16),
+        "library_mc16": mc_kl_step(16, "keras_elbo"),
         "tfp_mc16": mc_kl_step(16, "tfp"),
         "plain_tf_mc16": mc_kl_step(16, "plain"),
     }
@@ -132,14 +147,15 @@ def main():
     times = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start = time.process_time()
             for _ in range(args.steps):
                 step()
-            times[name].append((time.perf_counter() - start) / args.steps * 1e3)
+            times[name].append((time.process_time() - start) / args.steps * 1e3)
     base = statistics.median(times["dense32"])
     print(
-        f"{os.cpu_count()} CPUs, TensorFlow {tf.__version__}; batch {BATCH}, "
-        f"{FEATURES} -> {LATENT}; median of {args.rounds} rounds of {args.steps} steps"
+        f"{os.cpu_count()} CPUs, TensorFlow {tf.__version__}, {args.threads or 'default'} "
+        f"threads; batch {BATCH}, {FEATURES} -> {LATENT}; median of {args.rounds} rounds of "
+        f"{args.steps} steps, process CPU time"
     )
     print(f"{'':14s} {'ms/step':>8s} {'- dense32':>10s}")
     for name, t in times.items():
