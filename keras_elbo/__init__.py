@@ -22,6 +22,18 @@ from keras_elbo.bayesian import (
     BayesianDense,
     DenseVariational,
 )
+from keras_elbo.calibration import (
+    BrierScore,
+    ExpectedCalibrationError,
+    brier_score,
+    classification_nll,
+    coverage_calibration_error,
+    expected_calibration_error,
+    fit_temperature,
+    gaussian_predictive_nll,
+    interval_coverage,
+    reliability_diagram,
+)
 from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
@@ -53,10 +65,12 @@ __all__ = [
     "BayesianConv3D",
     "BayesianDense",
     "BernoulliNLL",
+    "BrierScore",
     "Categorical",
     "CyclicalAnnealing",
     "DenseVariational",
     "ELBOModel",
+    "ExpectedCalibrationError",
     "FlowPosterior",
     "FullCovarianceWeights",
     "GaussianNLL",
@@ -84,11 +98,19 @@ __all__ = [
     "VampPrior",
     "__version__",
     "bernoulli_nll",
+    "brier_score",
+    "classification_nll",
+    "coverage_calibration_error",
     "custom_objects",
     "evaluate_elbo",
+    "expected_calibration_error",
+    "fit_temperature",
     "gaussian_nll",
+    "gaussian_predictive_nll",
     "importance_weighted_log_likelihood",
+    "interval_coverage",
     "predictive_moments",
+    "reliability_diagram",
 ]
 
 _SERIALIZABLE = [
@@ -97,8 +119,10 @@ _SERIALIZABLE = [
     BayesianConv3D,
     BayesianDense,
     BernoulliNLL,
+    BrierScore,
     Categorical,
     DenseVariational,
+    ExpectedCalibrationError,
     FlowPosterior,
     FullCovarianceWeights,
     GaussianNLL,
