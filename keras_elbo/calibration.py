@@ -125,6 +125,9 @@ class ExpectedCalibrationError(keras.metrics.Metric):
     bin's accuracy and its mean confidence (Naeini et al., 2015; Guo et al.,
     2017). 0 for a calibrated classifier; at most 1. Accumulated over
     batches: the bins of the whole epoch, not an average of batches' ECEs.
+    Bins are right-closed, as Guo et al. define them (TFP's
+    `tfp.stats.expected_calibration_error` closes them on the left: the two
+    differ only for confidences exactly on a bin edge).
 
     Formula:
 
@@ -196,7 +199,8 @@ class BrierScore(keras.metrics.Mean):
     """The Brier score: the mean squared error of the class probabilities.
 
     Summed over classes, averaged over examples (Brier, 1950): 0 for certain
-    and correct predictions, 2 at most. A binary classifier's one output
+    and correct predictions, 2 at most (TFP's `tfp.stats.brier_score` is this
+    minus 1). A binary classifier's one output
     (the positive class's probability) counts both classes, so its score is
     twice the one-output form `mean((p - y)**2)`.
 

@@ -102,6 +102,22 @@ class TestExpectedCalibrationError:
         assert f"{numpy_ece(LABELS, PROBS, 8):.3f}" in ax.get_title()
 
 
+@pytest.mark.skipif(h.BACKEND != "tensorflow", reason="TFP, a second reference: TensorFlow")
+def test_ece_and_brier_agree_with_tfp():
+    # TFP bins left-closed ([b/M, (b+1)/M)), this library right-closed as Guo
+    # et al.: the same bins for confidences off the edges (random ones here).
+    # TFP's Brier score is sum_c p_c**2 - 2 p_label, ours that plus 1.
+    import tensorflow_probability as tfp
+
+    logits = np.log(PROBS).astype("float32")
+    expected = float(tfp.stats.expected_calibration_error(10, logits=logits, labels_true=LABELS))
+    np.testing.assert_allclose(
+        calibration.expected_calibration_error(LABELS, PROBS, 10), expected, **TOL
+    )
+    tfp_brier = float(np.mean(tfp.stats.brier_score(LABELS, logits)))
+    np.testing.assert_allclose(calibration.brier_score(LABELS, PROBS), tfp_brier + 1.0, **TOL)
+
+
 class TestBrierAndNLL:
     def test_brier_matches_numpy(self):
         expected = np.mean(np.sum((PROBS - np.eye(CLASSES)[LABELS]) ** 2, axis=-1))
