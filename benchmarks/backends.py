@@ -40,6 +40,10 @@ import time
 
 import numpy as np
 
+# Run as a script (`python benchmarks/...`): the repository root on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._ratios import paired_ratio
+
 HIDDEN, LATENT, PIXELS = (512, 256), 32, 784
 BACKENDS = ("tensorflow", "jax", "torch")
 VARIANTS = {
@@ -191,16 +195,6 @@ class Worker:
             self.process.stdin.write("quit\n")
             self.process.stdin.flush()
             self.process.wait(timeout=60)
-
-
-def paired_ratio(numerator, denominator, seed=0):
-    """Median over rounds of same-round ratios, with a 90% percentile-bootstrap
-    interval of that median (the same estimator as speed.py)."""
-    ratios = np.asarray(numerator) / np.asarray(denominator)
-    rng = np.random.default_rng(seed)
-    resampled = np.median(rng.choice(ratios, size=(4000, len(ratios))), axis=1)
-    low, high = np.percentile(resampled, [5, 95])
-    return float(np.median(ratios)), float(low), float(high)
 
 
 def verdict(low, high, bound, at_most=True):

@@ -44,6 +44,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_elbo as ke  # noqa: E402
+
+# Run as a script (`python benchmarks/...`): the repository root on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._ratios import paired_ratio  # noqa: E402
 from keras_elbo import datasets  # noqa: E402
 
 HIDDEN, LATENT, PIXELS = (512, 256), 32, 784
@@ -176,16 +180,6 @@ def speed(x, rounds, batch_size, variants=tuple(VARIANTS)):
     return {name: statistics.median(t) for name, t in times.items()}, times
 
 
-def paired_ratio(times, numerator, denominator, seed=0):
-    """Median over rounds of the ratio of two variants' epoch times measured in
-    the same round, and a 90% percentile-bootstrap interval of that median."""
-    ratios = np.asarray(times[numerator]) / np.asarray(times[denominator])
-    rng = np.random.default_rng(seed)
-    resampled = np.median(rng.choice(ratios, size=(4000, len(ratios))), axis=1)
-    low, high = np.percentile(resampled, [5, 95])
-    return float(np.median(ratios)), float(low), float(high)
-
-
 def verdict(low, high, bound):
     if high <= bound:
         return "met"
@@ -208,7 +202,7 @@ def sample_sweep(x, batch_size, counts, rounds):
             times[name].append(epoch_seconds(model, x, batch_size))
     result = {}
     for n in counts:
-        ratio, low, high = result[n] = paired_ratio(times, n, "floor")
+        ratio, low, high = result[n] = paired_ratio(times[n], times["floor"])
         print(f"  mc num_samples={n:<4d} {ratio:6.3f}  [{low:.3f}, {high:.3f}]")
     return result
 
@@ -327,7 +321,7 @@ def main():
     for label, numerator, denominator, bound in goals:
         if numerator not in times or denominator not in times:
             continue
-        ratio, low, high = paired_ratio(times, numerator, denominator)
+        ratio, low, high = paired_ratio(times[numerator], times[denominator])
         results[label] = {"ratio": ratio, "interval": [low, high], "bound": bound}
         print(f"  {label:16s} {ratio:.3f} [{low:.3f}, {high:.3f}]  {verdict(low, high, bound)}")
     print(

@@ -981,9 +981,6 @@ class Logistic(Distribution):
     reparameterized = True
 
     def __init__(self, loc, scale):
-        # Given as constants 0 and 1 (the default prior): `log_prob` then
-        # skips the shift and scaling of its argument.
-        self._standard = _is_constant(loc, 0.0) and _is_constant(scale, 1.0)
         loc, scale = _as_float(loc=loc, scale=scale)
         self._loc, self._scale = _broadcast_batch(loc=(loc, 0), scale=(scale, 0))
 
@@ -994,19 +991,6 @@ class Logistic(Distribution):
     @property
     def scale(self):
         return self._scale
-
-    def _standardized(self, x):
-        """`(x - loc) / scale`. For the tensor `_sample` last returned, the
-        noise it was made from: the same value, and the same gradient (the
-        total derivative of `(loc + scale * eps - loc) / scale` is zero),
-        without two operations on every sample."""
-        if self._last_draw is not None and x is self._last_draw[0]:
-            return self._last_draw[1]
-        x = _cast(x, self.dtype)
-        return x if self._standard else (x - self._loc) / self._scale
-
-    def _log_scale(self):
-        return ops.zeros_like(self._scale) if self._standard else ops.log(self._scale)
 
     @property
     def batch_shape(self) -> tuple:
