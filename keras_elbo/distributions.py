@@ -693,11 +693,21 @@ class MultivariateNormalTriL(Distribution):
     def _sample(self, sample_shape, seed):
         shape = sample_shape + _runtime_shape(self._loc, self._scale_tril[..., 0])
         eps = keras.random.normal(shape, dtype=self.dtype, seed=seed)
-        return self._loc + ops.squeeze(ops.matmul(self._scale_tril, eps[..., None]), axis=-1)
+        sample = self._loc + ops.squeeze(ops.matmul(self._scale_tril, eps[..., None]), axis=-1)
+        self._last_draw = (sample, eps)
+        return sample
 
     def log_prob(self, x):
-        diff = _cast(x, self.dtype) - self._loc
-        z = _solve_lower(self._scale_tril, diff[..., None])[..., 0]
+        if self._last_draw is not None and x is self._last_draw[0]:
+            # Its own sample: the noise it was drawn from, not a triangular
+            # solve, which loses every digit in float32 once the off-diagonal
+            # entries of a large scale outgrow its diagonal (a Monte Carlo KL
+            # of 102 weights then read -1e33 and training diverged). Same
+            # value and gradient, as for `Normal`.
+            z = self._last_draw[1]
+        else:
+            diff = _cast(x, self.dtype) - self._loc
+            z = _solve_lower(self._scale_tril, diff[..., None])[..., 0]
         d = self.event_shape[0]
         log_det = ops.sum(_log_abs_diagonal(self._scale_tril), axis=-1)
         return -0.5 * ops.sum(ops.square(z), axis=-1) - log_det - d * _HALF_LOG_2PI
