@@ -30,25 +30,19 @@ def _is_traced_jax(tensor):
     return isinstance(tensor, jax.core.Tracer)
 
 
-def _tf_graph_with_checks():
-    """On TensorFlow: whether ops are being added to a graph that can hold
-    an `Assert`, i.e. a traced function that XLA does not compile. (Eagerly
-    a check raises at once instead; XLA drops an `Assert` and warns.)"""
+def _tf_mode():
+    """Where TensorFlow is adding ops: `"eager"` (a check raises at once),
+    `"graph"` (a traced function: an `Assert` runs in it) or `"xla"` (a
+    function XLA compiles, which would drop an `Assert` with a warning)."""
     import tensorflow as tf
 
     if tf.executing_eagerly():
-        return False
+        return "eager"
     try:  # TensorFlow's own test, private: without it the checks stay
         from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
     except ImportError:
-        return True
-    return not GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-
-
-def _in_tf_graph():
-    import tensorflow as tf
-
-    return not tf.executing_eagerly()
+        return "graph"
+    return "xla" if GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()) else "graph"
 
 
 def check_finite(tensor, message):
@@ -66,9 +60,10 @@ def _checked(tensor, ok, message):
     would also do, but appends "Tensor had Inf values" to the message, even
     for a NaN). Elsewhere `assert_condition`.
     """
-    if BACKEND == "tensorflow" and _in_tf_graph():
-        if not _tf_graph_with_checks():  # XLA
-            return tensor
+    mode = _tf_mode() if BACKEND == "tensorflow" else None
+    if mode == "xla":
+        return tensor
+    if mode == "graph":
         import tensorflow as tf
 
         with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
@@ -91,9 +86,10 @@ def assert_condition(ok, message):
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        if _in_tf_graph():
-            if _tf_graph_with_checks():
-                tf.debugging.Assert(ok, message)
+        mode = _tf_mode()
+        if mode == "graph":
+            tf.debugging.Assert(ok, message)
+        if mode != "eager":
             return
 
         def error(text):
@@ -141,7 +137,7 @@ def checked_before(tensors, message):
     execution, XLA, JAX, PyTorch) it does nothing: `finite_gate` serves
     there. (XLA could not lift the optimizer's variables out of the block.)
     """
-    if BACKEND == "tensorflow" and _in_tf_graph() and _tf_graph_with_checks():
+    if BACKEND == "tensorflow" and _tf_mode() == "graph":
         import tensorflow as tf
 
         check = tf.debugging.Assert(all_finite(tensors), [message])
