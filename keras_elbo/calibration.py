@@ -53,6 +53,12 @@ def _labels(y_true, num_classes):
     return ops.cast(ops.reshape(y_true, (-1,)), "int32")
 
 
+def _one_hot_labels(y_true, probabilities):
+    """The labels as one-hot float32 rows of `probabilities`' classes."""
+    num_classes = probabilities.shape[-1]
+    return ops.one_hot(_labels(y_true, num_classes), num_classes, dtype="float32")
+
+
 def _check_labels(y_true, n, num_classes):
     """Integer labels `(n,)` (NumPy) from `y_true`, checked: `n` of them, in
     `0..num_classes - 1`. (The functions check; the metrics, which run inside
@@ -230,7 +236,7 @@ class BrierScore(keras.metrics.Mean):
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         p = _probabilities(y_pred, self.from_logits)
-        one_hot = ops.one_hot(_labels(y_true, p.shape[-1]), p.shape[-1], dtype="float32")
+        one_hot = _one_hot_labels(y_true, p)
         per_example = ops.sum(ops.square(p - one_hot), axis=-1)
         weight = _weights(sample_weight, ops.shape(per_example)[0])
         super().update_state(per_example, sample_weight=weight)
@@ -275,7 +281,7 @@ def classification_nll(y_true, probabilities, from_logits: bool = False) -> floa
     """
     _checked(y_true, probabilities, from_logits)
     p = _probabilities(probabilities, from_logits)
-    one_hot = ops.one_hot(_labels(y_true, p.shape[-1]), p.shape[-1], dtype="float32")
+    one_hot = _one_hot_labels(y_true, p)
     p_label = ops.sum(p * one_hot, axis=-1)
     nll = -ops.log(ops.maximum(p_label, keras.config.epsilon()))
     return float(ops.convert_to_numpy(ops.mean(nll)))

@@ -369,9 +369,17 @@ class Distribution:
 
     reparameterized = False
     # `(sample, noise)` of the last reparameterised draw, where a subclass
-    # keeps it (`Normal`): `log_prob` of that very tensor reads the noise
-    # back instead of recomputing it, as TFP's bijector cache does.
+    # keeps it (`Normal`, `MultivariateNormalTriL`): `log_prob` of that very
+    # tensor reads the noise back (`_own_noise`) instead of recomputing it,
+    # as TFP's bijector cache does.
     _last_draw = None
+
+    def _own_noise(self, x):
+        """The noise `x` was drawn from, if `x` is the tensor `_sample` last
+        returned; else None."""
+        if self._last_draw is not None and x is self._last_draw[0]:
+            return self._last_draw[1]
+        return None
 
     def sample(
         self,
@@ -498,8 +506,9 @@ class Normal(Distribution):
         noise it was made from: the same value, and the same gradient (the
         total derivative of `(loc + scale * eps - loc) / scale` is zero),
         without two operations on every sample."""
-        if self._last_draw is not None and x is self._last_draw[0]:
-            return self._last_draw[1]
+        noise = self._own_noise(x)
+        if noise is not None:
+            return noise
         x = _cast(x, self.dtype)
         return x if self._standard else (x - self._loc) / self._scale
 
@@ -698,14 +707,13 @@ class MultivariateNormalTriL(Distribution):
         return sample
 
     def log_prob(self, x):
-        if self._last_draw is not None and x is self._last_draw[0]:
-            # Its own sample: the noise it was drawn from, not a triangular
-            # solve, which loses every digit in float32 once the off-diagonal
-            # entries of a large scale outgrow its diagonal (a Monte Carlo KL
-            # of 102 weights then read -1e33 and training diverged). Same
-            # value and gradient, as for `Normal`.
-            z = self._last_draw[1]
-        else:
+        # Of its own sample, the noise it was drawn from, not a triangular
+        # solve, which loses every digit in float32 once the off-diagonal
+        # entries of a large scale outgrow its diagonal (a Monte Carlo KL of
+        # 102 weights then read -1e33 and training diverged). Same value and
+        # gradient, as for `Normal`.
+        z = self._own_noise(x)
+        if z is None:
             diff = _cast(x, self.dtype) - self._loc
             z = _solve_lower(self._scale_tril, diff[..., None])[..., 0]
         d = self.event_shape[0]
@@ -1593,8 +1601,6 @@ def stop_parameter_gradients(dist):
     # afresh, with the gradient through z alone.
     clone._last_draw = None
     for name, value in vars(dist).items():
-        if name == "_last_draw":
-            continue
         if isinstance(value, Distribution):
             setattr(clone, name, stop_parameter_gradients(value))
         elif ops.is_tensor(value) or isinstance(value, keras.Variable):
