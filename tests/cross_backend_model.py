@@ -1,16 +1,18 @@
 """Saves or loads models of every public layer and a distribution output, for
 tests/test_cross_backend.py.
 
-Run as `KERAS_BACKEND=b python tests/cross_backend_model.py save|load DIR`:
-`save` trains each model one epoch, writes `DIR/<name>.keras` and the model's
-predictions (`inference="mean"`: deterministic) to `DIR/<name>_predictions.npy`;
-`load` loads each file on this backend with `compile=False` and writes
-`DIR/<name>_loaded.npy`, then loads it compiled, records the restored
-optimizer's step count and trains one epoch (`DIR/<name>_compiled.json`).
-Every distribution output (`keras_elbo.outputs`) is saved as its config
-with its per-example losses on fixed parameters and targets
-(`outputs.json`); `load` rebuilds each from its config and writes its
-losses on the same parameters and targets (`outputs_loaded.json`).
+Run as `KERAS_BACKEND=b python tests/cross_backend_model.py DIR b [--load=SRC]...
+[--save]`. Each `--load=SRC` loads the files that backend SRC saved in
+`DIR/SRC/`, on this backend with `compile=False`, and writes the predictions
+to `DIR/SRC/on_b/<name>_loaded.npy`; then loads each compiled, records the
+restored optimizer's step count and trains one epoch
+(`DIR/SRC/on_b/<name>_compiled.json`), and rebuilds every distribution output
+from its saved config and writes its losses on the same parameters and
+targets (`outputs_loaded.json`). `--save` trains each model one epoch and
+writes `DIR/b/<name>.keras`, the model's predictions (`inference="mean"`:
+deterministic, `<name>_predictions.npy`) and every distribution output
+(`keras_elbo.outputs`) as its config with its per-example losses on fixed
+parameters and targets (`outputs.json`).
 """
 
 import json
@@ -96,37 +98,52 @@ def output_losses(outputs):
     return losses
 
 
-def main(action, folder):
-    folder = pathlib.Path(folder)
+def save(folder):
+    folder.mkdir(parents=True)
     for name, (make, targets) in MODELS.items():
-        if action == "save":
-            model = make()
-            model.fit(DATA, targets, epochs=1, batch_size=8, verbose=0)
-            model.save(folder / f"{name}.keras")
-            predictions = keras.ops.convert_to_numpy(model.predict(DATA, verbose=0))
-            np.save(folder / f"{name}_predictions.npy", predictions)
+        model = make()
+        model.fit(DATA, targets, epochs=1, batch_size=8, verbose=0)
+        model.save(folder / f"{name}.keras")
+        predictions = keras.ops.convert_to_numpy(model.predict(DATA, verbose=0))
+        np.save(folder / f"{name}_predictions.npy", predictions)
+    outputs = {name: output for name, (output, _) in OUTPUTS.items()}
+    configs = {name: keras.saving.serialize_keras_object(o) for name, o in outputs.items()}
+    record = {"configs": configs, "losses": output_losses(outputs)}
+    (folder / "outputs.json").write_text(json.dumps(record))
+
+
+def load(source, target):
+    target.mkdir()
+    for name, (_, targets) in MODELS.items():
+        model = keras.saving.load_model(source / f"{name}.keras", compile=False)
+        predictions = keras.ops.convert_to_numpy(model.predict(DATA, verbose=0))
+        np.save(target / f"{name}_loaded.npy", predictions)
+        # Compiled too: the optimizer is this backend's, its state restored,
+        # and the model trains on (a PyTorch optimizer failed at `fit`).
+        model = keras.saving.load_model(source / f"{name}.keras")
+        steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+        loss = model.fit(DATA, targets, epochs=1, batch_size=8, verbose=0).history["loss"]
+        compiled = {"iterations": steps, "loss": loss[0]}
+        (target / f"{name}_compiled.json").write_text(json.dumps(compiled))
+    configs = json.loads((source / "outputs.json").read_text())["configs"]
+    outputs = {
+        name: keras.saving.deserialize_keras_object(config) for name, config in configs.items()
+    }
+    (target / "outputs_loaded.json").write_text(json.dumps(output_losses(outputs)))
+
+
+def main(folder, backend, *options):
+    folder = pathlib.Path(folder)
+    if backend != keras.backend.backend():
+        raise SystemExit(f"KERAS_BACKEND is {keras.backend.backend()}, not {backend}")
+    for option in options:
+        if option.startswith("--load="):
+            source = option.removeprefix("--load=")
+            load(folder / source, folder / source / f"on_{backend}")
+        elif option == "--save":
+            save(folder / backend)
         else:
-            model = keras.saving.load_model(folder / f"{name}.keras", compile=False)
-            predictions = keras.ops.convert_to_numpy(model.predict(DATA, verbose=0))
-            np.save(folder / f"{name}_loaded.npy", predictions)
-            # Compiled too: the optimizer is this backend's, its state restored,
-            # and the model trains on (a PyTorch optimizer failed at `fit`).
-            model = keras.saving.load_model(folder / f"{name}.keras")
-            steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-            loss = model.fit(DATA, targets, epochs=1, batch_size=8, verbose=0).history["loss"]
-            compiled = {"iterations": steps, "loss": loss[0]}
-            (folder / f"{name}_compiled.json").write_text(json.dumps(compiled))
-    if action == "save":
-        outputs = {name: output for name, (output, _) in OUTPUTS.items()}
-        configs = {name: keras.saving.serialize_keras_object(o) for name, o in outputs.items()}
-        record = {"configs": configs, "losses": output_losses(outputs)}
-        (folder / "outputs.json").write_text(json.dumps(record))
-    else:
-        configs = json.loads((folder / "outputs.json").read_text())["configs"]
-        outputs = {
-            name: keras.saving.deserialize_keras_object(config) for name, config in configs.items()
-        }
-        (folder / "outputs_loaded.json").write_text(json.dumps(output_losses(outputs)))
+            raise SystemExit(f"unknown option {option!r}")
 
 
 if __name__ == "__main__":
