@@ -54,7 +54,16 @@ from keras_elbo.outputs import (
 )
 from keras_elbo.posteriors import GaussianPosterior, Posterior
 from keras_elbo.predictive import predictive_moments
-from keras_elbo.priors import MixturePrior, NormalPrior, Prior, ScaleMixturePrior, VampPrior
+from keras_elbo.priors import (
+    ConditionalGaussianPrior,
+    ConditionalMixturePrior,
+    ConditionalPrior,
+    MixturePrior,
+    NormalPrior,
+    Prior,
+    ScaleMixturePrior,
+    VampPrior,
+)
 from keras_elbo.weight_posteriors import FullCovarianceWeights, MeanFieldWeights
 
 __version__ = "0.1.0"
@@ -67,6 +76,9 @@ __all__ = [
     "BernoulliNLL",
     "BrierScore",
     "Categorical",
+    "ConditionalGaussianPrior",
+    "ConditionalMixturePrior",
+    "ConditionalPrior",
     "CyclicalAnnealing",
     "DenseVariational",
     "ELBOModel",
@@ -121,6 +133,8 @@ _SERIALIZABLE = [
     BernoulliNLL,
     BrierScore,
     Categorical,
+    ConditionalGaussianPrior,
+    ConditionalMixturePrior,
     DenseVariational,
     ExpectedCalibrationError,
     FlowPosterior,

@@ -129,7 +129,7 @@ def draw(dist, sample_shape, seed_generator):
     return dist.sample(sample_shape, seed=seed_generator)
 
 
-def kl_estimate(q, p, method, samples=None, path_derivative=False):
+def kl_estimate(q, p, method, samples=None, path_derivative=False, balance=None):
     """KL[q || p] by one of three estimators, with q's batch shape.
 
     Works alike on joint distributions and on elementwise ones (`tfd.Normal`
@@ -141,6 +141,7 @@ def kl_estimate(q, p, method, samples=None, path_derivative=False):
     analytic:   kl = KL[q || p]                       # the registered closed form
     mc:         kl = mean_s(log q(z_s) - log p(z_s))
     mc_entropy: kl = -H[q] - mean_s(log p(z_s))       # exact entropy
+    balanced:   kl = balance * KL[sg(q) || p] + (1 - balance) * KL[q || sg(p)]
     ```
 
     Args:
@@ -157,19 +158,35 @@ def kl_estimate(q, p, method, samples=None, path_derivative=False):
             `stop_gradient`: the gradient keeps only the path through z
             ("sticking the landing", Roeder et al., 2017). The value is
             unchanged.
+        balance: `None`, or KL balancing's `alpha` in [0, 1] (Hafner et al.,
+            2021): the same value, with `alpha` of the gradient reaching the
+            prior (through p's parameters, the samples held fixed) and
+            `1 - alpha` the posterior (through q's parameters and the
+            samples, p's parameters held fixed). `sg`: stop_gradient.
     """
     if method == "analytic":
-        return closed_form_kl(q, p)
+        if balance is None:
+            return closed_form_kl(q, p)
+        to_q = closed_form_kl(q, stop_parameter_gradients(p))
+        to_p = closed_form_kl(stop_parameter_gradients(q), p)
+        return balance * to_p + (1.0 - balance) * to_q
     several = len(samples.shape) > len(_shape(q.batch_shape)) + len(_shape(q.event_shape))
 
     def mean_over_samples(values):
         return keras.ops.mean(values, axis=0) if several else values
 
-    cross_entropy = -mean_over_samples(p.log_prob(samples))
     if method == "mc_entropy":
-        return cross_entropy - q.entropy()
-    q_density = stop_parameter_gradients(q) if path_derivative else q
-    return mean_over_samples(q_density.log_prob(samples)) + cross_entropy
+        neg_entropy = -q.entropy()
+    else:
+        q_density = stop_parameter_gradients(q) if path_derivative else q
+        neg_entropy = mean_over_samples(q_density.log_prob(samples))
+    if balance is None:
+        return neg_entropy - mean_over_samples(p.log_prob(samples))
+    to_q = neg_entropy - mean_over_samples(stop_parameter_gradients(p).log_prob(samples))
+    to_p = keras.ops.stop_gradient(neg_entropy) - mean_over_samples(
+        p.log_prob(keras.ops.stop_gradient(samples))
+    )
+    return balance * to_p + (1.0 - balance) * to_q
 
 
 def _batch_mean(terms):
@@ -273,7 +290,10 @@ class KLRegularizer(keras.layers.Layer):
             be saved: `model.save` raises an error that names the layer to
             use instead. A TFP distribution holding variables is refused: a
             Keras 3 model does not train `tf.Variable`s it does not own; use a
-            prior layer for a trainable prior.
+            prior layer for a trainable prior. A conditional prior
+            (`ConditionalGaussianPrior`, `ConditionalMixturePrior`, or a
+            subclass of `ConditionalPrior`) is p(z | c) of the `prior_inputs`
+            c of each call, one distribution per example.
         mode: `"auto"`, `"analytic"`, `"mc"` or `"mc_entropy"`. Defaults to
             `"auto"`.
         num_samples: Monte Carlo samples per example, a positive integer.
@@ -296,6 +316,14 @@ class KLRegularizer(keras.layers.Layer):
             `"kl"` when the model has one regularizer, else
             `"<posterior layer name>_kl"`. Names must differ within a model.
             Defaults to `None`.
+        balance: KL balancing (Hafner et al., 2021, DreamerV2), `None` (off)
+            or `alpha` in [0, 1]: the loss holds
+            `alpha * KL[sg(q) || p] + (1 - alpha) * KL[q || sg(p)]`
+            (`sg`: stop_gradient), the same value as the KL, with `alpha` of
+            its gradient reaching the prior and `1 - alpha` the posterior; for
+            a learned or conditional prior, which `alpha > 0.5` moves towards
+            the posterior faster than the posterior towards it. DreamerV2
+            uses 0.8. Defaults to `None`.
 
     Call arguments:
         z: a sample of `posterior`, returned unchanged.
@@ -304,6 +332,10 @@ class KLRegularizer(keras.layers.Layer):
             argument (Keras layers take only tensors positionally).
         posterior_layer: the layer that made `posterior`, passed on to the
             prior (a `VampPrior` needs it). Posterior layers pass themselves.
+        prior_inputs: the tensor c of a conditional prior p(z | c)
+            (`ConditionalGaussianPrior`, `ConditionalMixturePrior`), its
+            leading axes q's batch axes; `None` for any other prior.
+            Posterior layers pass on their own `prior_inputs`.
 
     Returns:
         `z`, unchanged.
@@ -330,6 +362,7 @@ class KLRegularizer(keras.layers.Layer):
         path_derivative: bool = False,
         seed: int | None = None,
         metric_name: str | None = None,
+        balance: float | None = None,
         **kwargs,
     ):
         # Log-densities and KL are computed in float32 (float64 under a
@@ -361,6 +394,11 @@ class KLRegularizer(keras.layers.Layer):
         self.free_bits = _math.real("free_bits", free_bits, non_negative=True)
         self.path_derivative = _math.boolean("path_derivative", path_derivative)
         self.seed = _math.seed("seed", seed)
+        if balance is not None:
+            balance = _math.real("balance", balance, non_negative=True)
+            if balance > 1:
+                raise _math.invalid_argument("balance", "None or a number in [0, 1]", balance)
+        self.balance = balance
         self.metric_name = metric_name
         self.seed_generator = _math.seed_generator(self.seed, "KLRegularizer")
         self._methods = {}  # (type(q), type(p)) -> estimator, chosen on first sight
@@ -394,21 +432,49 @@ class KLRegularizer(keras.layers.Layer):
         else:
             super().load_own_variables(store)
 
-    def prior_distribution(self, posterior, posterior_layer=None):
+    @property
+    def conditional(self) -> bool:
+        """Whether the prior is computed from `prior_inputs` at each call
+        (a `ConditionalPrior`)."""
+        return isinstance(self.prior, Prior) and self.prior.conditional
+
+    def prior_distribution(self, posterior, posterior_layer=None, prior_inputs=None):
         """p(z) as a `keras_elbo.distributions` object (or the user's TFP
-        distribution, on TensorFlow), for the given posterior q(z|x).
+        distribution, on TensorFlow), for the given posterior q(z|x); a
+        conditional prior's p(z | prior_inputs).
 
         A prior layer whose `latent_dim` is `None` (`NormalPrior()`,
         `ScaleMixturePrior()`) first gets the posterior's event size as its
         `latent_dim`, kept from then on (and in its config).
         """
+        self._check_prior_inputs(prior_inputs)
         if self.prior is None:
             return standard_normal_like(posterior)
         if isinstance(self.prior, Prior):
+            if self.prior.conditional:
+                return self.prior.distribution(prior_inputs, posterior_layer=posterior_layer)
             if getattr(self.prior, "latent_dim", 0) is None:
                 self.prior.latent_dim = _event_size(posterior)
             return self.prior.distribution(posterior_layer=posterior_layer)
         return self.prior
+
+    def _check_prior_inputs(self, prior_inputs):
+        if self.conditional and prior_inputs is None:
+            raise ValueError(
+                f"The prior of KLRegularizer '{self.name}' is conditional "
+                f"({type(self.prior).__name__}): p(z | c) needs the tensor c. Call the "
+                "posterior layer as `posterior(features, prior_inputs=c)` (or the "
+                "regularizer as `kl_regularizer(z, posterior=q, prior_inputs=c)`)."
+            )
+        if not self.conditional and prior_inputs is not None:
+            prior = type(self.prior).__name__ if self.prior is not None else "None (N(0, I))"
+            raise ValueError(
+                f"KLRegularizer '{self.name}' received prior_inputs, but its prior, "
+                f"{prior}, does not take any. For a prior computed from tensors of the "
+                "model use a conditional prior (keras_elbo.ConditionalGaussianPrior, "
+                "keras_elbo.ConditionalMixturePrior or a subclass of "
+                "keras_elbo.ConditionalPrior)."
+            )
 
     def method(self, posterior, prior):
         """The estimator `mode` resolves to for this pair of distributions."""
@@ -427,24 +493,37 @@ class KLRegularizer(keras.layers.Layer):
         prior layer with `latent_dim=None` gets the posterior's event size as
         its `latent_dim` here (see `prior_distribution`).
         """
+        if self.conditional:
+            # p(z | c) exists only once c does: its size is checked now, the
+            # estimator chosen at the first call.
+            q_shape = _shape(posterior.event_shape)
+            if q_shape != (self.prior.latent_dim,):
+                raise ValueError(
+                    f"The prior of '{self.name}' has latent_dim={self.prior.latent_dim} "
+                    f"but the posterior has event shape {q_shape}: give the prior the "
+                    "posterior's latent_dim."
+                )
+            return
         prior = self.prior_distribution(posterior, posterior_layer)
         self._check_event_shapes(posterior, prior)
         self.method(posterior, prior)
 
-    def kl_divergence(self, posterior, sample=None, posterior_layer=None):
+    def kl_divergence(self, posterior, sample=None, posterior_layer=None, prior_inputs=None):
         """KL[q || p] per example, by `mode`: shape `(batch,)`, summed over
         every other axis of q's batch shape (a scalar when it is empty)."""
-        terms = self._kl_terms(posterior, sample, posterior_layer, per_dimension=False)
+        p = self.prior_distribution(posterior, posterior_layer, prior_inputs)
+        terms = self._kl_terms(posterior, p, sample, per_dimension=False)
         return _math.sum_event_dims(terms[..., 0])
 
-    def call(self, z, posterior=None, posterior_layer=None, add_to_loss=True):
+    def call(self, z, posterior=None, posterior_layer=None, prior_inputs=None, add_to_loss=True):
         if not is_distribution(posterior):
             raise TypeError(
                 "KLRegularizer must be called as `kl_regularizer(z, posterior=q)` "
                 "with q a keras_elbo.distributions object (or, on TensorFlow, a TFP "
                 f"distribution). Received: posterior={posterior!r}"
             )
-        terms = self._kl_terms(posterior, z, posterior_layer, self.free_bits > 0)
+        p = self.prior_distribution(posterior, posterior_layer, prior_inputs)
+        terms = self._kl_terms(posterior, p, z, self.free_bits > 0)
         terms = _batch_mean(terms)  # (num_terms,): nats per example, per term
         kl = keras.ops.sum(terms)
         objective = kl
@@ -464,10 +543,9 @@ class KLRegularizer(keras.layers.Layer):
         self.last_penalty.assign(keras.ops.stop_gradient(penalty))
         return z
 
-    def _kl_terms(self, q, sample, posterior_layer, per_dimension):
+    def _kl_terms(self, q, p, sample, per_dimension):
         """KL per example, shape `(*batch, terms)`: one term per latent
         dimension when `per_dimension` and the KL factorises, else one."""
-        p = self.prior_distribution(q, posterior_layer)
         self._check_event_shapes(q, p)
         method = self.method(q, p)
         samples = None
@@ -483,8 +561,10 @@ class KLRegularizer(keras.layers.Layer):
         if per_dimension:
             q_dims, p_dims = diagonal_normal_marginals(q), diagonal_normal_marginals(p)
             if q_dims is not None and p_dims is not None:
-                return kl_estimate(q_dims, p_dims, method, samples, self.path_derivative)
-        return kl_estimate(q, p, method, samples, self.path_derivative)[..., None]
+                return kl_estimate(
+                    q_dims, p_dims, method, samples, self.path_derivative, self.balance
+                )
+        return kl_estimate(q, p, method, samples, self.path_derivative, self.balance)[..., None]
 
     def _resolve_method(self, q, p):
         closed_form = self.mode in ("auto", "analytic") and has_closed_form_kl(q, p)
@@ -536,6 +616,7 @@ class KLRegularizer(keras.layers.Layer):
                 "path_derivative": self.path_derivative,
                 "seed": self.seed,
                 "metric_name": self.metric_name,
+                "balance": self.balance,
             }
         )
         return config

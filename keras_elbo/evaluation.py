@@ -44,6 +44,15 @@ class _LatentModel:
                 f"Posterior layer '{self.posterior.name}' has no kl_regularizer, so "
                 "the model has no prior to evaluate against."
             )
+        if self.posterior.kl_regularizer.conditional:
+            raise NotImplementedError(
+                f"Posterior layer '{self.posterior.name}' has a conditional prior "
+                f"({type(self.posterior.kl_regularizer.prior).__name__}), which these "
+                "estimators do not take yet (they split a one-input model at its "
+                "posterior). `model.evaluate` of an ELBOModel logs the ELBO's terms "
+                "(`neg_elbo`, `kl`, `reconstruction`), and ELBOModel(objective='iwae', "
+                "num_samples=K) its importance-weighted bound (`neg_iwae`)."
+            )
         try:
             inputs = model.inputs
         except AttributeError:  # a subclassed model has no graph to split

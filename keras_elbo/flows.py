@@ -505,6 +505,8 @@ class FlowPosterior(Posterior):
 
     Call arguments:
         inputs: features of shape `(batch, features)`.
+        prior_inputs: the tensor c of a conditional prior p(z | c) held by
+            the `kl_regularizer`; `None` otherwise.
         training: whether the call is in training mode.
 
     Returns:

@@ -436,10 +436,10 @@ class ELBOModel(keras.Model):
         model's other added losses), the reconstruction averaged over the
         samples, and the bound at weight 1 (both averaged over the batch).
         """
-        q, z = draws
+        q, z, prior_inputs = draws
         k = self.num_samples
         regularizer = self._multi_posterior.kl_regularizer
-        p = regularizer.prior_distribution(q, self._multi_posterior)
+        p = regularizer.prior_distribution(q, self._multi_posterior, prior_inputs)
         dtype = _math.density_dtype()
         weight = ops.cast(regularizer.kl_weight, dtype)
         targets = self._tiled(y)

@@ -33,8 +33,8 @@ from keras import ops
 
 from keras_elbo import _math
 from keras_elbo import distributions as kd
+from keras_elbo._gaussian import positive_scale_tril
 from keras_elbo.losses import UNIT_INTERVAL, Support, _cast_like, _checked_targets
-from keras_elbo.posteriors import positive_scale_tril
 
 # ---------------------------------------------------------------------------
 # Private helpers.

@@ -3,42 +3,11 @@
 import threading
 
 import keras
-import numpy as np
 
 from keras_elbo import _math
-from keras_elbo import distributions as kd
 from keras_elbo._base import deserialize_nested
+from keras_elbo._gaussian import COVARIANCES, gaussian, num_params
 from keras_elbo.divergence import KLRegularizer, draw
-
-COVARIANCES = ("diag", "full")
-
-
-def fill_triangular(values, d):
-    """A `(..., d, d)` lower-triangular matrix from `(..., d * (d + 1) / 2)` values.
-
-    The entries are placed in the order of TFP's `tfp.math.fill_triangular`
-    (so that models saved when this layer used TFP keep their meaning):
-    `[1, 2, 3, 4, 5, 6]` gives `[[4, 0, 0], [6, 5, 0], [3, 2, 1]]`. One
-    gather with a constant index map, on every backend.
-    """
-    m = d * (d + 1) // 2
-    order = np.concatenate([np.arange(d, m), np.arange(m)[::-1]]).reshape(d, d)
-    index = np.where(np.tril(np.ones((d, d), bool)), order, m)  # m: a zero
-    padded = keras.ops.concatenate([values, keras.ops.zeros_like(values[..., :1])], axis=-1)
-    return keras.ops.take(padded, keras.ops.convert_to_tensor(index), axis=-1)
-
-
-def positive_scale_tril(raw, d, min_scale):
-    """A `(..., d, d)` lower-triangular scale from `(..., d * (d + 1) / 2)`
-    raw values: `fill_triangular` with the diagonal `softplus(raw) + min_scale`."""
-    tril = fill_triangular(raw, d)
-    # The diagonal replaced by its positive scale with a mask, not a
-    # `set_diag`, whose gradient XLA cannot compile for a dynamic batch size
-    # (issue 10, point 5).
-    eye = keras.ops.eye(d, dtype=tril.dtype)
-    diag = _math.positive_scale(keras.ops.diagonal(tril, axis1=-2, axis2=-1), min_scale)
-    return tril * (1.0 - eye) + eye * diag[..., None, :]
-
 
 INFERENCE_OUTPUTS = ("sample", "mean")
 
@@ -68,11 +37,12 @@ class MultiSampleDraws:
         self.add_kl = add_kl
         self._records = {}
 
-    def record(self, q, z):
-        self._records[threading.get_ident()] = (q, z)
+    def record(self, q, z, prior_inputs=None):
+        self._records[threading.get_ident()] = (q, z, prior_inputs)
 
     def take(self):
-        """`(q, z)` of this thread's last draw, or `None`; forgets it."""
+        """`(q, z, prior_inputs)` of this thread's last draw, or `None`;
+        forgets it."""
         return self._records.pop(threading.get_ident(), None)
 
 
@@ -152,27 +122,37 @@ class Posterior(keras.layers.Layer):
         """What the layer returns outside training with `inference="mean"`."""
         return q.mean()
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, prior_inputs=None, training=None):
+        if prior_inputs is not None and self.kl_regularizer is None:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' received prior_inputs but has "
+                "no kl_regularizer: give it KLRegularizer(prior=...) with a "
+                "conditional prior such as keras_elbo.ConditionalGaussianPrior."
+            )
         q = self.distribution(inputs)
         if self.multi_sample is not None:
-            return self._draw_several(q, self.multi_sample)
+            return self._draw_several(q, self.multi_sample, prior_inputs)
         # `draw`: a subclass's `distribution` may return a TFP one (TensorFlow).
         z = draw(q, (), self.seed_generator)
         if self.kl_regularizer is not None:
-            z = self.kl_regularizer(z, posterior=q, posterior_layer=self)
+            z = self.kl_regularizer(z, posterior=q, posterior_layer=self, prior_inputs=prior_inputs)
         if not training and self.inference == "mean":
             z = self.mean(q)
         return keras.ops.cast(z, self.compute_dtype)
 
-    def _draw_several(self, q, multi_sample):
+    def _draw_several(self, q, multi_sample, prior_inputs):
         """K samples per example, as one batch of `K * batch` (see
         `MultiSampleDraws`)."""
         z = draw(q, (multi_sample.num_samples,), self.seed_generator)
         if self.kl_regularizer is not None:
             self.kl_regularizer(
-                z, posterior=q, posterior_layer=self, add_to_loss=multi_sample.add_kl
+                z,
+                posterior=q,
+                posterior_layer=self,
+                prior_inputs=prior_inputs,
+                add_to_loss=multi_sample.add_kl,
             )
-        multi_sample.record(q, z)
+        multi_sample.record(q, z, prior_inputs)
         shape = keras.ops.shape(z)
         return keras.ops.cast(keras.ops.reshape(z, (-1, *shape[2:])), self.compute_dtype)
 
@@ -229,7 +209,11 @@ class GaussianPosterior(Posterior):
             Defaults to `"glorot_uniform"`.
 
     Call arguments:
-        inputs: features of shape `(batch, features)`.
+        inputs: features of shape `(batch, features)` (or `(batch, ...,
+            features)`: a latent map, one q per position).
+        prior_inputs: the tensor c of a conditional prior p(z | c) held by
+            the `kl_regularizer` (`ConditionalGaussianPrior`), with the
+            inputs' leading axes; `None` otherwise.
         training: whether the call is in training mode.
 
     Returns:
@@ -267,10 +251,8 @@ class GaussianPosterior(Posterior):
         self.covariance = _math.choice("covariance", covariance, COVARIANCES)
         self.min_scale = _math.real("min_scale", min_scale, positive=True)
         self.kernel_initializer = _math.initializer("kernel_initializer", kernel_initializer)
-        d = self.latent_dim
-        num_params = 2 * d if self.covariance == "diag" else d + d * (d + 1) // 2
         self.projection = keras.layers.Dense(
-            num_params,
+            num_params(self.latent_dim, self.covariance),
             kernel_initializer=self.kernel_initializer,
             dtype=self.dtype_policy,
             name="projection",
@@ -285,11 +267,7 @@ class GaussianPosterior(Posterior):
         float64 under a float64 `floatx`)."""
         params = keras.ops.cast(self.projection(inputs), _math.density_dtype())
         params = _math.check_finite(params, self.name, "posterior parameters")
-        d = self.latent_dim
-        loc, raw = params[..., :d], params[..., d:]
-        if self.covariance == "diag":
-            return kd.MultivariateNormalDiag(loc, _math.positive_scale(raw, self.min_scale))
-        return kd.MultivariateNormalTriL(loc, positive_scale_tril(raw, d, self.min_scale))
+        return gaussian(params, self.latent_dim, self.covariance, self.min_scale)
 
     def get_config(self):
         config = super().get_config()

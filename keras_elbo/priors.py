@@ -2,14 +2,17 @@
 
 Every prior layer has a `distribution()` method returning a `keras_elbo.distributions` object
 with event shape `(latent_dim,)`; `KLRegularizer` calls it at each step, so a
-trainable prior trains with the model and its weights are saved with it.
+trainable prior trains with the model and its weights are saved with it. A
+conditional prior (`ConditionalPrior`: `ConditionalGaussianPrior`,
+`ConditionalMixturePrior`) computes p(z | c) from tensors of the model, the
+`prior_inputs` its posterior layer is called with: `distribution(prior_inputs)`.
 """
 
 import math
 
 import keras
 
-from keras_elbo import _math
+from keras_elbo import _gaussian, _math
 from keras_elbo import distributions as kd
 from keras_elbo._base import deserialize_nested
 
@@ -36,11 +39,244 @@ class Prior(keras.layers.Layer):
         """
         raise NotImplementedError
 
+    # Whether `distribution` takes the `prior_inputs` of each call.
+    conditional = False
+
     def call(self, inputs=None):
         raise TypeError(
             f"{type(self).__name__} is not called on tensors: pass it as the "
             "`prior` of a KLRegularizer, or use `prior.distribution()`."
         )
+
+
+def _features_shape(prior_inputs):
+    """The shape a conditional prior builds for: only the last axis known (a
+    traced batch axis may be a backend's symbolic dimension, which a saved
+    build config cannot hold)."""
+    shape = tuple(prior_inputs.shape)
+    if not shape or shape[-1] is None:
+        raise ValueError(
+            "A conditional prior needs prior_inputs with a known last axis (the "
+            f"features of c); received a tensor of shape {shape}."
+        )
+    return (None,) * (len(shape) - 1) + (int(shape[-1]),)
+
+
+class ConditionalPrior(Prior):
+    """Base class of conditional priors: p(z | c) computed from tensors of the model.
+
+    A conditional prior is the `prior` of a `KLRegularizer`; its posterior
+    layer is called with the prior's inputs as well,
+    `posterior(features, prior_inputs=c)` (or, for a layer of your own,
+    `kl_regularizer(z, posterior=q, prior_inputs=c)`), and the regularizer
+    asks `distribution(c)` for p(z | c) at every call: one distribution per
+    example, with the posterior's batch shape. `c` is any tensor the model
+    computes (a label's embedding for a conditional VAE, features of the
+    latent above for a hierarchical one, a recurrent state for a sequential
+    one), and gradients flow through the prior into the network that made it.
+
+    Subclass it: create the sublayers that map `c` to the prior's parameters
+    in `__init__` (they build on the first call), return a
+    `keras_elbo.distributions` object with event shape `(latent_dim,)` and
+    batch shape `c.shape[:-1]` from `distribution(prior_inputs)`, and list
+    the constructor arguments in `get_config`.
+    """
+
+    conditional = True
+
+    def distribution(self, prior_inputs, posterior_layer=None):
+        """Returns p(z | prior_inputs), a `keras_elbo.distributions` object with
+        event shape `(latent_dim,)` and batch shape `prior_inputs.shape[:-1]`."""
+        raise NotImplementedError
+
+
+@keras.saving.register_keras_serializable(package="keras_elbo")
+class ConditionalGaussianPrior(ConditionalPrior):
+    """A Gaussian prior p(z | c) whose parameters are a dense projection of `c`.
+
+    The prior of a conditional VAE (Sohn et al., 2015: p(z | y) from the
+    label), of the lower layers of a hierarchical VAE (p(z_1 | z_2), Burda et
+    al., 2016; Sonderby et al., 2016) and of a sequential latent model
+    (p(z_t | h_t), Chung et al., 2015; Hafner et al., 2019). Parametrised as
+    `GaussianPosterior` is: the first `latent_dim` outputs of a `Dense`
+    projection of `c` are the location, the rest the scales (`"diag"`,
+    `softplus(raw) + min_scale`) or a lower-triangular scale (`"full"`). The
+    KL against a Gaussian posterior (diagonal or full) is then the closed
+    form, per example, with gradients into both networks.
+
+    Use it as the `prior` of the `KLRegularizer` of a posterior layer called
+    with `prior_inputs=c` (a tensor of shape `(batch, ..., features)` whose
+    leading axes are the posterior's batch axes).
+
+    Formula:
+
+    ```python
+    params = Dense(num_params)(c)
+    p(z | c) = N(params[:d], diag(softplus(params[d:]) + min_scale)**2)   # "diag"
+    ```
+
+    Args:
+        latent_dim: size of z, a positive integer.
+        covariance: `"diag"` or `"full"`. Defaults to `"diag"`.
+        min_scale: positive floor of the prior's scales. Defaults to `1e-4`.
+        kernel_initializer: initializer of the projection's kernel.
+            Defaults to `"glorot_uniform"`.
+
+    Returns (from `distribution(c)`):
+        A `MultivariateNormalDiag` (`"diag"`) or `MultivariateNormalTriL`
+        (`"full"`) with batch shape `c.shape[:-1]`, event shape `(latent_dim,)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_elbo import GaussianPosterior, KLRegularizer
+    >>> x, label = keras.Input((6,)), keras.Input((3,))
+    >>> prior = ConditionalGaussianPrior(2)
+    >>> posterior = GaussianPosterior(2, kl_regularizer=KLRegularizer(prior=prior), seed=0)
+    >>> z = posterior(x, prior_inputs=label)
+    >>> encoder = keras.Model([x, label], z)
+    >>> tuple(encoder([np.zeros((4, 6)), np.eye(3)[[0, 1, 2, 0]]]).shape)
+    (4, 2)
+    >>> tuple(prior.distribution(np.eye(3)[:2]).batch_shape)
+    (2,)
+
+    Reference: Sohn et al., 2015, "Learning structured output representation
+    using deep conditional generative models".
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        covariance: str = "diag",
+        min_scale: float = 1e-4,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.latent_dim = _math.integer("latent_dim", latent_dim)
+        self.covariance = _math.choice("covariance", covariance, _gaussian.COVARIANCES)
+        self.min_scale = _math.real("min_scale", min_scale, positive=True)
+        self.kernel_initializer = _math.initializer("kernel_initializer", kernel_initializer)
+        self.projection = keras.layers.Dense(
+            _gaussian.num_params(self.latent_dim, self.covariance),
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="projection",
+        )
+
+    def build(self, input_shape):
+        if not self.projection.built:
+            self.projection.build(input_shape)
+        self.built = True
+
+    def distribution(self, prior_inputs, posterior_layer=None):
+        if not self.built:
+            self.build(_features_shape(prior_inputs))
+        params = keras.ops.cast(self.projection(prior_inputs), _math.density_dtype())
+        params = _math.check_finite(params, self.name, "prior parameters")
+        return _gaussian.gaussian(params, self.latent_dim, self.covariance, self.min_scale)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "latent_dim": self.latent_dim,
+                "covariance": self.covariance,
+                "min_scale": self.min_scale,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_elbo")
+class ConditionalMixturePrior(ConditionalPrior):
+    """A mixture of diagonal Gaussians p(z | c) whose weights, locations and
+    scales are a dense projection of `c`.
+
+    A multi-modal conditional prior: the context selects and places the
+    modes (the mixture density networks of Bishop, 1994, as a prior). There
+    is no closed-form KL against a mixture: `KLRegularizer(mode="auto")`
+    estimates it by Monte Carlo.
+
+    Formula:
+
+    ```python
+    logits, loc, raw = split(Dense(K + 2 * K * d)(c))   # (K,), (K, d), (K, d)
+    p(z | c) = sum_k softmax(logits)[k] * N(z; loc[k], diag(softplus(raw[k]) + min_scale)**2)
+    ```
+
+    Args:
+        latent_dim: size of z, a positive integer.
+        num_components: number of Gaussians K, a positive integer.
+        min_scale: positive floor of every component scale. Defaults to
+            `1e-3`.
+        kernel_initializer: initializer of the projection's kernel.
+            Defaults to `"glorot_uniform"`.
+
+    Returns (from `distribution(c)`):
+        A `MixtureSameFamily` of `MultivariateNormalDiag` components with
+        batch shape `c.shape[:-1]` and event shape `(latent_dim,)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> prior = ConditionalMixturePrior(latent_dim=2, num_components=3)
+    >>> p = prior.distribution(np.ones((4, 5), "float32"))
+    >>> tuple(p.batch_shape), tuple(p.event_shape)
+    ((4,), (2,))
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        num_components: int,
+        min_scale: float = 1e-3,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.latent_dim = _math.integer("latent_dim", latent_dim)
+        self.num_components = _math.integer("num_components", num_components)
+        self.min_scale = _math.real("min_scale", min_scale, positive=True)
+        self.kernel_initializer = _math.initializer("kernel_initializer", kernel_initializer)
+        k, d = self.num_components, self.latent_dim
+        self.projection = keras.layers.Dense(
+            k + 2 * k * d,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="projection",
+        )
+
+    def build(self, input_shape):
+        if not self.projection.built:
+            self.projection.build(input_shape)
+        self.built = True
+
+    def distribution(self, prior_inputs, posterior_layer=None):
+        if not self.built:
+            self.build(_features_shape(prior_inputs))
+        params = keras.ops.cast(self.projection(prior_inputs), _math.density_dtype())
+        params = _math.check_finite(params, self.name, "prior parameters")
+        k, d = self.num_components, self.latent_dim
+        batch = keras.ops.shape(params)[:-1]
+        logits = params[..., :k]
+        loc = keras.ops.reshape(params[..., k : k + k * d], (*batch, k, d))
+        raw = keras.ops.reshape(params[..., k + k * d :], (*batch, k, d))
+        components = kd.MultivariateNormalDiag(loc, _math.positive_scale(raw, self.min_scale))
+        return kd.MixtureSameFamily(logits, components)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "latent_dim": self.latent_dim,
+                "num_components": self.num_components,
+                "min_scale": self.min_scale,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            }
+        )
+        return config
 
 
 # Floor of a learned prior scale: keeps log p(z) finite if it collapses.

@@ -13,8 +13,8 @@ import numpy as np
 from keras import ops
 
 from keras_elbo import _math
+from keras_elbo._gaussian import fill_triangular, positive_scale_tril
 from keras_elbo.distributions import MultivariateNormalDiag, MultivariateNormalTriL
-from keras_elbo.posteriors import fill_triangular, positive_scale_tril
 
 # Floor of the posterior's scales: keeps log q(w) finite if a scale collapses.
 MIN_SCALE = 1e-6

@@ -36,6 +36,14 @@ def kl_full_normal(loc, scale_tril):
     return 0.5 * (np.trace(cov, axis1=-2, axis2=-1) + np.sum(loc**2, -1) - d - logdet)
 
 
+def numpy_fill_triangular(values, d):
+    """TFP's `fill_triangular`, as its source writes it: the tail of the
+    values, then all of them reversed, reshaped and cut to the lower
+    triangle ([1, ..., 6] gives [[4, 0, 0], [6, 5, 0], [3, 2, 1]])."""
+    m = len(values)
+    return np.tril(np.concatenate([values[m - (d * d - m) :], values[::-1]]).reshape(d, d))
+
+
 def diag_normal_logpdf(z, loc, scale):
     """log N(z; loc, diag(scale**2)) summed over the last axis."""
     z, loc, scale = (numpy(a) for a in (z, loc, scale))

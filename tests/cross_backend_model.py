@@ -43,7 +43,15 @@ def build():
     z3 = ke.GaussianPosterior(
         2, kl_regularizer=ke.KLRegularizer(prior=vamp, metric_name="kl_vamp"), inference="mean"
     )(h)
-    z = keras.layers.Concatenate()([z1, z2, z3])
+    # A conditional prior, p(z | c) of features of the data.
+    conditional = ke.KLRegularizer(
+        prior=ke.ConditionalGaussianPrior(2, covariance="full"), balance=0.8, metric_name="kl_cond"
+    )
+    context = keras.layers.Dense(3, activation="tanh", name="context")(x)
+    z4 = ke.GaussianPosterior(2, kl_regularizer=conditional, inference="mean", seed=3)(
+        h, prior_inputs=context
+    )
+    z = keras.layers.Concatenate()([z1, z2, z3, z4])
     model = ke.ELBOModel(x, keras.layers.Dense(PIXELS)(z))
     model.compile(keras.optimizers.Adam(1e-2), ke.BernoulliNLL(from_logits=True))
     return model

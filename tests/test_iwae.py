@@ -59,7 +59,7 @@ def one_step_loss(model, x, y=None, seen=None):
         draws = model._multi_posterior.multi_sample
         if seen is not None:
             record = draws.record
-            draws.record = lambda q, z: (seen.extend([q, z]), record(q, z))
+            draws.record = lambda q, z, c: (seen.extend([q, z]), record(q, z, c))
         y_pred = model(x, training=True)
         return model.compute_loss(x, x if y is None else y, y_pred, training=True)
 

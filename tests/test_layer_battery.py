@@ -68,6 +68,11 @@ def wire_prior(layer, x):
     return host_posterior(ke.KLRegularizer(prior=layer, seed=1))(features)
 
 
+def wire_conditional_prior(layer, x):
+    # p(z | c) of the input features themselves.
+    return host_posterior(ke.KLRegularizer(prior=layer, seed=1))(x, prior_inputs=x)
+
+
 def build_with_input(layer, input_shape):
     layer.build((None, *input_shape))
 
@@ -231,6 +236,31 @@ CASES = [
         seed_generators=0,
         build=built_at_construction,
         wire=wire_prior,
+    ),
+    # Trainable: the projection of the prior's inputs, kernel and bias.
+    Case(
+        "ConditionalGaussianPrior-diag",
+        lambda: ke.ConditionalGaussianPrior(LATENT, min_scale=1e-3),
+        trainable=2,
+        non_trainable=0,
+        seed_generators=0,
+        wire=wire_conditional_prior,
+    ),
+    Case(
+        "ConditionalGaussianPrior-full",
+        lambda: ke.ConditionalGaussianPrior(LATENT, covariance="full"),
+        trainable=2,
+        non_trainable=0,
+        seed_generators=0,
+        wire=wire_conditional_prior,
+    ),
+    Case(
+        "ConditionalMixturePrior",
+        lambda: ke.ConditionalMixturePrior(LATENT, num_components=2),
+        trainable=2,
+        non_trainable=0,
+        seed_generators=0,
+        wire=wire_conditional_prior,
     ),
     # Trainable: q(w)'s loc and raw scale, each flat over the kernel and
     # bias (held by the layer's MeanFieldWeights). Non-trainable: its own

@@ -19,8 +19,8 @@ import pytest
 from scipy import optimize, special, stats
 
 import keras_elbo as ke
+from keras_elbo._gaussian import fill_triangular
 from keras_elbo.losses import is_reconstruction_loss
-from keras_elbo.posteriors import fill_triangular
 from tests._helpers import (
     BACKEND,
     JIT_MODES,

@@ -21,17 +21,9 @@ RNG = np.random.default_rng(0)
 X = RNG.normal(size=(3, 4)).astype("float32")
 
 
-def numpy_fill_triangular(values, d):
-    """TFP's `fill_triangular`, as its source writes it: the tail of the
-    values, then all of them reversed, reshaped and cut to the lower
-    triangle ([1, ..., 6] gives [[4, 0, 0], [6, 5, 0], [3, 2, 1]])."""
-    m = len(values)
-    return np.tril(np.concatenate([values[m - (d * d - m) :], values[::-1]]).reshape(d, d))
-
-
 def test_numpy_fill_triangular_is_tfps_documented_order():
     expected = [[4, 0, 0], [6, 5, 0], [3, 2, 1]]
-    np.testing.assert_array_equal(numpy_fill_triangular(np.arange(1, 7), 3), expected)
+    np.testing.assert_array_equal(h.numpy_fill_triangular(np.arange(1, 7), 3), expected)
 
 
 def spread_full_covariance(layer, seed=1):
@@ -44,7 +36,7 @@ def spread_full_covariance(layer, seed=1):
     raw = 0.3 * rng.normal(size=size * (size + 1) // 2)
     posterior.loc.assign(loc.astype("float32"))
     posterior.raw_scale_tril.assign(raw.astype("float32"))
-    tril = numpy_fill_triangular(raw.astype("float32").astype(np.float64), size)
+    tril = h.numpy_fill_triangular(raw.astype("float32").astype(np.float64), size)
     diag = h.softplus(np.diagonal(tril)) + MIN_SCALE
     return loc, np.tril(tril, -1) + np.diag(diag)
 

@@ -1,0 +1,362 @@
+"""Conditional priors p(z | c) computed by the network (issue 18, point 1) and
+KL balancing, against NumPy float64 references."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_elbo as ke
+from keras_elbo import _gaussian
+from tests import _helpers as h
+
+D = 3
+MIN_SCALE = 1e-4
+RNG = np.random.default_rng(0)
+
+
+def numpy_gaussian(raw, covariance, min_scale=MIN_SCALE):
+    """(loc, covariance matrix) per row of raw parameters, float64, from the
+    layers' documented parametrisation."""
+    raw = np.asarray(raw, np.float64)
+    loc = raw[..., :D]
+    if covariance == "diag":
+        scale = h.softplus(raw[..., D:]) + min_scale
+        return loc, scale[..., :, None] * np.eye(D) * scale[..., None, :]
+    trils = []
+    for row in raw[..., D:].reshape(-1, raw.shape[-1] - D):
+        tril = h.numpy_fill_triangular(row, D)
+        tril[np.diag_indices(D)] = h.softplus(np.diag(tril)) + min_scale
+        trils.append(tril)
+    tril = np.stack(trils).reshape(*raw.shape[:-1], D, D)
+    return loc, tril @ np.swapaxes(tril, -1, -2)
+
+
+def numpy_kl(q_raw, p_raw, covariance):
+    """KL[N(m1, S1) || N(m2, S2)] per row: the textbook closed form."""
+    m1, s1 = numpy_gaussian(q_raw, covariance)
+    m2, s2 = numpy_gaussian(p_raw, covariance)
+    s2_inv = np.linalg.inv(s2)
+    diff = (m2 - m1)[..., None]
+    return 0.5 * (
+        np.trace(s2_inv @ s1, axis1=-2, axis2=-1)
+        + (np.swapaxes(diff, -1, -2) @ s2_inv @ diff)[..., 0, 0]
+        - D
+        + np.linalg.slogdet(s2)[1]
+        - np.linalg.slogdet(s1)[1]
+    )
+
+
+def numpy_kl_gradients(q_raw, p_raw, covariance, step=1e-6):
+    """Gradients of the summed closed form by central differences in float64."""
+    grads = []
+    for which in (0, 1):
+        args = [np.array(q_raw, np.float64), np.array(p_raw, np.float64)]
+        grad = np.zeros_like(args[which])
+        for index in np.ndindex(grad.shape):
+            plus, minus = [a.copy() for a in args], [a.copy() for a in args]
+            plus[which][index] += step
+            minus[which][index] -= step
+            grad[index] = (
+                numpy_kl(*plus, covariance).sum() - numpy_kl(*minus, covariance).sum()
+            ) / (2 * step)
+        grads.append(grad)
+    return grads
+
+
+def identity_prior(covariance, **kwargs):
+    """A conditional Gaussian prior whose parameters are its inputs."""
+    prior = ke.ConditionalGaussianPrior(
+        D, covariance=covariance, min_scale=MIN_SCALE, kernel_initializer="identity", **kwargs
+    )
+    prior.build((None, _gaussian.num_params(D, covariance)))
+    return prior
+
+
+def raw_pair(covariance, batch=4, seed=0):
+    rng = np.random.default_rng(seed)
+    n = _gaussian.num_params(D, covariance)
+    return (rng.normal(0, 0.7, (batch, n)).astype("float32") for _ in range(2))
+
+
+COVARIANCES = ["diag", "full"]
+
+
+class TestClosedForm:
+    @pytest.mark.parametrize("covariance", COVARIANCES)
+    def test_kl_of_two_network_gaussians_is_the_numpy_closed_form(self, covariance):
+        q_raw, p_raw = raw_pair(covariance)
+        regularizer = ke.KLRegularizer(prior=identity_prior(covariance))
+        q = _gaussian.gaussian(keras.ops.convert_to_tensor(q_raw), D, covariance, MIN_SCALE)
+        assert regularizer.method(q, regularizer.prior_distribution(q, None, p_raw)) == "analytic"
+        kl = regularizer.kl_divergence(q, prior_inputs=p_raw)
+        expected = numpy_kl(q_raw, p_raw, covariance)
+        np.testing.assert_allclose(h.numpy(kl), expected, rtol=2e-5, atol=1e-5)
+
+    @pytest.mark.parametrize("balance", [None, 0.8, 0.3])
+    @pytest.mark.parametrize("covariance", COVARIANCES)
+    def test_gradients_reach_both_networks_as_numpy_says(self, covariance, balance):
+        q_raw, p_raw = raw_pair(covariance, seed=1)
+        regularizer = ke.KLRegularizer(prior=identity_prior(covariance), balance=balance)
+
+        def kl(q_params, p_params):
+            q = _gaussian.gaussian(q_params, D, covariance, MIN_SCALE)
+            return regularizer.kl_divergence(q, prior_inputs=p_params)
+
+        grad_q, grad_p = h.gradients(kl, q_raw, p_raw)
+        expected_q, expected_p = numpy_kl_gradients(q_raw, p_raw, covariance)
+        # Balancing: the same value, `alpha` of the gradient to the prior and
+        # `1 - alpha` to the posterior (Hafner et al., 2021).
+        alpha = 0.5 if balance is None else balance
+        share_q, share_p = (1.0, 1.0) if balance is None else (1 - alpha, alpha)
+        np.testing.assert_allclose(grad_q, share_q * expected_q, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(grad_p, share_p * expected_p, rtol=1e-3, atol=1e-4)
+        q = _gaussian.gaussian(keras.ops.convert_to_tensor(q_raw), D, covariance, MIN_SCALE)
+        np.testing.assert_allclose(
+            h.numpy(regularizer.kl_divergence(q, prior_inputs=p_raw)),
+            numpy_kl(q_raw, p_raw, covariance),
+            rtol=2e-5,
+            atol=1e-5,
+        )
+
+
+class TestMonteCarlo:
+    def test_mixture_prior_kl_of_given_samples_matches_numpy(self):
+        prior = ke.ConditionalMixturePrior(D, num_components=2)
+        c = RNG.normal(size=(5, 4)).astype("float32")
+        p = prior.distribution(c)
+        kernel, bias = (h.numpy(w) for w in prior.projection.weights)
+        params = c.astype(np.float64) @ kernel + bias
+        logits = params[:, :2]
+        loc = params[:, 2 : 2 + 2 * D].reshape(5, 2, D)
+        scale = h.softplus(params[:, 2 + 2 * D :].reshape(5, 2, D)) + 1e-3
+        q_raw = RNG.normal(0, 0.5, (5, 2 * D)).astype("float32")
+        q = _gaussian.gaussian(keras.ops.convert_to_tensor(q_raw), D, "diag", MIN_SCALE)
+        z = RNG.normal(size=(5, D)).astype("float32")
+        regularizer = ke.KLRegularizer(prior=prior)
+        assert regularizer.method(q, p) == "mc_entropy"
+        kl = regularizer.kl_divergence(q, sample=z, prior_inputs=c)
+        log_p = [h.mixture_logpdf(z[b], logits[b], loc[b], scale[b]) for b in range(5)]
+        q_scale = h.softplus(q_raw[:, D:].astype(np.float64)) + MIN_SCALE
+        entropy = np.sum(np.log(q_scale) + 0.5 * (1 + h.LOG_2PI), axis=-1)
+        np.testing.assert_allclose(h.numpy(kl), -entropy - np.array(log_p), rtol=1e-5, atol=1e-5)
+
+    @pytest.mark.parametrize("mode", ["mc", "mc_entropy"])
+    def test_balanced_monte_carlo_splits_the_gradients_of_the_same_samples(self, mode):
+        # With fixed noise, KL balancing gives the unbalanced estimate's
+        # value, and alpha (1 - alpha) of its gradient to the prior
+        # (posterior): the backend's own unbalanced gradients are the reference.
+        q_raw, p_raw = raw_pair("diag", seed=2)
+        eps = RNG.normal(size=(4, D)).astype("float32")
+
+        def estimate(balance):
+            regularizer = ke.KLRegularizer(prior=identity_prior("diag"), mode=mode, balance=balance)
+
+            def kl(q_params, p_params):
+                q = _gaussian.gaussian(q_params, D, "diag", MIN_SCALE)
+                z = q.mean() + q.stddev() * keras.ops.convert_to_tensor(eps)
+                return regularizer.kl_divergence(q, sample=z, prior_inputs=p_params)
+
+            return h.numpy(kl(q_raw, p_raw)), h.gradients(kl, q_raw, p_raw)
+
+        value, (grad_q, grad_p) = estimate(None)
+        balanced, (balanced_q, balanced_p) = estimate(0.8)
+        np.testing.assert_allclose(balanced, value, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(balanced_q, 0.2 * grad_q, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(balanced_p, 0.8 * grad_p, rtol=1e-4, atol=1e-6)
+        assert np.abs(grad_p).max() > 0.1 and np.abs(grad_q).max() > 0.1
+
+
+def conditional_vae(covariance="diag", prior=None, balance=None, inference="sample"):
+    """A conditional VAE on 6 pixels and a one-hot label of 3 classes."""
+    x, label = keras.Input((6,), name="x"), keras.Input((3,), name="label")
+    encoder = keras.layers.Dense(8, activation="tanh", name="encoder")
+    h_ = encoder(keras.layers.Concatenate()([x, label]))
+    c = keras.layers.Dense(4, activation="tanh", name="context")(label)
+    prior = prior or ke.ConditionalGaussianPrior(D, covariance=covariance)
+    posterior = ke.GaussianPosterior(
+        D,
+        covariance=covariance,
+        kl_regularizer=ke.KLRegularizer(prior=prior, balance=balance),
+        inference=inference,
+        seed=0,
+        name="posterior",
+    )
+    z = posterior(h_, prior_inputs=c)
+    return ke.ELBOModel([x, label], keras.layers.Dense(6)(z))
+
+
+X = (RNG.random((32, 6)) < 0.4).astype("float32")
+LABELS = np.eye(3, dtype="float32")[RNG.integers(0, 3, 32)]
+
+
+class TestELBOModel:
+    @pytest.mark.parametrize("covariance", COVARIANCES)
+    def test_logged_kl_is_the_numpy_closed_form_of_the_two_networks(self, covariance):
+        model = conditional_vae(covariance)
+        model.compile("adam", ke.BernoulliNLL(from_logits=True))
+        logs = model.evaluate([X, LABELS], X, batch_size=32, verbose=0, return_dict=True)
+
+        # The two networks' parameters, in NumPy from the layers' weights.
+        def dense(inputs, layer):
+            return inputs @ h.numpy(layer.kernel) + h.numpy(layer.bias)
+
+        posterior = model.get_layer("posterior")
+        features = np.tanh(dense(np.concatenate([X, LABELS], 1), model.get_layer("encoder")))
+        q_raw = dense(features, posterior.projection)
+        context = np.tanh(dense(LABELS.astype(np.float64), model.get_layer("context")))
+        p_raw = dense(context, posterior.kl_regularizer.prior.projection)
+        expected = numpy_kl(q_raw, p_raw, covariance).mean()
+        assert logs["kl"] == pytest.approx(expected, rel=1e-4)
+        assert logs["neg_elbo"] == pytest.approx(logs["reconstruction"] + logs["kl"], rel=1e-5)
+
+    def test_training_moves_both_networks(self):
+        model = conditional_vae(balance=0.8)
+        model.compile(keras.optimizers.Adam(1e-2), ke.BernoulliNLL(from_logits=True))
+        prior = model.get_layer("posterior").kl_regularizer.prior
+        tracked = [*prior.trainable_weights, *model.get_layer("context").trainable_weights]
+        before = [h.numpy(w) for w in tracked]
+        history = model.fit([X, LABELS], X, epochs=2, batch_size=8, verbose=0).history
+        assert sorted(history) == ["kl", "loss", "neg_elbo", "reconstruction"]
+        assert np.all(np.isfinite(history["loss"]))
+        for b, w in zip(before, tracked, strict=True):
+            assert not np.allclose(b, h.numpy(w)), w.path
+
+    @pytest.mark.parametrize("objective, num_samples", [("elbo", 4), ("iwae", 4)])
+    def test_multi_sample_objectives_use_the_conditional_prior(self, objective, num_samples):
+        # The decoder sees z only: K samples per example are drawn against
+        # p(z | c) of the example.
+        model = conditional_vae()
+        multi = ke.ELBOModel(model.inputs, model.outputs, objective=objective, num_samples=4)
+        multi.compile(keras.optimizers.Adam(1e-2), ke.BernoulliNLL(from_logits=True))
+        logs = multi.evaluate([X, LABELS], X, batch_size=32, verbose=0, return_dict=True)
+        single = model
+        single.compile("adam", ke.BernoulliNLL(from_logits=True))
+        kl = single.evaluate([X, LABELS], X, batch_size=32, verbose=0, return_dict=True)["kl"]
+        assert logs["kl"] == pytest.approx(kl, rel=1e-5)  # analytic, per example
+        if objective == "iwae":
+            assert np.isfinite(logs["neg_iwae"])
+        history = multi.fit([X, LABELS], X, epochs=1, batch_size=8, verbose=0).history
+        assert np.all(np.isfinite(history["loss"]))
+
+    def test_subclassed_model(self):
+        class ConditionalVAE(ke.ELBOModel):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self.encoder = keras.layers.Dense(8, activation="tanh")
+                self.context = keras.layers.Dense(4, activation="tanh")
+                self.posterior = ke.GaussianPosterior(
+                    D,
+                    kl_regularizer=ke.KLRegularizer(prior=ke.ConditionalGaussianPrior(D)),
+                    seed=0,
+                )
+                self.decoder = keras.layers.Dense(6)
+
+            def call(self, inputs):
+                x, label = inputs
+                features = self.encoder(keras.ops.concatenate([x, label], axis=-1))
+                return self.decoder(self.posterior(features, prior_inputs=self.context(label)))
+
+        model = ConditionalVAE()
+        model.compile(keras.optimizers.Adam(1e-2), ke.BernoulliNLL(from_logits=True))
+        history = model.fit([X, LABELS], X, epochs=2, batch_size=8, verbose=0).history
+        assert sorted(history) == ["kl", "loss", "neg_elbo", "reconstruction"]
+        assert all(kl > 0 for kl in history["kl"])
+
+    def test_sequence_kl_is_summed_over_time(self):
+        # (batch, time, features) posterior and prior inputs: one Gaussian per
+        # step, the KL summed over time and averaged over the batch.
+        posterior = ke.GaussianPosterior(
+            D,
+            kl_regularizer=ke.KLRegularizer(prior=identity_prior("diag")),
+            kernel_initializer="identity",
+            name="posterior",
+        )
+        q_in, p_in = keras.Input((5, 2 * D)), keras.Input((5, 2 * D))
+        z = posterior(q_in, prior_inputs=p_in)
+        model = keras.Model([q_in, p_in], z)
+        q_raw = RNG.normal(0, 0.5, (2, 5, 2 * D)).astype("float32")
+        p_raw = RNG.normal(0, 0.5, (2, 5, 2 * D)).astype("float32")
+        model([q_raw, p_raw])
+        expected = numpy_kl(q_raw, p_raw, "diag").sum(axis=1).mean()
+        (loss,) = model.losses
+        assert float(h.numpy(loss)) == pytest.approx(expected, rel=1e-5)
+
+    @pytest.mark.parametrize("use_custom_objects", [False, True])
+    def test_saves_and_loads(self, use_custom_objects, tmp_path, monkeypatch):
+        model = conditional_vae("full", balance=0.8, inference="mean")
+        model.compile(keras.optimizers.Adam(1e-2), ke.BernoulliNLL(from_logits=True))
+        model.fit([X, LABELS], X, epochs=1, batch_size=8, verbose=0)
+        expected = h.numpy(model.predict([X, LABELS], verbose=0))
+        loaded = h.save_and_load(model, tmp_path / "cvae.keras", use_custom_objects, monkeypatch)
+        np.testing.assert_allclose(h.numpy(loaded.predict([X, LABELS], verbose=0)), expected)
+        regularizer = loaded.get_layer("posterior").kl_regularizer
+        assert isinstance(regularizer.prior, ke.ConditionalGaussianPrior)
+        assert regularizer.balance == 0.8 and regularizer.prior.covariance == "full"
+        logs = loaded.evaluate([X, LABELS], X, verbose=0, return_dict=True)
+        assert logs["kl"] == pytest.approx(
+            model.evaluate([X, LABELS], X, verbose=0, return_dict=True)["kl"], rel=1e-5
+        )
+
+
+class TestErrors:
+    def test_conditional_prior_without_its_inputs(self):
+        posterior = ke.GaussianPosterior(
+            D, kl_regularizer=ke.KLRegularizer(prior=ke.ConditionalGaussianPrior(D))
+        )
+        with pytest.raises(ValueError, match="prior_inputs=c"):
+            posterior(keras.Input((4,)))
+
+    def test_prior_inputs_for_a_prior_that_takes_none(self):
+        posterior = ke.GaussianPosterior(D, kl_regularizer=ke.KLRegularizer())
+        with pytest.raises(ValueError, match="ConditionalGaussianPrior"):
+            posterior(keras.Input((4,)), prior_inputs=keras.Input((2,)))
+
+    def test_prior_inputs_without_a_regularizer(self):
+        with pytest.raises(ValueError, match="no kl_regularizer"):
+            ke.GaussianPosterior(D)(keras.Input((4,)), prior_inputs=keras.Input((2,)))
+
+    def test_prior_of_another_size_fails_at_construction(self):
+        posterior = ke.GaussianPosterior(
+            D, kl_regularizer=ke.KLRegularizer(prior=ke.ConditionalGaussianPrior(D + 1))
+        )
+        with pytest.raises(ValueError, match="latent_dim=4"):
+            posterior(keras.Input((4,)), prior_inputs=keras.Input((2,)))
+
+    def test_analytic_mode_against_a_mixture_names_the_fix(self):
+        regularizer = ke.KLRegularizer(prior=ke.ConditionalMixturePrior(D, 2), mode="analytic")
+        posterior = ke.GaussianPosterior(D, kl_regularizer=regularizer)
+        with pytest.raises(ValueError, match="mode='mc'"):
+            posterior(keras.Input((4,)), prior_inputs=keras.Input((2,)))
+
+    @pytest.mark.parametrize("balance", [-0.1, 1.5, "half"])
+    def test_balance_outside_the_unit_interval(self, balance):
+        with pytest.raises(ValueError, match="balance"):
+            ke.KLRegularizer(balance=balance)
+
+    def test_nan_prior_parameters_are_named(self):
+        prior = ke.ConditionalGaussianPrior(D)
+        with pytest.raises(h.run_time_error(), match="prior parameters"):
+            prior.distribution(np.full((2, 4), np.nan, "float32")).mean()
+
+    def test_evaluation_functions_say_what_to_use_instead(self):
+        model = conditional_vae()
+        model.compile("adam", ke.BernoulliNLL(from_logits=True))
+        for estimate in (ke.evaluate_elbo, ke.importance_weighted_log_likelihood):
+            with pytest.raises(NotImplementedError, match="objective='iwae'"):
+                estimate(model, X, verbose=0)
+
+    def test_prior_is_not_called_on_tensors(self):
+        with pytest.raises(TypeError, match="prior"):
+            ke.ConditionalGaussianPrior(D)(np.zeros((2, 4), "float32"))
+
+
+def test_config_round_trip():
+    for prior in (
+        ke.ConditionalGaussianPrior(D, covariance="full", min_scale=1e-3),
+        ke.ConditionalMixturePrior(D, num_components=4, min_scale=1e-2),
+    ):
+        h.config_round_trip(prior)
+    regularizer = h.config_round_trip(
+        ke.KLRegularizer(prior=ke.ConditionalGaussianPrior(D), balance=0.8)
+    )
+    assert regularizer.balance == 0.8 and regularizer.conditional
