@@ -90,8 +90,52 @@ class ConditionalPrior(Prior):
         raise NotImplementedError
 
 
+class _ProjectedPrior(ConditionalPrior):
+    """A conditional prior whose parameters are a `Dense` projection of its
+    inputs: the validation, projection, build and config its subclasses share.
+    A subclass calls `_make_projection(units)` in `__init__` and makes its
+    distribution from `_params(prior_inputs)`."""
+
+    def __init__(self, latent_dim, min_scale, kernel_initializer, **kwargs):
+        super().__init__(**kwargs)
+        self.latent_dim = _math.integer("latent_dim", latent_dim)
+        self.min_scale = _math.real("min_scale", min_scale, positive=True)
+        self.kernel_initializer = _math.initializer("kernel_initializer", kernel_initializer)
+
+    def _make_projection(self, units):
+        self.projection = keras.layers.Dense(
+            units,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="projection",
+        )
+
+    def build(self, input_shape):
+        if not self.projection.built:
+            self.projection.build(input_shape)
+        self.built = True
+
+    def _params(self, prior_inputs):
+        """The projection of `prior_inputs`, in the density dtype, checked finite."""
+        if not self.built:
+            self.build(_features_shape(prior_inputs))
+        params = keras.ops.cast(self.projection(prior_inputs), _math.density_dtype())
+        return _math.check_finite(params, self.name, "prior parameters")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "latent_dim": self.latent_dim,
+                "min_scale": self.min_scale,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            }
+        )
+        return config
+
+
 @keras.saving.register_keras_serializable(package="keras_elbo")
-class ConditionalGaussianPrior(ConditionalPrior):
+class ConditionalGaussianPrior(_ProjectedPrior):
     """A Gaussian prior p(z | c) whose parameters are a dense projection of `c`.
 
     The prior of a conditional VAE (Sohn et al., 2015: p(z | y) from the
@@ -152,45 +196,20 @@ class ConditionalGaussianPrior(ConditionalPrior):
         kernel_initializer="glorot_uniform",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.latent_dim = _math.integer("latent_dim", latent_dim)
+        super().__init__(latent_dim, min_scale, kernel_initializer, **kwargs)
         self.covariance = _math.choice("covariance", covariance, _gaussian.COVARIANCES)
-        self.min_scale = _math.real("min_scale", min_scale, positive=True)
-        self.kernel_initializer = _math.initializer("kernel_initializer", kernel_initializer)
-        self.projection = keras.layers.Dense(
-            _gaussian.num_params(self.latent_dim, self.covariance),
-            kernel_initializer=self.kernel_initializer,
-            dtype=self.dtype_policy,
-            name="projection",
-        )
-
-    def build(self, input_shape):
-        if not self.projection.built:
-            self.projection.build(input_shape)
-        self.built = True
+        self._make_projection(_gaussian.num_params(self.latent_dim, self.covariance))
 
     def distribution(self, prior_inputs, posterior_layer=None):
-        if not self.built:
-            self.build(_features_shape(prior_inputs))
-        params = keras.ops.cast(self.projection(prior_inputs), _math.density_dtype())
-        params = _math.check_finite(params, self.name, "prior parameters")
+        params = self._params(prior_inputs)
         return _gaussian.gaussian(params, self.latent_dim, self.covariance, self.min_scale)
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "latent_dim": self.latent_dim,
-                "covariance": self.covariance,
-                "min_scale": self.min_scale,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-            }
-        )
-        return config
+        return {**super().get_config(), "covariance": self.covariance}
 
 
 @keras.saving.register_keras_serializable(package="keras_elbo")
-class ConditionalMixturePrior(ConditionalPrior):
+class ConditionalMixturePrior(_ProjectedPrior):
     """A mixture of diagonal Gaussians p(z | c) whose weights, locations and
     scales are a dense projection of `c`.
 
@@ -235,29 +254,13 @@ class ConditionalMixturePrior(ConditionalPrior):
         kernel_initializer="glorot_uniform",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.latent_dim = _math.integer("latent_dim", latent_dim)
+        super().__init__(latent_dim, min_scale, kernel_initializer, **kwargs)
         self.num_components = _math.integer("num_components", num_components)
-        self.min_scale = _math.real("min_scale", min_scale, positive=True)
-        self.kernel_initializer = _math.initializer("kernel_initializer", kernel_initializer)
         k, d = self.num_components, self.latent_dim
-        self.projection = keras.layers.Dense(
-            k + 2 * k * d,
-            kernel_initializer=self.kernel_initializer,
-            dtype=self.dtype_policy,
-            name="projection",
-        )
-
-    def build(self, input_shape):
-        if not self.projection.built:
-            self.projection.build(input_shape)
-        self.built = True
+        self._make_projection(k + 2 * k * d)
 
     def distribution(self, prior_inputs, posterior_layer=None):
-        if not self.built:
-            self.build(_features_shape(prior_inputs))
-        params = keras.ops.cast(self.projection(prior_inputs), _math.density_dtype())
-        params = _math.check_finite(params, self.name, "prior parameters")
+        params = self._params(prior_inputs)
         k, d = self.num_components, self.latent_dim
         batch = keras.ops.shape(params)[:-1]
         logits = params[..., :k]
@@ -267,16 +270,7 @@ class ConditionalMixturePrior(ConditionalPrior):
         return kd.MixtureSameFamily(logits, components)
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "latent_dim": self.latent_dim,
-                "num_components": self.num_components,
-                "min_scale": self.min_scale,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-            }
-        )
-        return config
+        return {**super().get_config(), "num_components": self.num_components}
 
 
 # Floor of a learned prior scale: keeps log p(z) finite if it collapses.
