@@ -360,3 +360,45 @@ def test_config_round_trip():
         ke.KLRegularizer(prior=ke.ConditionalGaussianPrior(D), balance=0.8)
     )
     assert regularizer.balance == 0.8 and regularizer.conditional
+
+
+@pytest.mark.slow  # a whole training (about 15 s of CPU on TensorFlow)
+def test_conditional_vae_draws_digits_of_the_class_asked_for():
+    # Issue 18's acceptance: a conditional VAE on the bundled 8x8 digits; its
+    # samples of class c, z ~ p(z | c) decoded to Bernoulli means, are
+    # classified as c by a classifier trained on the real digits at least 90%
+    # of the time (measured: 99.7% on TensorFlow after 50 epochs; the
+    # classifier scores 93% on the real test digits; binary draws from the
+    # means, 93%).
+    from sklearn.linear_model import LogisticRegression
+
+    from keras_elbo import datasets
+
+    keras.utils.set_random_seed(0)
+    x_train, y_train, x_test, y_test = datasets.load_digits(with_labels=True)
+    onehot = np.eye(10, dtype="float32")
+    x, label = keras.Input((64,)), keras.Input((10,))
+    features = keras.layers.Dense(128, activation="relu")(keras.layers.Concatenate()([x, label]))
+    context = keras.layers.Dense(32, activation="relu")(label)
+    prior = ke.ConditionalGaussianPrior(4)
+    z = ke.GaussianPosterior(4, kl_regularizer=ke.KLRegularizer(prior=prior), seed=0)(
+        features, prior_inputs=context
+    )
+    decoder = [keras.layers.Dense(128, activation="relu"), keras.layers.Dense(64)]
+    logits = decoder[1](decoder[0](keras.layers.Concatenate()([z, label])))
+    model = ke.ELBOModel([x, label], logits)
+    model.compile(keras.optimizers.Adam(3e-3), ke.BernoulliNLL(from_logits=True))
+    model.fit([x_train, onehot[y_train]], x_train, epochs=50, batch_size=64, verbose=0)
+
+    classifier = LogisticRegression(max_iter=2000).fit(x_train, y_train)
+    assert classifier.score(x_test, y_test) > 0.9
+    asked = np.repeat(np.arange(10), 100)
+    c = keras.ops.convert_to_tensor(onehot[asked])
+    z_in = keras.Input((4,))
+    generator = keras.Model(
+        [z_in, label], decoder[1](decoder[0](keras.layers.Concatenate()([z_in, label])))
+    )
+    draws = prior.distribution(keras.Model(label, context)(c)).sample(seed=1)
+    means = h.numpy(keras.ops.sigmoid(generator([draws, c])))
+    accuracy = np.mean(classifier.predict(means) == asked)
+    assert accuracy >= 0.9, accuracy
