@@ -6,6 +6,7 @@ TFP Gaussians so that one KL table serves both.
 """
 
 import math
+import threading
 
 import keras
 import numpy as np
@@ -227,8 +228,10 @@ class KLRegularizer(keras.layers.Layer):
     reconstruction term and the negative ELBO at weight 1, in `fit` and
     `evaluate`. The layer keeps the last batch's KL and added loss in two
     non-trainable variables (`last_kl`, `last_penalty`) for that
-    purpose. The weight is held in the non-trainable variable `kl_weight`,
-    which a callback may change during training (`KLAnnealing`).
+    purpose; within an `ELBOModel` step they hold the sum over the layer's
+    calls (a posterior applied at each step of a loop over time). The weight
+    is held in the non-trainable variable `kl_weight`, which a callback may
+    change during training (`KLAnnealing`).
 
     Modes:
 
@@ -402,6 +405,9 @@ class KLRegularizer(keras.layers.Layer):
         self.metric_name = metric_name
         self.seed_generator = _math.seed_generator(self.seed, "KLRegularizer")
         self._methods = {}  # (type(q), type(p)) -> estimator, chosen on first sight
+        # While `ELBOModel` traces or runs a step: its calls so far, per
+        # thread (MirroredStrategy traces replicas in threads); else None.
+        self._calls_in_step = None
 
     def build(self, input_shape=None):
         self.kl_weight = self.add_weight(
@@ -539,9 +545,24 @@ class KLRegularizer(keras.layers.Layer):
             penalty = keras.ops.zeros_like(penalty)
         else:
             self.add_loss(penalty)
-        self.last_kl.assign(keras.ops.stop_gradient(kl))
-        self.last_penalty.assign(keras.ops.stop_gradient(penalty))
+        self._keep(self.last_kl, keras.ops.stop_gradient(kl))
+        self._keep(self.last_penalty, keras.ops.stop_gradient(penalty))
         return z
+
+    def _keep(self, variable, value):
+        """Stores `value` in `variable`; within one `ELBOModel` step, the sum
+        over this regularizer's calls (a layer applied at every step of a
+        loop over time adds one KL per call, and the step's KL is their sum)."""
+        calls = self._calls_in_step
+        if calls is None:
+            variable.assign(value)
+            return
+        key = (threading.get_ident(), id(variable))
+        if calls.get(key, 0):
+            variable.assign_add(value)
+        else:
+            variable.assign(value)
+        calls[key] = calls.get(key, 0) + 1
 
     def _kl_terms(self, q, p, sample, per_dimension):
         """KL per example, shape `(*batch, terms)`: one term per latent

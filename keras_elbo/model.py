@@ -305,6 +305,32 @@ class ELBOModel(keras.Model):
         finally:
             posterior.multi_sample = None
 
+    @contextlib.contextmanager
+    def _summing_kl_calls(self):
+        """While a train or test step is traced (or run): each regularizer's
+        logged KL is the sum over its calls in the step."""
+        regularizers = getattr(self, "kl_regularizers", ())
+        for regularizer in regularizers:
+            regularizer._calls_in_step = {}
+        try:
+            yield
+        finally:
+            for regularizer in regularizers:
+                regularizer._calls_in_step = None
+
+    def stateless_call(self, *args, **kwargs):
+        # Keras's JAX trainer calls the model through `stateless_call`, which
+        # runs `self.call` outside a call context: each call of a sublayer is
+        # then an outermost one, which drops the losses its earlier calls
+        # added (a posterior applied at each step of a loop over time would
+        # add only its last KL). A call context around it, as `__call__`
+        # makes, keeps them all.
+        self._get_call_context()
+        try:
+            return super().stateless_call(*args, **kwargs)
+        finally:
+            self._maybe_reset_call_context()
+
     def _input_message(self):
         return (
             f"ELBOModel `{self.name}`: the inputs of this batch contain NaN or Inf. "
@@ -321,7 +347,7 @@ class ELBOModel(keras.Model):
     # One wrapper for every backend's signature: `(data)` on TensorFlow and
     # PyTorch, `(state, data)` on JAX.
     def train_step(self, *args, **kwargs):
-        with self._drawing_several(), self._inputs_checked(args[-1]):
+        with self._drawing_several(), self._summing_kl_calls(), self._inputs_checked(args[-1]):
             return super().train_step(*args, **kwargs)
 
     def test_step(self, *args, **kwargs):
@@ -331,6 +357,7 @@ class ELBOModel(keras.Model):
         with (
             sampling(getattr(self, "_stochastic_layers", ())),
             self._drawing_several(),
+            self._summing_kl_calls(),
             self._inputs_checked(args[-1]),
         ):
             return super().test_step(*args, **kwargs)

@@ -402,3 +402,49 @@ def test_conditional_vae_draws_digits_of_the_class_asked_for():
     means = h.numpy(keras.ops.sigmoid(generator([draws, c])))
     accuracy = np.mean(classifier.predict(means) == asked)
     assert accuracy >= 0.9, accuracy
+
+
+class TestLoopOverTime:
+    """A posterior layer and its conditional prior applied at each step of a
+    Python loop over time (a sequential latent model): one KL per step, all
+    in the loss and summed in the logged KL, on every backend (on JAX,
+    Keras's `stateless_call` kept only a layer's last call's losses)."""
+
+    STEPS = 3
+
+    def model(self):
+        sequence = keras.Input((self.STEPS, 2 * D))
+        posterior = ke.GaussianPosterior(
+            D,
+            kl_regularizer=ke.KLRegularizer(prior=identity_prior("diag")),
+            kernel_initializer="identity",
+            seed=0,
+            name="posterior",
+        )
+        # p(z_t | x_{t-1}): the previous step's values are the prior's raw
+        # parameters (zeros before the first step).
+        previous = keras.ops.zeros_like(sequence[:, 0])
+        codes = []
+        for t in range(self.STEPS):
+            codes.append(posterior(sequence[:, t], prior_inputs=previous))
+            previous = sequence[:, t]
+        # The output ignores the codes' values: the reconstruction is the
+        # same for every sample, and the loss's KL part is exact.
+        decoded = keras.layers.Lambda(lambda t: t[0] + 0.0 * keras.ops.sum(t[1]))(
+            [sequence, keras.ops.stack(codes, axis=1)]
+        )
+        return ke.ELBOModel(sequence, decoded)
+
+    def test_every_step_is_in_the_loss_and_the_logged_kl(self):
+        model = self.model()
+        model.compile("adam", ke.GaussianNLL())
+        x = RNG.normal(0, 0.5, (8, self.STEPS, 2 * D)).astype("float32")
+        logs = model.evaluate(x, x, batch_size=8, verbose=0, return_dict=True)
+        previous = np.concatenate([np.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+        expected = numpy_kl(x, previous, "diag").sum(axis=1).mean()
+        assert logs["kl"] == pytest.approx(expected, rel=1e-5)
+        reconstruction = 0.5 * np.log(2 * np.pi) * x[0].size  # N(x; x, 1) per example
+        assert logs["reconstruction"] == pytest.approx(reconstruction, rel=1e-5)
+        assert logs["loss"] == pytest.approx(reconstruction + expected, rel=1e-5)
+        history = model.fit(x, x, epochs=2, batch_size=4, verbose=0).history
+        assert np.all(np.isfinite(history["kl"]))
