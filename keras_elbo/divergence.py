@@ -281,6 +281,7 @@ class KLRegularizer(keras.layers.Layer):
     kl = sum_j(kl_j)                                             # logged metric
     loss += kl_weight * sum_j(max(free_bits * H, kl_j))          # kl when free_bits=0
     # H: the positions of a latent map per example (1 for a (batch, d) posterior)
+    loss += kl_weight * mean_over_batch(sum_positions(max(free_nats, KL)))  # free_nats > 0
     ```
 
     Args:
@@ -327,6 +328,15 @@ class KLRegularizer(keras.layers.Layer):
             a learned or conditional prior, which `alpha > 0.5` moves towards
             the posterior faster than the posterior towards it. DreamerV2
             uses 0.8. Defaults to `None`.
+        free_nats: non-negative floor of each example's KL at each position
+            (each step of a `(batch, time, latent_dim)` posterior, or each
+            call of a layer applied in a loop over time): the loss holds
+            `sum_positions(max(free_nats, KL))`, averaged over the batch, so an
+            example's step whose KL is below it gets no gradient towards the
+            prior (DreamerV3's free nats, 1.0 there: Hafner et al., 2023).
+            Unlike `free_bits` (a floor per latent dimension of the
+            batch-averaged KL), it floors the whole KL per example and step.
+            The logged `kl` stays the true KL. Defaults to `0.0` (off).
 
     Call arguments:
         z: a sample of `posterior`, returned unchanged.
@@ -366,6 +376,7 @@ class KLRegularizer(keras.layers.Layer):
         seed: int | None = None,
         metric_name: str | None = None,
         balance: float | None = None,
+        free_nats: float = 0.0,
         **kwargs,
     ):
         # Log-densities and KL are computed in float32 (float64 under a
@@ -395,6 +406,13 @@ class KLRegularizer(keras.layers.Layer):
         self.num_samples = _math.integer("num_samples", num_samples)
         self.weight = _math.real("weight", weight, non_negative=True)
         self.free_bits = _math.real("free_bits", free_bits, non_negative=True)
+        self.free_nats = _math.real("free_nats", free_nats, non_negative=True)
+        if self.free_bits > 0 and self.free_nats > 0:
+            raise _math.invalid_argument(
+                "free_nats",
+                f"0 when free_bits is set (free_bits={self.free_bits}): choose one floor",
+                free_nats,
+            )
         self.path_derivative = _math.boolean("path_derivative", path_derivative)
         self.seed = _math.seed("seed", seed)
         if balance is not None:
@@ -530,9 +548,16 @@ class KLRegularizer(keras.layers.Layer):
             )
         p = self.prior_distribution(posterior, posterior_layer, prior_inputs)
         terms = self._kl_terms(posterior, p, z, self.free_bits > 0)
+        objective = None
+        if self.free_nats > 0:
+            # Each example's KL at each position (time step) floored.
+            per_position = keras.ops.sum(terms, axis=-1, keepdims=True)
+            floored = keras.ops.maximum(per_position, self.free_nats)
+            objective = keras.ops.sum(_batch_mean(floored))
         terms = _batch_mean(terms)  # (num_terms,): nats per example, per term
         kl = keras.ops.sum(terms)
-        objective = kl
+        if objective is None:
+            objective = kl
         if self.free_bits > 0:
             # One term per latent dimension, or one for the whole KL; a term
             # stands for this many latent scalars of one example.
@@ -638,6 +663,7 @@ class KLRegularizer(keras.layers.Layer):
                 "seed": self.seed,
                 "metric_name": self.metric_name,
                 "balance": self.balance,
+                "free_nats": self.free_nats,
             }
         )
         return config

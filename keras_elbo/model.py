@@ -232,11 +232,13 @@ class ELBOModel(keras.Model):
                     f"{what}: posterior '{posterior.name}' has no kl_regularizer, so "
                     "there is no prior p(z) to weigh its samples with."
                 )
-            if regularizer.free_bits > 0:
+            if regularizer.free_bits > 0 or regularizer.free_nats > 0:
+                floor = "free_bits" if regularizer.free_bits > 0 else "free_nats"
                 raise ValueError(
-                    f"{what}: KLRegularizer '{regularizer.name}' has free_bits="
-                    f"{regularizer.free_bits}. Free bits floor a KL term, which the "
-                    "importance-weighted bound does not have; use objective='elbo'."
+                    f"{what}: KLRegularizer '{regularizer.name}' has {floor}="
+                    f"{getattr(regularizer, floor)}. Free bits and free nats floor a KL "
+                    "term, which the importance-weighted bound does not have; use "
+                    "objective='elbo'."
                 )
             if not is_reconstruction_loss(self.loss):
                 raise ValueError(

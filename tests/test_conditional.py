@@ -448,3 +448,58 @@ class TestLoopOverTime:
         assert logs["loss"] == pytest.approx(reconstruction + expected, rel=1e-5)
         history = model.fit(x, x, epochs=2, batch_size=4, verbose=0).history
         assert np.all(np.isfinite(history["kl"]))
+
+
+class TestFreeNats:
+    """DreamerV3's free nats: each example's KL at each step floored."""
+
+    def test_loss_floors_each_example_and_step_and_gradients_stop_below(self):
+        x = RNG.normal(0, 0.6, (4, 5, 2 * D)).astype("float32")
+        c = RNG.normal(0, 0.6, (4, 5, 2 * D)).astype("float32")
+        kl = numpy_kl(x, c, "diag")  # (batch, time)
+        free = float(np.median(kl))  # half of the (example, step) pairs below it
+        regularizer = ke.KLRegularizer(prior=identity_prior("diag"), free_nats=free)
+
+        def loss(q_params):
+            q = _gaussian.gaussian(q_params, D, "diag", MIN_SCALE)
+            regularizer(q.mean(), posterior=q, prior_inputs=c)
+            return regularizer.losses[-1]
+
+        value = h.numpy(loss(keras.ops.convert_to_tensor(x)))
+        assert value == pytest.approx(np.maximum(kl, free).sum(axis=1).mean(), rel=1e-5)
+        # The logged KL is the true one.
+        assert h.numpy(regularizer.last_kl) == pytest.approx(kl.sum(axis=1).mean(), rel=1e-5)
+        (grad,) = h.gradients(loss, x)
+        below = kl < free
+        assert below.any() and (~below).any()
+        assert np.all(grad[below] == 0.0)
+        assert np.all(np.abs(grad[~below]).max(axis=-1) > 0)
+
+    def test_in_a_model_with_a_sequence_posterior(self):
+        sequence = keras.Input((5, 4))
+        regularizer = ke.KLRegularizer(free_nats=1.0)
+        # Zero weights: q = N(0, softplus(0) + 1e-4) at every step, a KL of
+        # 0.32 nats per step against N(0, I).
+        posterior = ke.GaussianPosterior(
+            D, kl_regularizer=regularizer, kernel_initializer="zeros", seed=0
+        )
+        z = posterior(sequence)
+        model = ke.ELBOModel(sequence, keras.layers.Dense(4)(z))
+        model.compile("adam", ke.GaussianNLL())
+        x = RNG.normal(size=(8, 5, 4)).astype("float32")
+        logs = model.evaluate(x, x, batch_size=8, verbose=0, return_dict=True)
+        scale = h.softplus(0.0) + 1e-4
+        step_kl = D * 0.5 * (scale**2 - 1.0 - np.log(scale**2))
+        assert logs["kl"] == pytest.approx(5 * step_kl, rel=1e-5)
+        # Each step's KL is below 1 nat: the loss holds 5 floors of 1 nat.
+        assert logs["loss"] == pytest.approx(logs["reconstruction"] + 5.0, rel=1e-5)
+
+    def test_refused_by_the_importance_weighted_bound_and_beside_free_bits(self):
+        x = keras.Input((4,))
+        posterior = ke.GaussianPosterior(D, kl_regularizer=ke.KLRegularizer(free_nats=1.0))
+        with pytest.raises(ValueError, match="free_nats"):
+            ke.ELBOModel(x, posterior(x), objective="iwae", num_samples=2).compile(
+                "adam", ke.GaussianNLL()
+            )
+        with pytest.raises(ValueError, match="choose one floor"):
+            ke.KLRegularizer(free_bits=0.1, free_nats=1.0)
