@@ -503,3 +503,41 @@ class TestFreeNats:
             )
         with pytest.raises(ValueError, match="choose one floor"):
             ke.KLRegularizer(free_bits=0.1, free_nats=1.0)
+
+
+def test_two_stochastic_layers_log_each_kl_by_name():
+    # A top-down hierarchy (issue 18, point 2): z2 ~ q(z2 | x) against N(0, I),
+    # z1 ~ q(z1 | x, z2) against p(z1 | z2). Each KL is logged under its name;
+    # the top one is checked against NumPy's closed form from the layers'
+    # weights (the lower one depends on the sampled z2), and neg_elbo is the
+    # reconstruction plus both.
+    x = keras.Input((6,))
+    h_ = keras.layers.Dense(8, activation="tanh")(x)
+    top = ke.GaussianPosterior(
+        2, kl_regularizer=ke.KLRegularizer(metric_name="kl_top"), seed=0, name="top"
+    )
+    z2 = top(h_)
+    lower = ke.GaussianPosterior(
+        D,
+        kl_regularizer=ke.KLRegularizer(
+            prior=ke.ConditionalGaussianPrior(D), metric_name="kl_lower"
+        ),
+        seed=1,
+        name="lower",
+    )
+    z1 = lower(keras.layers.Concatenate()([h_, z2]), prior_inputs=z2)
+    model = ke.ELBOModel(x, keras.layers.Dense(6)(z1))
+    model.compile(keras.optimizers.Adam(1e-2), ke.BernoulliNLL(from_logits=True))
+    logs = model.evaluate(X, X, batch_size=32, verbose=0, return_dict=True)
+    assert sorted(logs) == ["kl_lower", "kl_top", "loss", "neg_elbo", "reconstruction"]
+    features = np.tanh(X @ h.numpy(model.layers[1].kernel) + h.numpy(model.layers[1].bias))
+    raw = features @ h.numpy(top.projection.kernel) + h.numpy(top.projection.bias)
+    scale = h.softplus(raw[:, 2:]) + 1e-4
+    expected_top = h.kl_diag_normal(raw[:, :2], scale).mean()
+    assert logs["kl_top"] == pytest.approx(expected_top, rel=1e-5)
+    assert logs["kl_lower"] > 0
+    assert logs["neg_elbo"] == pytest.approx(
+        logs["reconstruction"] + logs["kl_top"] + logs["kl_lower"], rel=1e-5
+    )
+    history = model.fit(X, X, epochs=3, batch_size=8, verbose=0).history
+    assert history["neg_elbo"][-1] < history["neg_elbo"][0]
