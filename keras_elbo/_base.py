@@ -91,6 +91,8 @@ def _numpy_element(element):
 def _numpy_part(part):
     if part is None or isinstance(part, dict):
         return part
+    if isinstance(part, (list, tuple)):  # the inputs of a model of several
+        return tuple(_numpy_part(p) for p in part)
     if hasattr(part, "detach"):  # a PyTorch tensor, which may require grad
         part = part.detach().cpu()
     return np.asarray(part)

@@ -3,9 +3,10 @@
 Both functions take a model built from this library's layers, an encoder
 body, one posterior layer (`GaussianPosterior`) and a decoder, compiled with
 a reconstruction loss from `keras_elbo.losses`. They split the model at the
-posterior: the body gives the posterior's input features, the decoder maps
-latent samples to the likelihood's parameters, and the compiled loss gives
--log p(x|z) per example.
+posterior: the body gives the posterior's input features (and a conditional
+prior's inputs), the decoder maps latent samples (and, for a model of several
+inputs, the other inputs it reads, repeated per sample) to the likelihood's
+parameters, and the compiled loss gives -log p(x|z) per example.
 
 The first axis is the batch. A posterior applied to a feature map gives a
 latent map, q of batch shape `(batch, h, w)` and event shape `(latent_dim,)`
@@ -38,20 +39,11 @@ class _LatentModel:
                 "Evaluation needs a model with exactly one posterior layer (such as "
                 f"GaussianPosterior); model '{model.name}' has {len(posteriors)}."
             )
-        self.posterior = posteriors[0]
-        if self.posterior.kl_regularizer is None:
+        self.posterior_layer = posteriors[0]
+        if self.posterior_layer.kl_regularizer is None:
             raise ValueError(
-                f"Posterior layer '{self.posterior.name}' has no kl_regularizer, so "
+                f"Posterior layer '{self.posterior_layer.name}' has no kl_regularizer, so "
                 "the model has no prior to evaluate against."
-            )
-        if self.posterior.kl_regularizer.conditional:
-            raise NotImplementedError(
-                f"Posterior layer '{self.posterior.name}' has a conditional prior "
-                f"({type(self.posterior.kl_regularizer.prior).__name__}), which these "
-                "estimators do not take yet (they split a one-input model at its "
-                "posterior). `model.evaluate` of an ELBOModel logs the ELBO's terms "
-                "(`neg_elbo`, `kl`, `reconstruction`), and ELBOModel(objective='iwae', "
-                "num_samples=K) its importance-weighted bound (`neg_iwae`)."
             )
         try:
             inputs = model.inputs
@@ -65,15 +57,24 @@ class _LatentModel:
                 "functionally, or evaluate with `model.evaluate` (ELBOModel logs the "
                 "single-sample ELBO's parts)."
             )
+        self.num_inputs = len(inputs)
+        # The posterior's input tensors: its features, then a conditional
+        # prior's inputs (Keras lists a layer's positional inputs first).
+        self.body = keras.Model(inputs, keras.tree.flatten(self.posterior_layer.input))
         try:
-            self.body = keras.Model(inputs, self.posterior.input)
-            self.decoder = decoder_after(self.posterior, model)
+            self.decoder = decoder_after(self.posterior_layer, model)
+            self.decoder_reads_inputs = False
         except ValueError as err:
-            raise ValueError(
-                f"Could not split model '{model.name}' at posterior "
-                f"'{self.posterior.name}': evaluation needs a functional model whose "
-                "output depends on its input only through the posterior's sample."
-            ) from err
+            if len(inputs) == 1:
+                raise ValueError(
+                    f"Could not split model '{model.name}' at posterior "
+                    f"'{self.posterior_layer.name}': evaluation needs a functional model whose "
+                    "output depends on its input only through the posterior's sample."
+                ) from err
+            # A decoder that also reads the model's other inputs (a conditional
+            # VAE's p(x | z, c)): they are repeated for each sample.
+            self.decoder = keras.Model([self.posterior_layer.output, *inputs], model.outputs)
+            self.decoder_reads_inputs = True
         if likelihood is None:
             likelihood = getattr(model, "loss", None)
             if not is_reconstruction_loss(likelihood):
@@ -88,23 +89,43 @@ class _LatentModel:
         # The estimators run as the model's own predict function does.
         self.jit_compile = model.jit_compile
 
+    def posterior(self, x):
+        """q(z|x) of a batch, and a conditional prior's inputs (else None)."""
+        outputs = self.body(x, training=False)
+        # (A model of one output returns the tensor, not a list of one.)
+        features, *prior_inputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        return self.posterior_layer.distribution(features), (
+            prior_inputs[0] if prior_inputs else None
+        )
+
     def posterior_and_prior(self, x):
-        q = self.posterior.distribution(self.body(x, training=False))
-        prior = self.posterior.kl_regularizer.prior_distribution(q, self.posterior)
+        q, prior_inputs = self.posterior(x)
+        prior = self.posterior_layer.kl_regularizer.prior_distribution(
+            q, self.posterior_layer, prior_inputs
+        )
         return q, prior
 
-    def log_likelihood(self, target, z):
+    def log_likelihood(self, x, target, z):
         """log p(x|z) for samples z of shape `(S, B, *positions, d)`: `(S, B)`.
 
         The decoder sees the samples as one batch of `S * B` latents of the
         posterior's output shape (`(S * B, h, w, d)` for a latent map),
-        sample-major, and the targets are tiled to match.
+        sample-major, and the targets (and the inputs a decoder reads) are
+        tiled to match.
         """
         shape = ops.shape(z)
         num_samples, batch = shape[0], shape[1]
-        params = self.decoder(ops.reshape(z, (-1, *shape[2:])), training=False)
-        repeats = [num_samples] + [1] * (len(target.shape) - 1)
-        log_lik = -ops.cast(self.nll(ops.tile(target, repeats), params), z.dtype)
+
+        def tiled(t):
+            return ops.tile(t, [num_samples] + [1] * (len(t.shape) - 1))
+
+        latents = ops.reshape(z, (-1, *shape[2:]))
+        if self.decoder_reads_inputs:
+            inputs = [tiled(t) for t in keras.tree.flatten(x)]
+            params = self.decoder([latents, *inputs], training=False)
+        else:
+            params = self.decoder(latents, training=False)
+        log_lik = -ops.cast(self.nll(tiled(target), params), z.dtype)
         return ops.reshape(log_lik, (num_samples, batch))
 
 
@@ -164,7 +185,7 @@ class _BatchFunction(keras.Model):
     def __init__(self, parts, fn, seed_generator):
         # float32 inputs stay float32 under a mixed-precision policy.
         super().__init__(dtype="float32", name=fn.__name__)
-        self.body, self.posterior, self.decoder = parts.body, parts.posterior, parts.decoder
+        self.body, self.posterior, self.decoder = parts.body, parts.posterior_layer, parts.decoder
         self.seed_generator = seed_generator
         self.fn = fn
         self.jit_compile = parts.jit_compile
@@ -184,13 +205,15 @@ _DATA_TYPES = (
 )
 
 
-def _data(x, batch_size, input_shape):
+def _data(x, batch_size, input_shape, y=None, num_inputs=1):
     """The batches of `x` as `(inputs, targets)` float32 NumPy pairs, and the
     number of batches (`None` if unknown).
 
-    An array is its own target. A dataset's element is `x` (its own target),
-    `(x, y)` or `(x, y, sample_weight)`; the weights are not used, since the
-    results are per example.
+    An array is its own target unless `y` is given. A model of `num_inputs`
+    > 1 inputs takes `x` as a list of arrays and needs `y`. A dataset's
+    element is `x` (its own target), `(x, y)` or `(x, y, sample_weight)`
+    (`x` a tuple of arrays for several inputs); the weights are not used,
+    since the results are per example.
     """
     if _backend.is_tf_dataset(x):
         return _dataset_batches(x, input_shape)
@@ -198,43 +221,96 @@ def _data(x, batch_size, input_shape):
     if iterable is not None:
         elements, steps = iterable
         return _checked_batches(elements, input_shape), steps
+    if num_inputs > 1:
+        if not isinstance(x, (list, tuple)) or len(x) != num_inputs:
+            raise TypeError(
+                f"The model takes {num_inputs} inputs: give `x` as a list of "
+                f"{num_inputs} arrays (or batches of such tuples with their targets). "
+                f"Received: x of type {type(x).__name__}"
+            )
+        if y is None:
+            raise ValueError(
+                f"The model takes {num_inputs} inputs: give the likelihood's target "
+                "as `y=` (no input is the target by default)."
+            )
+        arrays = [_float_array(part, "x") for part in x]
+    else:
+        arrays = [_float_array(x, "x")]
+    target = arrays[0] if y is None else _float_array(y, "y")
+    sizes = {len(a) for a in arrays} | {len(target)}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"The inputs and the target hold different numbers of examples: {sorted(sizes)}."
+        )
+
+    def inputs(start):
+        parts = [a[start : start + batch_size] for a in arrays]
+        return parts if num_inputs > 1 else parts[0]
+
+    batches = (
+        (inputs(start), target[start : start + batch_size])
+        for start in range(0, len(target), batch_size)
+    )
+    return batches, math.ceil(len(target) / batch_size)
+
+
+def _float_array(x, name):
     try:
         array = np.asarray(x, dtype="float32")
     except (TypeError, ValueError) as err:
-        raise TypeError(f"{_DATA_TYPES}. Received: x of type {type(x).__name__}") from err
+        raise TypeError(f"{_DATA_TYPES}. Received: {name} of type {type(x).__name__}") from err
     if array.ndim == 0 or array.shape[0] == 0:
         raise ValueError(
-            f"`x` holds no examples: evaluation needs at least one. Received: x of "
-            f"shape {array.shape}"
+            f"`{name}` holds no examples: evaluation needs at least one. Received: "
+            f"{name} of shape {array.shape}"
         )
-    batches = (
-        (array[start : start + batch_size],) * 2 for start in range(0, len(array), batch_size)
-    )
-    return batches, math.ceil(len(array) / batch_size)
+    return array
+
+
+def _is_inputs(x, types):
+    """Whether `x` is one input of `types` or a list or tuple of them."""
+    if isinstance(x, (list, tuple)):
+        return bool(x) and all(isinstance(part, types) for part in x)
+    return isinstance(x, types)
 
 
 def _input_and_target(element, types):
-    """`(x, y)` of a dataset element (or its spec), each of one of `types`;
-    `x` is its own target."""
+    """`(x, y)` of a dataset element (or its spec), `y` of one of `types` and
+    `x` too or a tuple of them (several inputs); one `x` is its own target."""
     if isinstance(element, tuple):
         if not 1 <= len(element) <= 3:
             raise ValueError(f"{_DATA_TYPES}. Received: a dataset of {len(element)}-tuples")
-        element = (element[0], element[1]) if len(element) > 1 else (element[0],) * 2
+        if len(element) == 1:
+            element = (element[0], element[0])
+        else:
+            element = (element[0], element[1])
     else:
         element = (element, element)
-    if not all(isinstance(part, types) for part in element):
+    x, y = element
+    if not (_is_inputs(x, types) and isinstance(y, types)):
         raise TypeError(f"{_DATA_TYPES}. Received: a dataset of {element!r}")
-    return element
+    return x, y
+
+
+def _first_input(x):
+    return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def _numpy_inputs(x):
+    if isinstance(x, (list, tuple)):
+        return [np.asarray(part, dtype="float32") for part in x]
+    return np.asarray(x, dtype="float32")
 
 
 def _dataset_batches(dataset, input_shape):
     import tensorflow as tf
 
     specs = _input_and_target(dataset.element_spec, tf.TensorSpec)
-    if specs[0].shape.rank is not None and specs[0].shape.rank == len(input_shape) - 1:
+    first = _first_input(specs[0])
+    if first.shape.rank is not None and first.shape.rank == len(input_shape) - 1:
         raise ValueError(
             "The dataset `x` yields single examples of shape "
-            f"{tuple(specs[0].shape)}, but the model takes batches of shape "
+            f"{tuple(first.shape)}, but the model takes batches of shape "
             f"{tuple(input_shape)}: batch it first, `x.batch(batch_size)`."
         )
     cardinality = int(dataset.cardinality())
@@ -245,11 +321,12 @@ def _dataset_batches(dataset, input_shape):
         )
     if cardinality == 0:
         raise ValueError("The dataset `x` holds no examples: evaluation needs at least one.")
-    batches = (
-        tuple(np.asarray(part, dtype="float32") for part in _input_and_target(element, tf.Tensor))
-        for element in dataset
-    )
-    return batches, cardinality if cardinality >= 0 else None
+
+    def batch(element):
+        x, y = _input_and_target(element, tf.Tensor)
+        return _numpy_inputs(x), np.asarray(y, dtype="float32")
+
+    return (batch(element) for element in dataset), cardinality if cardinality >= 0 else None
 
 
 def _checked_batches(elements, input_shape):
@@ -257,12 +334,13 @@ def _checked_batches(elements, input_shape):
     `DataLoader` (`_base.batch_iterable`), checked as they come."""
     for element in elements:
         x, y = _input_and_target(element, np.ndarray)
-        if x.ndim == len(input_shape) - 1:
+        first = _first_input(x)
+        if first.ndim == len(input_shape) - 1:
             raise ValueError(
-                f"The data `x` yields single examples of shape {x.shape}, but the "
+                f"The data `x` yields single examples of shape {first.shape}, but the "
                 f"model takes batches of shape {tuple(input_shape)}: yield batches."
             )
-        yield np.asarray(x, dtype="float32"), np.asarray(y, dtype="float32")
+        yield _numpy_inputs(x), np.asarray(y, dtype="float32")
 
 
 def _empty_dataset():
@@ -277,6 +355,7 @@ def evaluate_elbo(
     likelihood=None,
     seed: int | None = None,
     verbose: int = 1,
+    y=None,
 ) -> dict:
     """The ELBO per example, split into reconstruction and KL.
 
@@ -309,6 +388,10 @@ def evaluate_elbo(
             in place of the compiled loss. Defaults to `None`.
         seed: seed of the samples. Defaults to `None`.
         verbose: `1` shows a progress bar. Defaults to `1`.
+        y: the likelihood's target when `x` is an array (or, for a model of
+            several inputs such as a conditional VAE's `[image, label]`, a
+            list of arrays, which then needs `y`). Defaults to `None`: `x` is
+            its own target.
 
     Returns:
         A dict of NumPy arrays of shape `(n,)`, `"elbo"`, `"reconstruction"`
@@ -318,17 +401,19 @@ def evaluate_elbo(
     batch_size = _math.integer("batch_size", batch_size)
     estimators = _estimators(model, likelihood, seed)
     parts = estimators.parts
-    batches, steps = _data(x, batch_size, parts.body.inputs[0].shape)
-    regularizer = parts.posterior.kl_regularizer
+    batches, steps = _data(x, batch_size, parts.body.inputs[0].shape, y, parts.num_inputs)
+    regularizer = parts.posterior_layer.kl_regularizer
 
     def elbo_terms(x, target, seed_generator):
-        q, _ = parts.posterior_and_prior(x)
+        q, prior_inputs = parts.posterior(x)
         z = draw(q, (num_samples,), seed_generator)
-        reconstruction = -ops.mean(parts.log_likelihood(target, z), axis=0)
+        reconstruction = -ops.mean(parts.log_likelihood(x, target, z), axis=0)
         # The KL's own sample, passed as the very tensor q returned: a slice of
         # z would miss a flow posterior's cache of log q(z).
         kl_sample = draw(q, (), seed_generator)
-        kl = regularizer.kl_divergence(q, sample=kl_sample, posterior_layer=parts.posterior)
+        kl = regularizer.kl_divergence(
+            q, sample=kl_sample, posterior_layer=parts.posterior_layer, prior_inputs=prior_inputs
+        )
         # One KL per example: summed over the positions of a latent map.
         return reconstruction, _math.sum_event_dims(kl)
 
@@ -356,6 +441,7 @@ def importance_weighted_log_likelihood(
     likelihood=None,
     seed: int | None = None,
     verbose: int = 1,
+    y=None,
 ) -> np.ndarray:
     """Importance-weighted estimate of log p(x) per example (Burda et al., 2016).
 
@@ -394,6 +480,10 @@ def importance_weighted_log_likelihood(
             in place of the compiled loss. Defaults to `None`.
         seed: seed of the samples. Defaults to `None`.
         verbose: `1` shows a progress bar. Defaults to `1`.
+        y: the likelihood's target when `x` is an array (or, for a model of
+            several inputs such as a conditional VAE's `[image, label]`, a
+            list of arrays, which then needs `y`). Defaults to `None`: `x` is
+            its own target.
 
     Returns:
         A NumPy array of shape `(n,)`: the estimate of log p(x) for each
@@ -409,7 +499,7 @@ def importance_weighted_log_likelihood(
     )
     estimators = _estimators(model, likelihood, seed)
     parts = estimators.parts
-    batches, steps = _data(x, batch_size, parts.body.inputs[0].shape)
+    batches, steps = _data(x, batch_size, parts.body.inputs[0].shape, y, parts.num_inputs)
 
     def chunk_function(count):
         def log_sum_of_weights(x, target, seed_generator):
@@ -417,7 +507,7 @@ def importance_weighted_log_likelihood(
             q, p = parts.posterior_and_prior(x)
             z = draw(q, (count,), seed_generator)
             log_ratio = _math.sum_positions(p.log_prob(z) - q.log_prob(z))
-            return ops.logsumexp(parts.log_likelihood(target, z) + log_ratio, axis=0)
+            return ops.logsumexp(parts.log_likelihood(x, target, z) + log_ratio, axis=0)
 
         # Two per call at most (a chunk and the remainder); the shared seed
         # generator advances at each chunk: new samples each time.
@@ -426,7 +516,7 @@ def importance_weighted_log_likelihood(
     estimates = []
     progbar = keras.utils.Progbar(steps, verbose=verbose)
     for i, batch in enumerate(batches):
-        size = len(batch[0])
+        size = len(_first_input(batch[0]))
         if size > max_decoder_batch:
             raise _math.invalid_argument(
                 "max_decoder_batch",
