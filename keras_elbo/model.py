@@ -118,9 +118,11 @@ class ELBOModel(keras.Model):
     (annealing) tempers the prior-to-posterior ratio inside the bound, a
     warm-up that reaches the bound at weight 1 (with `dreg=True` too: the
     gradient is then the tempered bound's); free bits have no meaning there
-    and are refused. The decoder's output must depend on the input only
-    through the posterior's sample (no skip connection around it), and the
-    compiled loss must give each example's negative log-likelihood
+    and are refused. In a functional model the part after the posterior
+    gets the model's inputs it reads (a skip connection around the
+    posterior, a conditional VAE's label) repeated K times; a subclassed
+    model's decoder must take the `K * batch` samples alone. The compiled
+    loss must give each example's negative log-likelihood
     (`keras_elbo.losses`, `keras_elbo.outputs`). `dreg=True` trains the
     bound with the doubly reparameterised gradient of Tucker et al. (2019):
     the encoder's gradient no longer loses its signal-to-noise ratio as K
@@ -215,6 +217,7 @@ class ELBOModel(keras.Model):
         # and the decoder shares the model's layers.
         object.__setattr__(self, "_multi_posterior", None)
         object.__setattr__(self, "_dreg_decoder", None)
+        object.__setattr__(self, "_split", None)
         if not self.multi_sample:
             return
         what = f'ELBOModel(objective="{self.objective}", num_samples={self.num_samples})'
@@ -261,22 +264,21 @@ class ELBOModel(keras.Model):
                     "decoder, the part after the posterior, a second time)."
                 )
         if isinstance(self, Functional):
-            # The K samples reach the decoder as K * batch rows: a path from
-            # the input around the posterior (a skip connection) would meet
-            # them with batch rows and fail inside the step. Checked here,
-            # where the cause can be named.
+            # The step runs the model in three parts (`_FunctionalELBOModel.
+            # call`): the body to the posterior's inputs, the posterior's K
+            # draws per example (K * batch rows), and the decoder from them
+            # and, where it reads them (a conditional VAE's label, a skip
+            # connection), the model's inputs repeated K times.
+            inputs = keras.tree.flatten(self.input)
+            body = keras.Model(inputs, keras.tree.flatten(posterior.input))
             try:
-                decoder = decoder_after(posterior, self)
-            except ValueError as err:
-                raise ValueError(
-                    f"{what}: could not split model '{self.name}' at posterior "
-                    f"'{posterior.name}': with several samples per example the "
-                    "output must depend on the input only through the posterior's "
-                    "sample (no skip connection around it, no other input to the "
-                    "decoder). Use num_samples=1 and objective='elbo' for such a model."
-                ) from err
+                decoder, reads_inputs = decoder_after(posterior, self), False
+            except ValueError:
+                decoder = keras.Model([posterior.output, *inputs], self.outputs)
+                reads_inputs = True
+            object.__setattr__(self, "_split", (body, decoder, reads_inputs))
             if self.dreg:
-                object.__setattr__(self, "_dreg_decoder", decoder)
+                object.__setattr__(self, "_dreg_decoder", (decoder, reads_inputs))
         object.__setattr__(self, "_multi_posterior", posterior)
 
     def get_compile_config(self):
@@ -413,7 +415,7 @@ class ELBOModel(keras.Model):
         bounds = None
         if draws is not None and self.objective == "iwae":
             loss, reconstruction, bounds = self._importance_weighted_loss(
-                draws, y, y_pred, sample_weight, training
+                draws, x, y, y_pred, sample_weight, training
             )
         else:
             if draws is not None:
@@ -458,7 +460,7 @@ class ELBOModel(keras.Model):
             self.neg_iwae_tracker.update_state(-bounds + other, sample_weight=batch_size)
         return loss
 
-    def _importance_weighted_loss(self, draws, y, y_pred, sample_weight, training):
+    def _importance_weighted_loss(self, draws, x, y, y_pred, sample_weight, training):
         """The importance-weighted bound's loss from the step's K samples.
 
         Returns the loss (`-bound` at the regularizer's `kl_weight`, plus the
@@ -504,9 +506,12 @@ class ELBOModel(keras.Model):
                 scale = ops.expand_dims(scale, -1)
             scaled = ops.stop_gradient(z) + ops.cast(scale, z.dtype) * (z - ops.stop_gradient(z))
             flat = ops.reshape(scaled, (-1, *ops.shape(z)[2:]))
-            outputs = self._dreg_decoder(
-                ops.cast(flat, self._multi_posterior.compute_dtype), training=training
-            )
+            decoder, reads_inputs = self._dreg_decoder
+            latents = ops.cast(flat, self._multi_posterior.compute_dtype)
+            if reads_inputs:
+                outputs = decoder([latents, *self._tiled(keras.tree.flatten(x))], training=training)
+            else:
+                outputs = decoder(latents, training=training)
             lik2, ratio2 = log_weights(scaled, outputs, stop_parameter_gradients(q))
             surrogate = ops.sum(w * (lik2 + weight * ratio2), axis=0)
             bound = ops.stop_gradient(bound) + surrogate - ops.stop_gradient(surrogate)
@@ -570,6 +575,22 @@ class _FunctionalELBOModel(ELBOModel, Functional):
             kwargs["name"] = auto_name("ELBOModel")
         Functional.__init__(self, *args, **kwargs)
         self._set_objective(objective, num_samples, dreg)
+
+    def call(self, inputs, training=None, mask=None):
+        split = getattr(self, "_split", None)
+        posterior = getattr(self, "_multi_posterior", None)
+        if split is None or posterior is None or posterior.multi_sample is None:
+            return Functional.call(self, inputs, training=training, mask=mask)
+        # A multi-sample step (see `_prepare_multi_sample`).
+        body, decoder, reads_inputs = split
+        outputs = body(keras.tree.flatten(inputs), training=training)
+        features, *prior_inputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        z = posterior(
+            features, prior_inputs=prior_inputs[0] if prior_inputs else None, training=training
+        )
+        if not reads_inputs:
+            return decoder(z, training=training)
+        return decoder([z, *self._tiled(keras.tree.flatten(inputs))], training=training)
 
     def get_config(self):
         return {

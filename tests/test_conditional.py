@@ -643,6 +643,21 @@ class TestEvaluation:
         estimate = ke.importance_weighted_log_likelihood(model, data, num_samples=20, verbose=0)
         np.testing.assert_allclose(estimate, log_px, rtol=1e-4, atol=1e-4)
 
+    @pytest.mark.parametrize("dreg", [False, True])
+    def test_importance_weighted_bound_in_fit_with_a_decoder_reading_c(self, dreg):
+        # The multi-sample step repeats the label for each of the K samples
+        # the decoder sees. With the exact posterior every importance weight
+        # is p(x | c): the logged bound is -log p(x | c), with no noise.
+        model, x, labels, log_px, kl = self.model()
+        iwae = ke.ELBOModel(model.inputs, model.outputs, objective="iwae", num_samples=4, dreg=dreg)
+        iwae.compile(loss=ke.GaussianNLL(scale=self.SIGMA))
+        logs = iwae.evaluate([x, labels], x, batch_size=12, verbose=0, return_dict=True)
+        assert logs["neg_iwae"] == pytest.approx(-log_px.mean(), rel=1e-4)
+        assert logs["kl"] == pytest.approx(kl.mean(), rel=1e-4)
+        iwae.compile(keras.optimizers.Adam(1e-3), loss=ke.GaussianNLL(scale=self.SIGMA))
+        history = iwae.fit([x, labels], x, epochs=1, batch_size=6, verbose=0).history
+        assert np.all(np.isfinite(history["loss"]))
+
     def test_several_inputs_need_the_target(self):
         model, x, labels, _, _ = self.model()
         with pytest.raises(ValueError, match="y="):
