@@ -116,3 +116,22 @@ def decoder_after(posterior, model):
             f"through posterior '{posterior.name}'."
         )
     return decoder
+
+
+def split_at(posterior, model):
+    """Functional `model` in the three parts a multi-sample step or an
+    estimator runs: `(body, decoder, decoder_reads_inputs)`.
+
+    `body` maps the model's inputs (flattened) to the posterior's input
+    tensors, its features and then a conditional prior's inputs. `decoder`
+    maps the posterior's samples to the model's outputs; where the outputs
+    also read the model's inputs other than through the posterior (a
+    conditional VAE's label, a skip connection), it takes
+    `[samples, *inputs]` and `decoder_reads_inputs` is True.
+    """
+    inputs = keras.tree.flatten(model.input)
+    body = keras.Model(inputs, keras.tree.flatten(posterior.input))
+    try:
+        return body, decoder_after(posterior, model), False
+    except ValueError:
+        return body, keras.Model([posterior.output, *inputs], model.outputs), True

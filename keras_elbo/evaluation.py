@@ -23,7 +23,7 @@ import numpy as np
 from keras import ops
 
 from keras_elbo import _backend, _math
-from keras_elbo._base import batch_iterable, decoder_after, find_layers
+from keras_elbo._base import batch_iterable, find_layers, split_at
 from keras_elbo.divergence import draw
 from keras_elbo.losses import is_reconstruction_loss
 from keras_elbo.posteriors import Posterior
@@ -58,23 +58,14 @@ class _LatentModel:
                 "single-sample ELBO's parts)."
             )
         self.num_inputs = len(inputs)
-        # The posterior's input tensors: its features, then a conditional
-        # prior's inputs (Keras lists a layer's positional inputs first).
-        self.body = keras.Model(inputs, keras.tree.flatten(self.posterior_layer.input))
-        try:
-            self.decoder = decoder_after(self.posterior_layer, model)
-            self.decoder_reads_inputs = False
-        except ValueError as err:
-            if len(inputs) == 1:
-                raise ValueError(
-                    f"Could not split model '{model.name}' at posterior "
-                    f"'{self.posterior_layer.name}': evaluation needs a functional model whose "
-                    "output depends on its input only through the posterior's sample."
-                ) from err
-            # A decoder that also reads the model's other inputs (a conditional
-            # VAE's p(x | z, c)): they are repeated for each sample.
-            self.decoder = keras.Model([self.posterior_layer.output, *inputs], model.outputs)
-            self.decoder_reads_inputs = True
+        self.body, self.decoder, self.decoder_reads_inputs = split_at(self.posterior_layer, model)
+        if self.decoder_reads_inputs and len(inputs) == 1:
+            # The decoder would see the target itself.
+            raise ValueError(
+                f"Could not split model '{model.name}' at posterior "
+                f"'{self.posterior_layer.name}': evaluation needs a functional model whose "
+                "output depends on its input only through the posterior's sample."
+            )
         if likelihood is None:
             likelihood = getattr(model, "loss", None)
             if not is_reconstruction_loss(likelihood):

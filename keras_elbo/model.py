@@ -20,7 +20,7 @@ from keras.src.utils.naming import auto_name
 from keras.src.utils.tracking import no_automatic_dependency_tracking
 
 from keras_elbo import _backend, _math
-from keras_elbo._base import decoder_after, find_layers, sampling, stochastic_layers
+from keras_elbo._base import find_layers, sampling, split_at, stochastic_layers
 from keras_elbo.divergence import KLRegularizer, stop_parameter_gradients
 from keras_elbo.flows import FlowPosterior
 from keras_elbo.losses import is_reconstruction_loss
@@ -269,13 +269,7 @@ class ELBOModel(keras.Model):
             # draws per example (K * batch rows), and the decoder from them
             # and, where it reads them (a conditional VAE's label, a skip
             # connection), the model's inputs repeated K times.
-            inputs = keras.tree.flatten(self.input)
-            body = keras.Model(inputs, keras.tree.flatten(posterior.input))
-            try:
-                decoder, reads_inputs = decoder_after(posterior, self), False
-            except ValueError:
-                decoder = keras.Model([posterior.output, *inputs], self.outputs)
-                reads_inputs = True
+            body, decoder, reads_inputs = split_at(posterior, self)
             object.__setattr__(self, "_split", (body, decoder, reads_inputs))
             if self.dreg:
                 object.__setattr__(self, "_dreg_decoder", (decoder, reads_inputs))
