@@ -195,3 +195,60 @@ plt.xlabel("z[0]")
 plt.ylabel("z[1]")
 plt.title("posterior means (dots), prior locations p(z | c) (stars)")
 plt.show()
+
+# %% [markdown]
+# ## Two stochastic layers: a hierarchical VAE
+#
+# The same layer makes a top-down hierarchy (Burda et al., 2016; Sønderby et
+# al., 2016): the top code z2 ~ q(z2 | x) against N(0, I), the lower one
+# z1 ~ q(z1 | x, z2) against p(z1 | z2), a `ConditionalGaussianPrior` of z2.
+# `ELBOModel` logs each layer's KL under its `metric_name`. Sampling is
+# ancestral: z2 from N(0, I), z1 from p(z1 | z2), then the decoder. (The
+# multi-sample objectives and `importance_weighted_log_likelihood` take one
+# posterior layer for now.)
+
+# %%
+x = keras.Input((64,), name="image")
+h = keras.layers.Dense(128, activation="relu")(x)
+top = ke.GaussianPosterior(
+    2, kl_regularizer=ke.KLRegularizer(metric_name="kl_top"), seed=3, name="top"
+)
+z2 = top(h)
+lower_prior = ke.ConditionalGaussianPrior(4, name="lower_prior")
+lower_context = keras.layers.Dense(32, activation="relu", name="lower_context")
+lower = ke.GaussianPosterior(
+    4,
+    kl_regularizer=ke.KLRegularizer(prior=lower_prior, metric_name="kl_lower"),
+    seed=4,
+    name="lower",
+)
+z1 = lower(keras.layers.Concatenate()([h, z2]), prior_inputs=lower_context(z2))
+hierarchy_decoder = keras.Sequential(
+    [keras.Input((4,)), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(64)],
+    name="hierarchy_decoder",
+)
+hvae = ke.ELBOModel(x, hierarchy_decoder(z1), name="hierarchical_vae")
+hvae.compile(optimizer=keras.optimizers.Adam(3e-3), loss=ke.BernoulliNLL(from_logits=True))
+hierarchy = hvae.fit(
+    x_train, x_train, validation_data=(x_test, x_test), epochs=epochs, batch_size=64, verbose=0
+).history
+print({key: round(values[-1], 2) for key, values in hierarchy.items() if key.startswith("val_")})
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+for key in ("val_kl_top", "val_kl_lower"):
+    axes[0].plot(hierarchy[key], label=key)
+axes[0].set(xlabel="epoch", ylabel="nats per image", title="each layer's KL")
+axes[0].legend()
+z2_draws = keras.random.normal((16, 2), seed=5)
+z1_draws = lower_prior.distribution(lower_context(z2_draws)).sample(seed=6)
+ancestral = keras.ops.convert_to_numpy(keras.ops.sigmoid(hierarchy_decoder(z1_draws)))
+axes[1].imshow(
+    ancestral.reshape(2, 8, 8, 8).transpose(0, 2, 1, 3).reshape(16, 64),
+    cmap="gray_r",
+    vmin=0,
+    vmax=1,
+)
+axes[1].set_title("ancestral samples: z2 ~ N(0, I), z1 ~ p(z1 | z2)")
+axes[1].axis("off")
+plt.tight_layout()
+plt.show()
