@@ -216,7 +216,6 @@ class ELBOModel(keras.Model):
         # Plain attributes, not tracked: the posterior is already a sublayer,
         # and the decoder shares the model's layers.
         object.__setattr__(self, "_multi_posterior", None)
-        object.__setattr__(self, "_dreg_decoder", None)
         object.__setattr__(self, "_split", None)
         if not self.multi_sample:
             return
@@ -271,8 +270,6 @@ class ELBOModel(keras.Model):
             # connection), the model's inputs repeated K times.
             body, decoder, reads_inputs = split_at(posterior, self)
             object.__setattr__(self, "_split", (body, decoder, reads_inputs))
-            if self.dreg:
-                object.__setattr__(self, "_dreg_decoder", (decoder, reads_inputs))
         object.__setattr__(self, "_multi_posterior", posterior)
 
     def get_compile_config(self):
@@ -500,7 +497,7 @@ class ELBOModel(keras.Model):
                 scale = ops.expand_dims(scale, -1)
             scaled = ops.stop_gradient(z) + ops.cast(scale, z.dtype) * (z - ops.stop_gradient(z))
             flat = ops.reshape(scaled, (-1, *ops.shape(z)[2:]))
-            decoder, reads_inputs = self._dreg_decoder
+            _, decoder, reads_inputs = self._split  # (DReG needs a functional model)
             latents = ops.cast(flat, self._multi_posterior.compute_dtype)
             if reads_inputs:
                 outputs = decoder([latents, *self._tiled(keras.tree.flatten(x))], training=training)
