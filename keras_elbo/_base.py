@@ -135,3 +135,13 @@ def split_at(posterior, model):
         return body, decoder_after(posterior, model), False
     except ValueError:
         return body, keras.Model([posterior.output, *inputs], model.outputs), True
+
+
+def features_and_prior_inputs(body_outputs):
+    """`(features, prior_inputs)` from what a `split_at` body returns: the
+    posterior's features, and a conditional prior's inputs or `None` (a body
+    of one output returns the tensor, not a list of one)."""
+    if not isinstance(body_outputs, (list, tuple)):
+        return body_outputs, None
+    features, *prior_inputs = body_outputs
+    return features, prior_inputs[0] if prior_inputs else None

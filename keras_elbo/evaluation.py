@@ -23,7 +23,12 @@ import numpy as np
 from keras import ops
 
 from keras_elbo import _backend, _math
-from keras_elbo._base import batch_iterable, find_layers, split_at
+from keras_elbo._base import (
+    batch_iterable,
+    features_and_prior_inputs,
+    find_layers,
+    split_at,
+)
 from keras_elbo.divergence import draw
 from keras_elbo.losses import is_reconstruction_loss
 from keras_elbo.posteriors import Posterior
@@ -82,12 +87,8 @@ class _LatentModel:
 
     def posterior(self, x):
         """q(z|x) of a batch, and a conditional prior's inputs (else None)."""
-        outputs = self.body(x, training=False)
-        # (A model of one output returns the tensor, not a list of one.)
-        features, *prior_inputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        return self.posterior_layer.distribution(features), (
-            prior_inputs[0] if prior_inputs else None
-        )
+        features, prior_inputs = features_and_prior_inputs(self.body(x, training=False))
+        return self.posterior_layer.distribution(features), prior_inputs
 
     def posterior_and_prior(self, x):
         q, prior_inputs = self.posterior(x)

@@ -20,7 +20,13 @@ from keras.src.utils.naming import auto_name
 from keras.src.utils.tracking import no_automatic_dependency_tracking
 
 from keras_elbo import _backend, _math
-from keras_elbo._base import find_layers, sampling, split_at, stochastic_layers
+from keras_elbo._base import (
+    features_and_prior_inputs,
+    find_layers,
+    sampling,
+    split_at,
+    stochastic_layers,
+)
 from keras_elbo.divergence import KLRegularizer, stop_parameter_gradients
 from keras_elbo.flows import FlowPosterior
 from keras_elbo.losses import is_reconstruction_loss
@@ -575,10 +581,8 @@ class _FunctionalELBOModel(ELBOModel, Functional):
         # A multi-sample step (see `_prepare_multi_sample`).
         body, decoder, reads_inputs = split
         outputs = body(keras.tree.flatten(inputs), training=training)
-        features, *prior_inputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        z = posterior(
-            features, prior_inputs=prior_inputs[0] if prior_inputs else None, training=training
-        )
+        features, prior_inputs = features_and_prior_inputs(outputs)
+        z = posterior(features, prior_inputs=prior_inputs, training=training)
         if not reads_inputs:
             return decoder(z, training=training)
         return decoder([z, *self._tiled(keras.tree.flatten(inputs))], training=training)
