@@ -98,43 +98,71 @@ def _numpy_part(part):
     return np.asarray(part)
 
 
-def decoder_after(posterior, model):
-    """The part of functional `model` after `posterior`: a model from the
-    posterior's output to the model's outputs.
+def _graph(inputs, outputs):
+    """`keras.Model(inputs, outputs)`, or `None` where `outputs` depend on
+    tensors other than `inputs`.
 
-    Raises `ValueError` if the outputs depend on the model's input other than
-    through the posterior's sample (a skip connection around it). Keras 3.14
-    and later refuse such a graph themselves; older Keras builds it with the
-    model's own input layer inside (and fails when it is called), so the
-    input layers are counted as well.
+    Keras 3.14 and later refuse such a graph themselves; older Keras builds
+    it with the model's own input layers inside (and fails when it is
+    called), so the input layers are counted as well.
     """
-    decoder = keras.Model(posterior.output, model.outputs)
-    input_layers = [op for op in decoder.operations if isinstance(op, keras.layers.InputLayer)]
-    if len(input_layers) != len(keras.tree.flatten(decoder.inputs)):
-        raise ValueError(
-            f"The outputs of model '{model.name}' depend on its input other than "
-            f"through posterior '{posterior.name}'."
-        )
-    return decoder
+    try:
+        graph = keras.Model(inputs, outputs)
+    except ValueError:
+        return None
+    input_layers = [op for op in graph.operations if isinstance(op, keras.layers.InputLayer)]
+    return graph if len(input_layers) == len(keras.tree.flatten(graph.inputs)) else None
 
 
-def split_at(posterior, model):
+def split_at(posteriors, model):
     """Functional `model` in the three parts a multi-sample step or an
-    estimator runs: `(body, decoder, decoder_reads_inputs)`.
+    estimator runs: `(top, body, decoder, decoder_reads_inputs)`.
 
-    `body` maps the model's inputs (flattened) to the posterior's input
-    tensors, its features and then a conditional prior's inputs. `decoder`
-    maps the posterior's samples to the model's outputs; where the outputs
-    also read the model's inputs other than through the posterior (a
-    conditional VAE's label, a skip connection), it takes
-    `[samples, *inputs]` and `decoder_reads_inputs` is True.
+    `top` is the posterior of `posteriors` (the model's posterior layers)
+    whose inputs depend on no other: the top of a hierarchy, whose samples
+    the others descend from. `body` maps the model's inputs (flattened) to
+    its input tensors, its features and then a conditional prior's inputs.
+    `decoder` maps its samples to the model's outputs, through the other
+    posteriors (the lower layers of a hierarchy); where the outputs also read
+    the model's inputs other than through a posterior's samples (a
+    conditional VAE's label, a skip connection, a lower layer's features of
+    x), it takes `[samples, *inputs]` and `decoder_reads_inputs` is True.
+
+    Raises `ValueError` unless exactly one posterior is on top.
     """
     inputs = keras.tree.flatten(model.input)
-    body = keras.Model(inputs, keras.tree.flatten(posterior.input))
-    try:
-        return body, decoder_after(posterior, model), False
-    except ValueError:
-        return body, keras.Model([posterior.output, *inputs], model.outputs), True
+    tops = []
+    for posterior in posteriors:
+        body = keras.Model(inputs, keras.tree.flatten(posterior.input))
+        # Its graph's operations (and the layers nested in them): `compile`,
+        # where this runs, does not track a new model's layers.
+        inside = [
+            layer
+            for op in body.operations
+            if isinstance(op, keras.layers.Layer)
+            for layer in find_layers(op, keras.layers.Layer)
+        ]
+        if not any(layer is not posterior and layer in posteriors for layer in inside):
+            tops.append((posterior, body))
+    if len(tops) != 1:
+        names = [posterior.name for posterior, _ in tops]
+        raise ValueError(
+            f"Model '{model.name}' has {len(tops)} posterior layers whose inputs depend "
+            f"on no other posterior's samples ({names}): several samples per example "
+            "are drawn ancestrally from one on top, with the others below it (a top-down "
+            "hierarchy, each lower posterior reading the samples above it)."
+        )
+    top, body = tops[0]
+    decoder = _graph(top.output, model.outputs)
+    if decoder is not None:
+        return top, body, decoder, False
+    return top, body, keras.Model([top.output, *inputs], model.outputs), True
+
+
+def reads_inputs_past_posteriors(posteriors, model):
+    """Whether the outputs of functional `model` depend on its inputs other
+    than through the samples of `posteriors` (a skip connection)."""
+    return _graph([posterior.output for posterior in posteriors], model.outputs) is None
 
 
 def features_and_prior_inputs(body_outputs):

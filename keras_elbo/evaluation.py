@@ -1,12 +1,20 @@
 """Evaluation of trained latent-variable models: the ELBO and log p(x).
 
-Both functions take a model built from this library's layers, an encoder
-body, one posterior layer (`GaussianPosterior`) and a decoder, compiled with
-a reconstruction loss from `keras_elbo.losses`. They split the model at the
-posterior: the body gives the posterior's input features (and a conditional
-prior's inputs), the decoder maps latent samples (and, for a model of several
-inputs, the other inputs it reads, repeated per sample) to the likelihood's
-parameters, and the compiled loss gives -log p(x|z) per example.
+Both functions take a functional model built from this library's layers,
+an encoder body, a posterior layer (`GaussianPosterior`) and a decoder,
+compiled with a reconstruction loss from `keras_elbo.losses`. They split the
+model at the posterior: the body gives the posterior's input features (and a
+conditional prior's inputs), the decoder maps latent samples (and, for a
+model of several inputs, the other inputs it reads, repeated per sample) to
+the likelihood's parameters, and the compiled loss gives -log p(x|z) per
+example.
+
+A model of several posteriors is a top-down hierarchy: the posterior whose
+inputs depend on no other's samples is split at, and the others, inside the
+decoder, each draw one sample per row of theirs (per sample of the layers
+above), so that every sample is drawn ancestrally. Their KLs, given the
+samples above, enter the ELBO, and their log p(z_l | ...) - log q(z_l | ...)
+the importance weights.
 
 The first axis is the batch. A posterior applied to a feature map gives a
 latent map, q of batch shape `(batch, h, w)` and event shape `(latent_dim,)`
@@ -27,11 +35,12 @@ from keras_elbo._base import (
     batch_iterable,
     features_and_prior_inputs,
     find_layers,
+    reads_inputs_past_posteriors,
     split_at,
 )
 from keras_elbo.divergence import draw
 from keras_elbo.losses import is_reconstruction_loss
-from keras_elbo.posteriors import Posterior
+from keras_elbo.posteriors import MultiSampleDraws, Posterior, log_density_ratios
 
 
 class _LatentModel:
@@ -39,17 +48,17 @@ class _LatentModel:
 
     def __init__(self, model, likelihood):
         posteriors = find_layers(model, Posterior)
-        if len(posteriors) != 1:
+        if not posteriors:
             raise ValueError(
-                "Evaluation needs a model with exactly one posterior layer (such as "
-                f"GaussianPosterior); model '{model.name}' has {len(posteriors)}."
+                "Evaluation needs a model with a posterior layer (such as "
+                f"GaussianPosterior); model '{model.name}' has none."
             )
-        self.posterior_layer = posteriors[0]
-        if self.posterior_layer.kl_regularizer is None:
-            raise ValueError(
-                f"Posterior layer '{self.posterior_layer.name}' has no kl_regularizer, so "
-                "the model has no prior to evaluate against."
-            )
+        for posterior in posteriors:
+            if posterior.kl_regularizer is None:
+                raise ValueError(
+                    f"Posterior layer '{posterior.name}' has no kl_regularizer, so "
+                    "the model has no prior to evaluate it against."
+                )
         try:
             inputs = model.inputs
         except AttributeError:  # a subclassed model has no graph to split
@@ -63,13 +72,16 @@ class _LatentModel:
                 "single-sample ELBO's parts)."
             )
         self.num_inputs = len(inputs)
-        self.body, self.decoder, self.decoder_reads_inputs = split_at(self.posterior_layer, model)
-        if self.decoder_reads_inputs and len(inputs) == 1:
+        self.posterior_layer, self.body, self.decoder, self.decoder_reads_inputs = split_at(
+            posteriors, model
+        )
+        self.lower = [p for p in posteriors if p is not self.posterior_layer]
+        if len(inputs) == 1 and reads_inputs_past_posteriors(posteriors, model):
             # The decoder would see the target itself.
             raise ValueError(
                 f"Could not split model '{model.name}' at posterior "
                 f"'{self.posterior_layer.name}': evaluation needs a functional model whose "
-                "output depends on its input only through the posterior's sample."
+                "output depends on its input only through the posteriors' samples."
             )
         if likelihood is None:
             likelihood = getattr(model, "loss", None)
@@ -86,24 +98,21 @@ class _LatentModel:
         self.jit_compile = model.jit_compile
 
     def posterior(self, x):
-        """q(z|x) of a batch, and a conditional prior's inputs (else None)."""
+        """q(z|x) of a batch (the top posterior's), and a conditional prior's
+        inputs (else None)."""
         features, prior_inputs = features_and_prior_inputs(self.body(x, training=False))
         return self.posterior_layer.distribution(features), prior_inputs
 
-    def posterior_and_prior(self, x):
-        q, prior_inputs = self.posterior(x)
-        prior = self.posterior_layer.kl_regularizer.prior_distribution(
-            q, self.posterior_layer, prior_inputs
-        )
-        return q, prior
-
-    def log_likelihood(self, x, target, z):
-        """log p(x|z) for samples z of shape `(S, B, *positions, d)`: `(S, B)`.
+    def log_likelihood(self, x, target, z, seed_generator):
+        """log p(x|z) for samples z of shape `(S, B, *positions, d)`: `(S, B)`,
+        and the records of the lower posteriors' draws (`MultiSampleDraws`;
+        none for a model of one posterior).
 
         The decoder sees the samples as one batch of `S * B` latents of the
         posterior's output shape (`(S * B, h, w, d)` for a latent map),
         sample-major, and the targets (and the inputs a decoder reads) are
-        tiled to match.
+        tiled to match. The lower posteriors of a hierarchy draw one sample
+        per row from `seed_generator`.
         """
         shape = ops.shape(z)
         num_samples, batch = shape[0], shape[1]
@@ -112,13 +121,20 @@ class _LatentModel:
             return ops.tile(t, [num_samples] + [1] * (len(t.shape) - 1))
 
         latents = ops.reshape(z, (-1, *shape[2:]))
-        if self.decoder_reads_inputs:
-            inputs = [tiled(t) for t in keras.tree.flatten(x)]
-            params = self.decoder([latents, *inputs], training=False)
-        else:
-            params = self.decoder(latents, training=False)
+        draws = MultiSampleDraws(1, add_kl=False, seed_generator=seed_generator)
+        for posterior in self.lower:
+            posterior.multi_sample = draws
+        try:
+            if self.decoder_reads_inputs:
+                inputs = [tiled(t) for t in keras.tree.flatten(x)]
+                params = self.decoder([latents, *inputs], training=False)
+            else:
+                params = self.decoder(latents, training=False)
+        finally:
+            for posterior in self.lower:
+                posterior.multi_sample = None
         log_lik = -ops.cast(self.nll(tiled(target), params), z.dtype)
-        return ops.reshape(log_lik, (num_samples, batch))
+        return ops.reshape(log_lik, (num_samples, batch)), draws.take()
 
 
 class _Estimators:
@@ -354,8 +370,10 @@ def evaluate_elbo(
     Each example's reconstruction term is averaged over `num_samples` samples
     of q(z|x); the KL is computed as the model's `KLRegularizer` computes it
     (its `mode`; the closed form where one exists), summed over the positions
-    of a latent map. Free bits and the KL weight do not enter: this is the
-    true ELBO.
+    of a latent map. In a hierarchy the KL is the sum over the layers, each
+    lower layer's averaged over the `num_samples` samples of the layers
+    above it. Free bits and the KL weight do not enter: this is the true
+    ELBO.
 
     Formula:
 
@@ -365,8 +383,9 @@ def evaluate_elbo(
     ```
 
     Args:
-        model: a model with one posterior layer, compiled with a
-            `keras_elbo` reconstruction loss (or pass `likelihood`).
+        model: a functional model with a posterior layer (or a top-down
+            hierarchy of them), compiled with a `keras_elbo`
+            reconstruction loss (or pass `likelihood`).
         x: the data: an array of shape `(n, ...)`, which is also the target
             of the likelihood, or batches as `Model.evaluate` takes them (a
             batched `tf.data.Dataset`, on any backend where TensorFlow is
@@ -399,15 +418,23 @@ def evaluate_elbo(
     def elbo_terms(x, target, seed_generator):
         q, prior_inputs = parts.posterior(x)
         z = draw(q, (num_samples,), seed_generator)
-        reconstruction = -ops.mean(parts.log_likelihood(x, target, z), axis=0)
+        log_lik, lower = parts.log_likelihood(x, target, z, seed_generator)
+        reconstruction = -ops.mean(log_lik, axis=0)
         # The KL's own sample, passed as the very tensor q returned: a slice of
         # z would miss a flow posterior's cache of log q(z).
         kl_sample = draw(q, (), seed_generator)
+        # One KL per example, summed over the positions of a latent map.
         kl = regularizer.kl_divergence(
             q, sample=kl_sample, posterior_layer=parts.posterior_layer, prior_inputs=prior_inputs
         )
-        # One KL per example: summed over the positions of a latent map.
-        return reconstruction, _math.sum_event_dims(kl)
+        # A lower layer's KL, given each of the samples above it: averaged
+        # over those samples (its rows are the `(S, B)` samples, sample-major).
+        for layer, q_l, z_l, prior_inputs_l in lower:
+            kl_l = layer.kl_regularizer.kl_divergence(
+                q_l, sample=z_l, posterior_layer=layer, prior_inputs=prior_inputs_l
+            )
+            kl = kl + ops.mean(ops.reshape(kl_l, (num_samples, -1)), axis=0)
+        return reconstruction, kl
 
     step = estimators.function(("elbo", num_samples), lambda: elbo_terms)
     results = {"reconstruction": [], "kl": []}
@@ -453,9 +480,13 @@ def importance_weighted_log_likelihood(
     log_px = logsumexp(log_w) - log(num_samples)
     ```
 
+    In a hierarchy `z_k` is drawn ancestrally through every posterior and
+    `log_w[k]` sums every layer's `log p(z_l,k | ...) - log q(z_l,k | ...)`.
+
     Args:
-        model: a model with one posterior layer, compiled with a
-            `keras_elbo` reconstruction loss (or pass `likelihood`).
+        model: a functional model with a posterior layer (or a top-down
+            hierarchy of them), compiled with a `keras_elbo`
+            reconstruction loss (or pass `likelihood`).
         x: the data: an array of shape `(n, ...)`, which is also the target
             of the likelihood, or batches as `Model.evaluate` takes them (a
             batched `tf.data.Dataset`, on any backend where TensorFlow is
@@ -496,10 +527,12 @@ def importance_weighted_log_likelihood(
     def chunk_function(count):
         def log_sum_of_weights(x, target, seed_generator):
             """logsumexp over `count` samples of the log-weights: `(B,)`."""
-            q, p = parts.posterior_and_prior(x)
+            q, prior_inputs = parts.posterior(x)
             z = draw(q, (count,), seed_generator)
-            log_ratio = _math.sum_positions(p.log_prob(z) - q.log_prob(z))
-            return ops.logsumexp(parts.log_likelihood(x, target, z) + log_ratio, axis=0)
+            log_lik, lower = parts.log_likelihood(x, target, z, seed_generator)
+            records = [(parts.posterior_layer, q, z, prior_inputs), *lower]
+            log_ratio = sum(ratio for _, ratio in log_density_ratios(records))
+            return ops.logsumexp(ops.cast(log_lik, log_ratio.dtype) + log_ratio, axis=0)
 
         # Two per call at most (a chunk and the remainder); the shared seed
         # generator advances at each chunk: new samples each time.

@@ -30,7 +30,7 @@ from keras_elbo._base import (
 from keras_elbo.divergence import KLRegularizer, stop_parameter_gradients
 from keras_elbo.flows import FlowPosterior
 from keras_elbo.losses import is_reconstruction_loss
-from keras_elbo.posteriors import MultiSampleDraws, Posterior
+from keras_elbo.posteriors import MultiSampleDraws, Posterior, log_density_ratios
 
 OBJECTIVES = ("elbo", "iwae")
 
@@ -105,16 +105,21 @@ class ELBOModel(keras.Model):
     posterior and Bayesian layer exists (for a subclassed model, after
     `__init__`).
 
-    Multi-sample objectives. With `num_samples=K > 1` the model's (one)
+    Multi-sample objectives. With `num_samples=K > 1` the model's
     posterior draws K samples per example in `fit` and `evaluate`, and the
     decoder runs once on all `K * batch` of them (sample-major: the model's
-    output has `K * batch` rows there; `predict` is unchanged). With
-    `objective="elbo"` the loss is the ELBO averaged over the K samples; with
-    `objective="iwae"` it is the importance-weighted bound of Burda et al.
-    (2016), tighter as K grows:
+    output has `K * batch` rows there; `predict` is unchanged). In a
+    hierarchy of posteriors (a top-down one: `z_L ~ q(z_L | x)`, then each
+    `z_l ~ q(z_l | x, z_{l+1})` against a conditional prior `p(z_l |
+    z_{l+1})`) the top posterior draws the K samples and each lower one draws
+    one sample per row, so that each of the K is drawn ancestrally through
+    every layer. With `objective="elbo"` the loss is the ELBO averaged over
+    the K samples; with `objective="iwae"` it is the importance-weighted
+    bound of Burda et al. (2016), tighter as K grows:
 
     ```python
-    log_w[k] = log p(x|z_k) + kl_weight * (log p(z_k) - log q(z_k|x))
+    log_w[k] = log p(x|z_k) + sum_l kl_weight_l * (log p(z_l,k | z_l+1,k)
+                                                  - log q(z_l,k | x, z_l+1,k))
     loss = -mean_over_batch(logsumexp_k(log_w) - log(K)) + other_losses
     ```
 
@@ -133,7 +138,7 @@ class ELBOModel(keras.Model):
     bound with the doubly reparameterised gradient of Tucker et al. (2019):
     the encoder's gradient no longer loses its signal-to-noise ratio as K
     grows (Rainforth et al., 2018). It costs one more pass of the decoder
-    per step, needs a functional model and a Gaussian posterior (the flow
+    per step, needs a functional model and one Gaussian posterior (the flow
     posterior's log-density depends on its weights through the flow).
 
     Args:
@@ -219,35 +224,36 @@ class ELBOModel(keras.Model):
 
     def _prepare_multi_sample(self):
         """Finds (and checks) what a multi-sample objective needs."""
-        # Plain attributes, not tracked: the posterior is already a sublayer,
-        # and the decoder shares the model's layers.
-        object.__setattr__(self, "_multi_posterior", None)
+        # Plain attributes, not tracked: the posteriors are already
+        # sublayers, and the decoder shares the model's layers.
+        object.__setattr__(self, "_multi_posteriors", None)
         object.__setattr__(self, "_split", None)
+        object.__setattr__(self, "_step_draws", None)
         if not self.multi_sample:
             return
         what = f'ELBOModel(objective="{self.objective}", num_samples={self.num_samples})'
         posteriors = find_layers(self, Posterior)
-        if len(posteriors) != 1:
+        if not posteriors:
             raise ValueError(
-                f"{what} draws several samples from the model's posterior layer, "
-                f"so it needs exactly one; model '{self.name}' has {len(posteriors)}."
+                f"{what} draws several samples from the model's posterior layers; "
+                f"model '{self.name}' has none."
             )
-        posterior = posteriors[0]
-        regularizer = posterior.kl_regularizer
         if self.objective == "iwae":
-            if regularizer is None:
-                raise ValueError(
-                    f"{what}: posterior '{posterior.name}' has no kl_regularizer, so "
-                    "there is no prior p(z) to weigh its samples with."
-                )
-            if regularizer.free_bits > 0 or regularizer.free_nats > 0:
-                floor = "free_bits" if regularizer.free_bits > 0 else "free_nats"
-                raise ValueError(
-                    f"{what}: KLRegularizer '{regularizer.name}' has {floor}="
-                    f"{getattr(regularizer, floor)}. Free bits and free nats floor a KL "
-                    "term, which the importance-weighted bound does not have; use "
-                    "objective='elbo'."
-                )
+            for posterior in posteriors:
+                regularizer = posterior.kl_regularizer
+                if regularizer is None:
+                    raise ValueError(
+                        f"{what}: posterior '{posterior.name}' has no kl_regularizer, so "
+                        "there is no prior p(z) to weigh its samples with."
+                    )
+                if regularizer.free_bits > 0 or regularizer.free_nats > 0:
+                    floor = "free_bits" if regularizer.free_bits > 0 else "free_nats"
+                    raise ValueError(
+                        f"{what}: KLRegularizer '{regularizer.name}' has {floor}="
+                        f"{getattr(regularizer, floor)}. Free bits and free nats floor a "
+                        "KL term, which the importance-weighted bound does not have; use "
+                        "objective='elbo'."
+                    )
             if not is_reconstruction_loss(self.loss):
                 raise ValueError(
                     f"{what} needs each example's log-likelihood: compile with a loss "
@@ -256,11 +262,18 @@ class ELBOModel(keras.Model):
                     f"Received: loss={self.loss!r}"
                 )
         if self.dreg:
-            if isinstance(posterior, FlowPosterior):
+            if len(posteriors) > 1:
+                raise ValueError(
+                    f"{what}, dreg=True: the doubly reparameterised gradient is "
+                    f"implemented for one posterior layer; model '{self.name}' has "
+                    f"{len(posteriors)}. Use dreg=False (the importance-weighted bound "
+                    "itself takes any number)."
+                )
+            if isinstance(posteriors[0], FlowPosterior):
                 raise ValueError(
                     f"{what}, dreg=True: the doubly reparameterised gradient needs "
                     "log q(z|x) with q's parameters held fixed, which a flow "
-                    f"posterior ('{posterior.name}') does not have (its density "
+                    f"posterior ('{posteriors[0].name}') does not have (its density "
                     "depends on the flow's weights). Use dreg=False."
                 )
             if not isinstance(self, Functional):
@@ -270,13 +283,15 @@ class ELBOModel(keras.Model):
                 )
         if isinstance(self, Functional):
             # The step runs the model in three parts (`_FunctionalELBOModel.
-            # call`): the body to the posterior's inputs, the posterior's K
-            # draws per example (K * batch rows), and the decoder from them
-            # and, where it reads them (a conditional VAE's label, a skip
-            # connection), the model's inputs repeated K times.
-            body, decoder, reads_inputs = split_at(posterior, self)
-            object.__setattr__(self, "_split", (body, decoder, reads_inputs))
-        object.__setattr__(self, "_multi_posterior", posterior)
+            # call`): the body to the top posterior's inputs, its K draws per
+            # example (K * batch rows), and the decoder from them (with the
+            # lower posteriors of a hierarchy, one draw per row each) and,
+            # where it reads them (a conditional VAE's label, a skip
+            # connection, a lower posterior's features of x), the model's
+            # inputs repeated K times. (A subclassed model's `call` runs as
+            # written: the first posterior it calls draws K per example.)
+            object.__setattr__(self, "_split", split_at(posteriors, self))
+        object.__setattr__(self, "_multi_posteriors", posteriors)
 
     def get_compile_config(self):
         config = super().get_compile_config()
@@ -294,17 +309,23 @@ class ELBOModel(keras.Model):
 
     @contextlib.contextmanager
     def _drawing_several(self):
-        """While a train or test step is traced (or run): the posterior draws
-        `num_samples` per example (see `posteriors.MultiSampleDraws`)."""
-        posterior = getattr(self, "_multi_posterior", None)
-        if posterior is None:
+        """While a train or test step is traced (or run): the posteriors draw
+        `num_samples` per example, ancestrally (see
+        `posteriors.MultiSampleDraws`)."""
+        posteriors = getattr(self, "_multi_posteriors", None)
+        if not posteriors:
             yield
             return
-        posterior.multi_sample = MultiSampleDraws(self.num_samples, add_kl=self.objective == "elbo")
+        draws = MultiSampleDraws(self.num_samples, add_kl=self.objective == "elbo")
+        object.__setattr__(self, "_step_draws", draws)
+        for posterior in posteriors:
+            posterior.multi_sample = draws
         try:
             yield
         finally:
-            posterior.multi_sample = None
+            object.__setattr__(self, "_step_draws", None)
+            for posterior in posteriors:
+                posterior.multi_sample = None
 
     @contextlib.contextmanager
     def _summing_kl_calls(self):
@@ -388,22 +409,22 @@ class ELBOModel(keras.Model):
         return keras.tree.map_structure(tile, structure)
 
     def _taken_draws(self):
-        posterior = getattr(self, "_multi_posterior", None)
-        if posterior is None or posterior.multi_sample is None:
-            return None
-        draws = posterior.multi_sample.take()
+        """The step's records of `MultiSampleDraws`, or `None` outside a
+        multi-sample step."""
+        draws = getattr(self, "_step_draws", None)
         if draws is None:
+            return None
+        records = draws.take()
+        if not records:
             raise ValueError(
-                f"ELBOModel '{self.name}' (num_samples={self.num_samples}): posterior "
-                f"'{posterior.name}' drew no samples in this step. A Posterior "
-                "subclass that overrides `call` must keep the base class's, which "
-                "draws them."
+                f"ELBOModel '{self.name}' (num_samples={self.num_samples}): no posterior "
+                "drew samples in this step. A Posterior subclass that overrides `call` "
+                "must keep the base class's, which draws them."
             )
-        return draws
+        return records
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        posterior = getattr(self, "_multi_posterior", None)
-        if posterior is not None and posterior.multi_sample is not None:
+        if getattr(self, "_step_draws", None) is not None:
             y, sample_weight = self._tiled(y), self._tiled(sample_weight)
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
@@ -457,29 +478,31 @@ class ELBOModel(keras.Model):
             self.neg_iwae_tracker.update_state(-bounds + other, sample_weight=batch_size)
         return loss
 
-    def _importance_weighted_loss(self, draws, x, y, y_pred, sample_weight, training):
+    def _importance_weighted_loss(self, records, x, y, y_pred, sample_weight, training):
         """The importance-weighted bound's loss from the step's K samples.
 
-        Returns the loss (`-bound` at the regularizer's `kl_weight`, plus the
+        `records` are the step's draws (`MultiSampleDraws.take`): the top
+        posterior's K samples per example, then each lower posterior's. The
+        log weight of sample k is `log p(x | z_k) + sum_l [log p(z_l,k | ...)
+        - log q(z_l,k | ...)]`, each layer's ratio tempered by its
+        regularizer's `kl_weight`.
+
+        Returns the loss (`-bound` at the regularizers' `kl_weight`s, plus the
         model's other added losses), the reconstruction averaged over the
         samples, and the bound at weight 1 (both averaged over the batch).
         """
-        q, z, prior_inputs = draws
         k = self.num_samples
-        regularizer = self._multi_posterior.kl_regularizer
-        p = regularizer.prior_distribution(q, self._multi_posterior, prior_inputs)
         dtype = _math.density_dtype()
-        weight = ops.cast(regularizer.kl_weight, dtype)
         targets = self._tiled(y)
 
-        def log_weights(z, outputs, q):
-            """`(K, batch)` log p(x|z_k), and log p(z_k) - log q(z_k|x)."""
-            nll = ops.cast(self.loss.call(targets, outputs), dtype)
-            log_ratio = ops.cast(_math.sum_positions(p.log_prob(z) - q.log_prob(z)), dtype)
-            return -ops.reshape(nll, (k, -1)), log_ratio
+        def log_likelihood(outputs):
+            """`(K, batch)` log p(x|z_k)."""
+            return -ops.reshape(ops.cast(self.loss.call(targets, outputs), dtype), (k, -1))
 
-        log_lik, log_ratio = log_weights(z, y_pred, q)
-        tempered = log_lik + weight * log_ratio
+        ratios = log_density_ratios(records)
+        log_lik = log_likelihood(y_pred)
+        log_ratio = sum(ratio for _, ratio in ratios)
+        tempered = log_lik + sum(ops.cast(r.kl_weight, dtype) * ratio for r, ratio in ratios)
         log_k = math.log(k)
         bound = ops.logsumexp(tempered, axis=0) - log_k  # (batch,)
         bound_at_one = ops.logsumexp(log_lik + log_ratio, axis=0) - log_k
@@ -494,6 +517,11 @@ class ELBOModel(keras.Model):
             # score term that DReG rewrites is b times as large, the encoder's
             # weight (1 - b) w_k + b w_k^2, so z_k's gradient is scaled by
             # 1 - b + b w_k instead (w_k at b = 1).
+            # (One posterior: `_prepare_multi_sample` refuses DReG with more.)
+            [(layer, q, z, prior_inputs)] = records
+            regularizer = layer.kl_regularizer
+            p = regularizer.prior_distribution(q, layer, prior_inputs)
+            weight = ops.cast(regularizer.kl_weight, dtype)
             if k == 1:  # (Keras warns of a softmax over an axis of size 1.)
                 w = ops.ones_like(tempered)
             else:
@@ -503,14 +531,17 @@ class ELBOModel(keras.Model):
                 scale = ops.expand_dims(scale, -1)
             scaled = ops.stop_gradient(z) + ops.cast(scale, z.dtype) * (z - ops.stop_gradient(z))
             flat = ops.reshape(scaled, (-1, *ops.shape(z)[2:]))
-            _, decoder, reads_inputs = self._split  # (DReG needs a functional model)
-            latents = ops.cast(flat, self._multi_posterior.compute_dtype)
+            _, _, decoder, reads_inputs = self._split  # (DReG needs a functional model)
+            latents = ops.cast(flat, layer.compute_dtype)
             if reads_inputs:
                 outputs = decoder([latents, *self._tiled(keras.tree.flatten(x))], training=training)
             else:
                 outputs = decoder(latents, training=training)
-            lik2, ratio2 = log_weights(scaled, outputs, stop_parameter_gradients(q))
-            surrogate = ops.sum(w * (lik2 + weight * ratio2), axis=0)
+            fixed_q = stop_parameter_gradients(q)
+            ratio2 = ops.cast(
+                _math.sum_positions(p.log_prob(scaled) - fixed_q.log_prob(scaled)), dtype
+            )
+            surrogate = ops.sum(w * (log_likelihood(outputs) + weight * ratio2), axis=0)
             bound = ops.stop_gradient(bound) + surrogate - ops.stop_gradient(surrogate)
         if sample_weight is not None:
             sample_weight = ops.cast(ops.reshape(sample_weight, (-1,)), bound.dtype)
@@ -575,11 +606,10 @@ class _FunctionalELBOModel(ELBOModel, Functional):
 
     def call(self, inputs, training=None, mask=None):
         split = getattr(self, "_split", None)
-        posterior = getattr(self, "_multi_posterior", None)
-        if split is None or posterior is None or posterior.multi_sample is None:
+        if split is None or getattr(self, "_step_draws", None) is None:
             return Functional.call(self, inputs, training=training, mask=mask)
         # A multi-sample step (see `_prepare_multi_sample`).
-        body, decoder, reads_inputs = split
+        posterior, body, decoder, reads_inputs = split
         outputs = body(keras.tree.flatten(inputs), training=training)
         features, prior_inputs = features_and_prior_inputs(outputs)
         z = posterior(features, prior_inputs=prior_inputs, training=training)

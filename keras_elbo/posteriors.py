@@ -13,37 +13,78 @@ INFERENCE_OUTPUTS = ("sample", "mean")
 
 
 class MultiSampleDraws:
-    """K samples per example, which a posterior draws for a multi-sample
-    objective while `ELBOModel` trains or evaluates.
+    """The samples that posteriors draw for a multi-sample objective or an
+    estimator, recorded for the loss computed from them.
 
-    `ELBOModel(num_samples=K)` sets one as its posterior's `multi_sample`
-    during its train and test steps. The posterior then draws K samples of
-    q(z|x) for each example, returns them as one batch of `K * batch` latents,
+    `ELBOModel(num_samples=K)` sets one as the `multi_sample` of each of its
+    posterior layers during its train and test steps. The first posterior
+    called in the step (the top of a hierarchy) draws K samples of q(z|x)
+    for each example and returns them as one batch of `K * batch` latents,
     sample-major (row `k * batch + b` is sample k of example b), so that the
-    decoder runs once on all of them, and records q and the `(K, batch, ...)`
-    samples here for the model's `compute_loss`, which runs in the same trace.
-    Records are kept per thread: TensorFlow's `MirroredStrategy` traces its
-    replicas in threads.
+    rest of the model runs once on all of them. Every posterior called after
+    it in the step (the lower layers of a hierarchy, whose inputs are those
+    `K * batch` rows) draws one sample per row: together they are K
+    ancestral samples of the whole hierarchy. Each records its layer, q, the
+    samples (`(K, batch, ...)` for the first, `(1, K * batch, ...)` for the
+    others) and its prior's inputs, for the model's `compute_loss`, which
+    runs in the same trace. Records are kept per thread: TensorFlow's
+    `MirroredStrategy` traces its replicas in threads.
 
     Args:
         num_samples: K.
-        add_kl: whether the posterior's `KLRegularizer` adds its KL to the
-            loss (the averaged ELBO) or only records it (the importance-
+        add_kl: whether the posteriors' `KLRegularizer`s add their KL to the
+            loss (the averaged ELBO) or only record it (the importance-
             weighted bound, which the model computes from the samples).
+        seed_generator: the generator the draws use in place of each
+            layer's own (the estimators'), or `None`.
     """
 
-    def __init__(self, num_samples: int, add_kl: bool):
+    def __init__(self, num_samples: int, add_kl: bool, seed_generator=None):
         self.num_samples = num_samples
         self.add_kl = add_kl
+        self.seed_generator = seed_generator
         self._records = {}
 
-    def record(self, q, z, prior_inputs=None):
-        self._records[threading.get_ident()] = (q, z, prior_inputs)
+    def samples_to_draw(self):
+        """K for the first draw of this thread's step, 1 for the later ones."""
+        return 1 if self._records.get(threading.get_ident()) else self.num_samples
+
+    def record(self, layer, q, z, prior_inputs=None):
+        self._records.setdefault(threading.get_ident(), []).append((layer, q, z, prior_inputs))
 
     def take(self):
-        """`(q, z, prior_inputs)` of this thread's last draw, or `None`;
-        forgets it."""
-        return self._records.pop(threading.get_ident(), None)
+        """This thread's records `(layer, q, z, prior_inputs)`, in the order
+        drawn (an empty list if none); forgets them."""
+        return self._records.pop(threading.get_ident(), [])
+
+
+def log_density_ratios(records):
+    """log p(z) - log q(z) of each record of a `MultiSampleDraws`, per sample
+    and example.
+
+    Returns a list of `(kl_regularizer, log_ratio)`, one per record in the
+    order drawn, `log_ratio` of shape `(K, batch)` (summed over the positions
+    of a latent map; a lower layer's `K * batch` rows of one sample each
+    reshaped sample-major), in `_math.density_dtype()`. Summed over the
+    records they are the latent part of the log importance weight of K
+    ancestral samples of a hierarchy.
+    """
+    top_z = records[0][2]
+    num_samples, batch = keras.ops.shape(top_z)[0], keras.ops.shape(top_z)[1]
+    dtype = _math.density_dtype()
+    ratios = []
+    for layer, q, z, prior_inputs in records:
+        regularizer = layer.kl_regularizer
+        if regularizer is None:
+            raise ValueError(
+                f"Posterior '{layer.name}' has no kl_regularizer, so there is no prior "
+                "p(z) to weigh its samples with."
+            )
+        p = regularizer.prior_distribution(q, layer, prior_inputs)
+        ratio = keras.ops.cast(_math.sum_positions(p.log_prob(z) - q.log_prob(z)), dtype)
+        # A lower layer's rows must be the K * batch rows that the top drew.
+        ratios.append((regularizer, keras.ops.reshape(ratio, (num_samples, batch))))
+    return ratios
 
 
 class Posterior(keras.layers.Layer):
@@ -141,9 +182,12 @@ class Posterior(keras.layers.Layer):
         return keras.ops.cast(z, self.compute_dtype)
 
     def _draw_several(self, q, multi_sample, prior_inputs):
-        """K samples per example, as one batch of `K * batch` (see
-        `MultiSampleDraws`)."""
-        z = draw(q, (multi_sample.num_samples,), self.seed_generator)
+        """K samples per example as one batch of `K * batch`, or one per row
+        below the top of a hierarchy (see `MultiSampleDraws`)."""
+        seed_generator = multi_sample.seed_generator
+        if seed_generator is None:
+            seed_generator = self.seed_generator
+        z = draw(q, (multi_sample.samples_to_draw(),), seed_generator)
         if self.kl_regularizer is not None:
             self.kl_regularizer(
                 z,
@@ -152,7 +196,7 @@ class Posterior(keras.layers.Layer):
                 prior_inputs=prior_inputs,
                 add_to_loss=multi_sample.add_kl,
             )
-        multi_sample.record(q, z, prior_inputs)
+        multi_sample.record(self, q, z, prior_inputs)
         shape = keras.ops.shape(z)
         return keras.ops.cast(keras.ops.reshape(z, (-1, *shape[2:])), self.compute_dtype)
 

@@ -56,10 +56,10 @@ def one_step_loss(model, x, y=None, seen=None):
     `seen`, a list, receives the posterior's q and its `(K, batch, d)` samples.
     """
     with model._drawing_several():
-        draws = model._multi_posterior.multi_sample
+        draws = model._step_draws
         if seen is not None:
             record = draws.record
-            draws.record = lambda q, z, c: (seen.extend([q, z]), record(q, z, c))
+            draws.record = lambda layer, q, z, c: (seen.extend([q, z]), record(layer, q, z, c))
         y_pred = model(x, training=True)
         return model.compute_loss(x, x if y is None else y, y_pred, training=True)
 
@@ -430,8 +430,13 @@ def test_bad_arguments_are_refused():
         model.compile(loss=ke.GaussianNLL())
     two = ke.GaussianPosterior(LATENT, kl_regularizer=ke.KLRegularizer())
     first = ke.GaussianPosterior(LATENT, kl_regularizer=ke.KLRegularizer())
-    model = ke.ELBOModel(x, two(first(x)), num_samples=2)
-    with pytest.raises(ValueError, match="exactly one"):
+    model = ke.ELBOModel(x, two(first(x)), objective="iwae", num_samples=2, dreg=True)
+    with pytest.raises(ValueError, match="dreg=True.*one posterior layer.*has 2"):
+        model.compile(loss=ke.GaussianNLL())
+    left, right = (ke.GaussianPosterior(LATENT, kl_regularizer=ke.KLRegularizer()) for _ in "lr")
+    side_by_side = keras.layers.Concatenate()([left(x), right(x)])
+    model = ke.ELBOModel(x, keras.layers.Dense(LATENT)(side_by_side), num_samples=2)
+    with pytest.raises(ValueError, match="2 posterior layers whose inputs depend on no other"):
         model.compile(loss=ke.GaussianNLL())
 
 
