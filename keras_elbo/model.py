@@ -211,6 +211,7 @@ class ELBOModel(keras.Model):
         arguments = inspect.signature(keras.Model.compile).bind(self, *args, **kwargs).arguments
         object.__setattr__(self, "_jit_compile_argument", arguments.get("jit_compile", "auto"))
         self.kl_regularizers = find_layers(self, KLRegularizer)
+        _check_recurrent_cells(self)
         names = _metric_names(self, self.kl_regularizers)
         self.kl_trackers = [keras.metrics.Mean(name=name) for name in names]
         self.reconstruction_tracker = keras.metrics.Mean(name="reconstruction")
@@ -554,6 +555,28 @@ class ELBOModel(keras.Model):
         loss = objective + ops.sum(ops.stack(added)) if added else objective
         reconstruction = -ops.mean(log_lik)
         return loss, reconstruction, ops.mean(ops.stop_gradient(bound_at_one))
+
+
+def _check_recurrent_cells(model):
+    """Refuses a KL term inside the cell of a `keras.layers.RNN` that is not
+    unrolled.
+
+    Such an RNN runs its cell inside the backend's loop primitive
+    (`tf.while_loop`, `jax.lax.scan`), from which a loss added by the cell
+    cannot be read out (TensorFlow fails with an `InaccessibleTensorError`;
+    on PyTorch one step's KL was counted twice, silently). With
+    `unroll=True` the cell is called once per step in a Python loop, and
+    every step's KL is added.
+    """
+    for rnn in find_layers(model, keras.layers.RNN):
+        regularizers = find_layers(rnn.cell, KLRegularizer)
+        if regularizers and not rnn.unroll:
+            raise ValueError(
+                f"RNN layer '{rnn.name}' has a KL term in its cell "
+                f"('{regularizers[0].name}'): build it with `unroll=True` (a known "
+                "number of time steps), so that each step's KL is added to the loss. "
+                "A loop over time steps written in Python works too."
+            )
 
 
 def _portable_optimizer(config):
