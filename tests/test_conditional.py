@@ -398,39 +398,65 @@ def test_conditional_vae_draws_digits_of_the_class_asked_for():
     assert accuracy >= 0.9, accuracy
 
 
+class Cell(keras.layers.Layer):
+    """A `keras.layers.RNN` cell holding the posterior, the previous step's
+    input its state: the step of `TestLoopOverTime`'s loop."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.state_size = 2 * D
+        self.output_size = D
+        self.posterior = step_posterior()
+
+    def build(self, input_shape):
+        self.posterior.build(input_shape)
+
+    def call(self, inputs, states, training=None):
+        z = self.posterior(inputs, prior_inputs=states[0], training=training)
+        return z, [inputs]
+
+
+def step_posterior():
+    return ke.GaussianPosterior(
+        D,
+        kl_regularizer=ke.KLRegularizer(prior=identity_prior("diag")),
+        kernel_initializer="identity",
+        seed=0,
+        name="posterior",
+    )
+
+
 class TestLoopOverTime:
     """A posterior layer and its conditional prior applied at each step of a
-    Python loop over time (a sequential latent model): one KL per step, all
-    in the loss and summed in the logged KL, on every backend (on JAX,
-    Keras's `stateless_call` kept only a layer's last call's losses)."""
+    loop over time (a sequential latent model), written in Python or as the
+    cell of a `keras.layers.RNN(unroll=True)`: one KL per step, all in the
+    loss and summed in the logged KL, on every backend (on JAX, Keras's
+    `stateless_call` kept only a layer's last call's losses)."""
 
     STEPS = 3
 
-    def model(self):
+    def model(self, form):
         sequence = keras.Input((self.STEPS, 2 * D))
-        posterior = ke.GaussianPosterior(
-            D,
-            kl_regularizer=ke.KLRegularizer(prior=identity_prior("diag")),
-            kernel_initializer="identity",
-            seed=0,
-            name="posterior",
-        )
-        # p(z_t | x_{t-1}): the previous step's values are the prior's raw
-        # parameters (zeros before the first step).
-        previous = keras.ops.zeros_like(sequence[:, 0])
-        codes = []
-        for t in range(self.STEPS):
-            codes.append(posterior(sequence[:, t], prior_inputs=previous))
-            previous = sequence[:, t]
+        if form == "rnn_cell":
+            codes = keras.layers.RNN(Cell(), return_sequences=True, unroll=True)(sequence)
+        else:
+            posterior = step_posterior()
+            # p(z_t | x_{t-1}): the previous step's values are the prior's raw
+            # parameters (zeros before the first step).
+            previous = keras.ops.zeros_like(sequence[:, 0])
+            steps = []
+            for t in range(self.STEPS):
+                steps.append(posterior(sequence[:, t], prior_inputs=previous))
+                previous = sequence[:, t]
+            codes = keras.ops.stack(steps, axis=1)
         # The output ignores the codes' values: the reconstruction is the
         # same for every sample, and the loss's KL part is exact.
-        decoded = keras.layers.Lambda(lambda t: t[0] + 0.0 * keras.ops.sum(t[1]))(
-            [sequence, keras.ops.stack(codes, axis=1)]
-        )
+        decoded = keras.layers.Lambda(lambda t: t[0] + 0.0 * keras.ops.sum(t[1]))([sequence, codes])
         return ke.ELBOModel(sequence, decoded)
 
-    def test_every_step_is_in_the_loss_and_the_logged_kl(self):
-        model = self.model()
+    @pytest.mark.parametrize("form", ["python", "rnn_cell"])
+    def test_every_step_is_in_the_loss_and_the_logged_kl(self, form):
+        model = self.model(form)
         model.compile("adam", ke.GaussianNLL())
         x = RNG.normal(0, 0.5, (8, self.STEPS, 2 * D)).astype("float32")
         logs = model.evaluate(x, x, batch_size=8, verbose=0, return_dict=True)
@@ -443,58 +469,11 @@ class TestLoopOverTime:
         history = model.fit(x, x, epochs=2, batch_size=4, verbose=0).history
         assert np.all(np.isfinite(history["kl"]))
 
-
-class TestRecurrentCell:
-    """The posterior inside a `keras.layers.RNN` cell: the same model as
-    `TestLoopOverTime`, the previous step's input the cell's state. With
-    `unroll=True` the RNN calls the cell in a Python loop, one KL per step."""
-
-    STEPS = 3
-
-    class Cell(keras.layers.Layer):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.state_size = 2 * D
-            self.output_size = D
-            self.posterior = ke.GaussianPosterior(
-                D,
-                kl_regularizer=ke.KLRegularizer(prior=identity_prior("diag")),
-                kernel_initializer="identity",
-                seed=0,
-                name="posterior",
-            )
-
-        def build(self, input_shape):
-            self.posterior.build(input_shape)
-
-        def call(self, inputs, states, training=None):
-            previous = states[0]
-            z = self.posterior(inputs, prior_inputs=previous, training=training)
-            return z, [inputs]
-
-    def test_every_step_is_in_the_loss_and_the_logged_kl(self):
-        sequence = keras.Input((self.STEPS, 2 * D))
-        codes = keras.layers.RNN(self.Cell(), return_sequences=True, unroll=True)(sequence)
-        decoded = keras.layers.Lambda(lambda t: t[0] + 0.0 * keras.ops.sum(t[1]))(
-            [sequence, codes]
-        )
-        model = ke.ELBOModel(sequence, decoded)
-        model.compile("adam", ke.GaussianNLL())
-        x = RNG.normal(0, 0.5, (8, self.STEPS, 2 * D)).astype("float32")
-        logs = model.evaluate(x, x, batch_size=8, verbose=0, return_dict=True)
-        previous = np.concatenate([np.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
-        expected = numpy_kl(x, previous, "diag").sum(axis=1).mean()
-        assert logs["kl"] == pytest.approx(expected, rel=1e-5)
-        reconstruction = 0.5 * np.log(2 * np.pi) * x[0].size
-        assert logs["loss"] == pytest.approx(reconstruction + expected, rel=1e-5)
-        history = model.fit(x, x, epochs=2, batch_size=4, verbose=0).history
-        assert np.all(np.isfinite(history["kl"]))
-
     def test_a_cell_that_is_not_unrolled_is_refused(self):
         # Its loop primitive hides the cell's losses (TensorFlow failed with
         # an InaccessibleTensorError; PyTorch counted one step twice).
         sequence = keras.Input((self.STEPS, 2 * D))
-        codes = keras.layers.RNN(self.Cell(), name="vrnn")(sequence)
+        codes = keras.layers.RNN(Cell(), name="vrnn")(sequence)
         model = ke.ELBOModel(sequence, codes)
         with pytest.raises(ValueError, match="'vrnn' has a KL term in its cell.*unroll=True"):
             model.compile("adam", ke.GaussianNLL())
