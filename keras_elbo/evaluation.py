@@ -23,6 +23,7 @@ log-densities are summed over every axis but the batch, as `KLRegularizer`
 sums them.
 """
 
+import functools
 import math
 import weakref
 
@@ -351,6 +352,26 @@ def _checked_batches(elements, input_shape):
         yield _numpy_inputs(x), np.asarray(y, dtype="float32")
 
 
+def _same_size(batches):
+    """Each `(inputs, target)` batch with its number of examples, a batch
+    smaller than the first (the last of an array) padded to the first's size
+    with copies of its last example, whose results the caller drops: the
+    compiled functions then see one shape (TensorFlow would retrace and
+    JAX recompile for the last batch)."""
+    first = None
+    for batch in batches:
+        size = len(_first_input(batch[0]))
+        first = size if first is None else first
+        if size < first:
+            batch = keras.tree.map_structure(functools.partial(_padded, rows=first), batch)
+        yield batch, size
+
+
+def _padded(array, rows):
+    """`array` with copies of its last row appended, to `rows` rows."""
+    return np.concatenate([array, np.repeat(array[-1:], rows - len(array), axis=0)])
+
+
 def _empty_dataset():
     return ValueError("The dataset `x` yielded no batches: evaluation needs at least one.")
 
@@ -439,10 +460,10 @@ def evaluate_elbo(
     step = estimators.function(("elbo", num_samples), lambda: elbo_terms)
     results = {"reconstruction": [], "kl": []}
     progbar = keras.utils.Progbar(steps, verbose=verbose)
-    for i, batch in enumerate(batches):
+    for i, (batch, size) in enumerate(_same_size(batches)):
         reconstruction, kl = step.predict_on_batch(batch)
-        results["reconstruction"].append(reconstruction)
-        results["kl"].append(kl)
+        results["reconstruction"].append(reconstruction[:size])
+        results["kl"].append(kl[:size])
         progbar.update(i + 1)
     if not results["kl"]:
         raise _empty_dataset()
@@ -540,23 +561,23 @@ def importance_weighted_log_likelihood(
 
     estimates = []
     progbar = keras.utils.Progbar(steps, verbose=verbose)
-    for i, batch in enumerate(batches):
-        size = len(_first_input(batch[0]))
-        if size > max_decoder_batch:
+    for i, (batch, size) in enumerate(_same_size(batches)):
+        rows = len(_first_input(batch[0]))
+        if rows > max_decoder_batch:
             raise _math.invalid_argument(
                 "max_decoder_batch",
-                f"an integer >= {size}, the size of a batch of the dataset `x` (each "
+                f"an integer >= {rows}, the size of a batch of the dataset `x` (each "
                 "chunk decodes at least one sample of every example)",
                 max_decoder_batch,
             )
-        chunk = min(num_samples, max_decoder_batch // size)
+        chunk = min(num_samples, max_decoder_batch // rows)
         # Running log-sum-exp over chunks of samples, in float64.
-        total = np.full(size, -np.inf)
+        total = np.full(rows, -np.inf)
         for start in range(0, num_samples, chunk):
             count = min(chunk, num_samples - start)
             log_sum = chunk_function(count).predict_on_batch(batch)
             total = np.logaddexp(total, np.asarray(log_sum, np.float64))
-        estimates.append(total - math.log(num_samples))
+        estimates.append(total[:size] - math.log(num_samples))
         progbar.update(i + 1)
     if not estimates:
         raise _empty_dataset()

@@ -552,6 +552,29 @@ class TestRepeatedCalls:
         np.testing.assert_array_equal(iw_again, iw)
         assert tf_log.retracing == [], tf_log.retracing
 
+    def test_a_short_last_batch_is_padded_to_the_compiled_shape(self, monkeypatch):
+        # 40 examples in batches of 15: the last 10 are padded to 15 (one
+        # compiled shape: TensorFlow retraced and JAX recompiled for it) and
+        # the padding's results dropped.
+        from keras_elbo import evaluation
+
+        model, _, _ = make_model()
+        seen = set()
+        posterior = evaluation._LatentModel.posterior
+
+        def recording(self, x):
+            seen.add(x.shape[0])
+            return posterior(self, x)
+
+        monkeypatch.setattr(evaluation._LatentModel, "posterior", recording)
+        elbo = ke.evaluate_elbo(model, X, batch_size=15, seed=0, verbose=0)
+        iw = ke.importance_weighted_log_likelihood(
+            model, X, num_samples=3, batch_size=15, verbose=0
+        )
+        assert seen == {15}, seen
+        assert elbo["elbo"].shape == iw.shape == (40,)
+        assert np.all(np.isfinite(elbo["elbo"])) and np.all(np.isfinite(iw))
+
     def test_seed_none_draws_anew_each_call(self):
         model, _, _ = make_model()
         first = ke.evaluate_elbo(model, X, seed=None, verbose=0)["reconstruction"]
