@@ -74,12 +74,9 @@ def log_density_ratios(records):
     dtype = _math.density_dtype()
     ratios = []
     for layer, q, z, prior_inputs in records:
+        # (Every layer has a regularizer: `ELBOModel` checks it when compiled
+        # with objective="iwae", the estimators when they split the model.)
         regularizer = layer.kl_regularizer
-        if regularizer is None:
-            raise ValueError(
-                f"Posterior '{layer.name}' has no kl_regularizer, so there is no prior "
-                "p(z) to weigh its samples with."
-            )
         p = regularizer.prior_distribution(q, layer, prior_inputs)
         ratio = keras.ops.cast(_math.sum_positions(p.log_prob(z) - q.log_prob(z)), dtype)
         # A lower layer's rows must be the K * batch rows that the top drew.
