@@ -7,6 +7,7 @@ TFP Gaussians so that one KL table serves both.
 
 import math
 import threading
+import weakref
 
 import keras
 import numpy as np
@@ -343,8 +344,10 @@ class KLRegularizer(keras.layers.Layer):
         posterior: the distribution q(z|x) (a `keras_elbo.distributions`
             object, or on TensorFlow a TFP distribution), as a keyword
             argument (Keras layers take only tensors positionally).
-        posterior_layer: the layer that made `posterior`, passed on to the
-            prior (a `VampPrior` needs it). Posterior layers pass themselves.
+        posterior_layer: the layer that made `posterior`, for the prior (a
+            `VampPrior` is built from it), when the regularizer is called by
+            code of one's own; `None` (the default) means the posterior layer
+            that holds this regularizer (see `holder`).
         prior_inputs: the tensor c of a conditional prior p(z | c)
             (`ConditionalGaussianPrior`, `ConditionalMixturePrior`), its
             leading axes q's batch axes; `None` for any other prior.
@@ -423,6 +426,9 @@ class KLRegularizer(keras.layers.Layer):
         self.metric_name = metric_name
         self.seed_generator = _math.seed_generator(self.seed, "KLRegularizer")
         self._methods = {}  # (type(q), type(p)) -> estimator, chosen on first sight
+        # Weak references to the posterior layers that hold this regularizer
+        # (`attach`): not tracked, a posterior is not a sublayer of its KL.
+        object.__setattr__(self, "_holders", [])
         # While `ELBOModel` traces or runs a step: its calls so far, per
         # thread (MirroredStrategy traces replicas in threads); else None.
         self._calls_in_step = None
@@ -456,22 +462,44 @@ class KLRegularizer(keras.layers.Layer):
         else:
             super().load_own_variables(store)
 
+    def attach(self, posterior_layer):
+        """Records `posterior_layer` as a layer that holds this regularizer.
+
+        Posterior layers call it from their constructor, so that a prior built
+        from the posterior layer itself (`VampPrior`) finds it without each
+        call passing it.
+        """
+        if all(ref() is not posterior_layer for ref in self._holders):
+            self._holders.append(weakref.ref(posterior_layer))
+
+    # A method, not a property: Keras's saving walks a layer's attributes
+    # for the layers it holds, and would go round the posterior's for good.
+    def holder(self):
+        """The posterior layer that holds this regularizer, or `None` when
+        none or several do (a prior that needs it then says so)."""
+        holders = [ref() for ref in self._holders]
+        holders = [layer for layer in holders if layer is not None]
+        return holders[0] if len(holders) == 1 else None
+
     @property
     def conditional(self) -> bool:
         """Whether the prior is computed from `prior_inputs` at each call
         (a `ConditionalPrior`)."""
         return isinstance(self.prior, Prior) and self.prior.conditional
 
-    def prior_distribution(self, posterior, posterior_layer=None, prior_inputs=None):
+    def prior_distribution(self, posterior, prior_inputs=None, posterior_layer=None):
         """p(z) as a `keras_elbo.distributions` object (or the user's TFP
         distribution, on TensorFlow), for the given posterior q(z|x); a
-        conditional prior's p(z | prior_inputs).
+        conditional prior's p(z | prior_inputs). A prior layer gets
+        `posterior_layer`, by default the one that holds this regularizer.
 
         A prior layer whose `latent_dim` is `None` (`NormalPrior()`,
         `ScaleMixturePrior()`) first gets the posterior's event size as its
         `latent_dim`, kept from then on (and in its config).
         """
         self._check_prior_inputs(prior_inputs)
+        if posterior_layer is None:
+            posterior_layer = self.holder()
         if self.prior is None:
             return standard_normal_like(posterior)
         if isinstance(self.prior, Prior):
@@ -507,7 +535,7 @@ class KLRegularizer(keras.layers.Layer):
             self._methods[key] = self._resolve_method(posterior, prior)
         return self._methods[key]
 
-    def check_posterior(self, posterior, posterior_layer=None):
+    def check_posterior(self, posterior):
         """Raises `ValueError` now if this regularizer cannot handle `posterior`.
 
         Posterior layers call it from `build` with an example distribution:
@@ -528,14 +556,14 @@ class KLRegularizer(keras.layers.Layer):
                     "posterior's latent_dim."
                 )
             return
-        prior = self.prior_distribution(posterior, posterior_layer)
+        prior = self.prior_distribution(posterior)
         self._check_event_shapes(posterior, prior)
         self.method(posterior, prior)
 
-    def kl_divergence(self, posterior, sample=None, posterior_layer=None, prior_inputs=None):
+    def kl_divergence(self, posterior, sample=None, prior_inputs=None):
         """KL[q || p] per example, by `mode`: shape `(batch,)`, summed over
         every other axis of q's batch shape (a scalar when it is empty)."""
-        p = self.prior_distribution(posterior, posterior_layer, prior_inputs)
+        p = self.prior_distribution(posterior, prior_inputs)
         terms = self._kl_terms(posterior, p, sample, per_dimension=False)
         return _math.sum_event_dims(terms[..., 0])
 
@@ -546,7 +574,7 @@ class KLRegularizer(keras.layers.Layer):
                 "with q a keras_elbo.distributions object (or, on TensorFlow, a TFP "
                 f"distribution). Received: posterior={posterior!r}"
             )
-        p = self.prior_distribution(posterior, posterior_layer, prior_inputs)
+        p = self.prior_distribution(posterior, prior_inputs, posterior_layer)
         terms = self._kl_terms(posterior, p, z, self.free_bits > 0)
         objective = None
         if self.free_nats > 0:

@@ -32,6 +32,7 @@ import numpy as np
 from keras import ops
 
 from keras_elbo import _backend, _math
+from keras_elbo import _objectives as objectives
 from keras_elbo._base import (
     batch_iterable,
     features_and_prior_inputs,
@@ -41,7 +42,7 @@ from keras_elbo._base import (
 )
 from keras_elbo.divergence import draw
 from keras_elbo.losses import is_reconstruction_loss
-from keras_elbo.posteriors import MultiSampleDraws, Posterior, log_density_ratios
+from keras_elbo.posteriors import MultiSampleDraws, Posterior, drawing
 
 
 class _LatentModel:
@@ -123,17 +124,12 @@ class _LatentModel:
 
         latents = ops.reshape(z, (-1, *shape[2:]))
         draws = MultiSampleDraws(1, add_kl=False, seed_generator=seed_generator)
-        for posterior in self.lower:
-            posterior.multi_sample = draws
-        try:
+        with drawing(self.lower, draws):
             if self.decoder_reads_inputs:
                 inputs = [tiled(t) for t in keras.tree.flatten(x)]
                 params = self.decoder([latents, *inputs], training=False)
             else:
                 params = self.decoder(latents, training=False)
-        finally:
-            for posterior in self.lower:
-                posterior.multi_sample = None
         log_lik = -ops.cast(self.nll(tiled(target), params), z.dtype)
         return ops.reshape(log_lik, (num_samples, batch)), draws.take()
 
@@ -445,15 +441,11 @@ def evaluate_elbo(
         # z would miss a flow posterior's cache of log q(z).
         kl_sample = draw(q, (), seed_generator)
         # One KL per example, summed over the positions of a latent map.
-        kl = regularizer.kl_divergence(
-            q, sample=kl_sample, posterior_layer=parts.posterior_layer, prior_inputs=prior_inputs
-        )
+        kl = regularizer.kl_divergence(q, sample=kl_sample, prior_inputs=prior_inputs)
         # A lower layer's KL, given each of the samples above it: averaged
         # over those samples (its rows are the `(S, B)` samples, sample-major).
         for layer, q_l, z_l, prior_inputs_l in lower:
-            kl_l = layer.kl_regularizer.kl_divergence(
-                q_l, sample=z_l, posterior_layer=layer, prior_inputs=prior_inputs_l
-            )
+            kl_l = layer.kl_regularizer.kl_divergence(q_l, sample=z_l, prior_inputs=prior_inputs_l)
             kl = kl + ops.mean(ops.reshape(kl_l, (num_samples, -1)), axis=0)
         return reconstruction, kl
 
@@ -546,18 +538,18 @@ def importance_weighted_log_likelihood(
     batches, steps = _data(x, batch_size, parts.body.inputs[0].shape, y, parts.num_inputs)
 
     def chunk_function(count):
-        def log_sum_of_weights(x, target, seed_generator):
-            """logsumexp over `count` samples of the log-weights: `(B,)`."""
+        def chunk_bound(x, target, seed_generator):
+            """The bound of `count` samples of the log-weights: `(B,)`."""
             q, prior_inputs = parts.posterior(x)
             z = draw(q, (count,), seed_generator)
             log_lik, lower = parts.log_likelihood(x, target, z, seed_generator)
             records = [(parts.posterior_layer, q, z, prior_inputs), *lower]
-            log_ratio = sum(ratio for _, ratio in log_density_ratios(records))
-            return ops.logsumexp(ops.cast(log_lik, log_ratio.dtype) + log_ratio, axis=0)
+            ratios = objectives.log_density_ratios(records)
+            return objectives.importance_weighted_bound(objectives.log_weights(log_lik, ratios))
 
         # Two per call at most (a chunk and the remainder); the shared seed
         # generator advances at each chunk: new samples each time.
-        return estimators.function(("iw", count), lambda: log_sum_of_weights)
+        return estimators.function(("iw", count), lambda: chunk_bound)
 
     estimates = []
     progbar = keras.utils.Progbar(steps, verbose=verbose)
@@ -575,8 +567,8 @@ def importance_weighted_log_likelihood(
         total = np.full(rows, -np.inf)
         for start in range(0, num_samples, chunk):
             count = min(chunk, num_samples - start)
-            log_sum = chunk_function(count).predict_on_batch(batch)
-            total = np.logaddexp(total, np.asarray(log_sum, np.float64))
+            bound = np.asarray(chunk_function(count).predict_on_batch(batch), np.float64)
+            total = np.logaddexp(total, bound + math.log(count))  # log sum_k w_k
         estimates.append(total[:size] - math.log(num_samples))
         progbar.update(i + 1)
     if not estimates:

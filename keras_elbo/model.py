@@ -4,7 +4,6 @@ bound)."""
 
 import contextlib
 import inspect
-import math
 
 import keras
 from keras import ops
@@ -20,6 +19,7 @@ from keras.src.utils.naming import auto_name
 from keras.src.utils.tracking import no_automatic_dependency_tracking
 
 from keras_elbo import _backend, _math
+from keras_elbo import _objectives as objectives
 from keras_elbo._base import (
     features_and_prior_inputs,
     find_layers,
@@ -30,7 +30,7 @@ from keras_elbo._base import (
 from keras_elbo.divergence import KLRegularizer, stop_parameter_gradients
 from keras_elbo.flows import FlowPosterior
 from keras_elbo.losses import is_reconstruction_loss
-from keras_elbo.posteriors import MultiSampleDraws, Posterior, log_density_ratios
+from keras_elbo.posteriors import MultiSampleDraws, Posterior, drawing
 
 OBJECTIVES = ("elbo", "iwae")
 
@@ -319,14 +319,11 @@ class ELBOModel(keras.Model):
             return
         draws = MultiSampleDraws(self.num_samples, add_kl=self.objective == "elbo")
         object.__setattr__(self, "_step_draws", draws)
-        for posterior in posteriors:
-            posterior.multi_sample = draws
         try:
-            yield
+            with drawing(posteriors, draws):
+                yield
         finally:
             object.__setattr__(self, "_step_draws", None)
-            for posterior in posteriors:
-                posterior.multi_sample = None
 
     @contextlib.contextmanager
     def _summing_kl_calls(self):
@@ -367,9 +364,25 @@ class ELBOModel(keras.Model):
         x = keras.utils.unpack_x_y_sample_weight(data)[0]
         return _backend.checked_before(_float_inputs(x), self._input_message())
 
+    def _build_before_drawing(self, data):
+        """Builds an unbuilt subclassed model before a multi-sample step.
+
+        Keras builds it inside the step, with a symbolic run of `call` (in a
+        scratch graph on TensorFlow): were the posteriors drawing for the
+        step by then, the run's draws would be recorded as the step's. This
+        runs the same symbolic call first, outside the step's draws.
+        """
+        if self.built or not getattr(self, "_multi_posteriors", None):
+            return
+        x = keras.utils.unpack_x_y_sample_weight(data)[0]
+        self.compute_output_spec(
+            keras.tree.map_structure(lambda t: keras.KerasTensor(t.shape, t.dtype), x)
+        )
+
     # One wrapper for every backend's signature: `(data)` on TensorFlow and
     # PyTorch, `(state, data)` on JAX.
     def train_step(self, *args, **kwargs):
+        self._build_before_drawing(args[-1])
         with self._drawing_several(), self._summing_kl_calls(), self._inputs_checked(args[-1]):
             return super().train_step(*args, **kwargs)
 
@@ -377,6 +390,7 @@ class ELBOModel(keras.Model):
         # The ELBO is an expectation over q: `evaluate` samples every
         # posterior and Bayesian layer whatever its `inference` says (at the
         # mean, the logged "ELBO" could even exceed log p(x)).
+        self._build_before_drawing(args[-1])
         with (
             sampling(getattr(self, "_stochastic_layers", ())),
             self._drawing_several(),
@@ -500,13 +514,11 @@ class ELBOModel(keras.Model):
             """`(K, batch)` log p(x|z_k)."""
             return -ops.reshape(ops.cast(self.loss.call(targets, outputs), dtype), (k, -1))
 
-        ratios = log_density_ratios(records)
+        ratios = objectives.log_density_ratios(records)
         log_lik = log_likelihood(y_pred)
-        log_ratio = sum(ratio for _, ratio in ratios)
-        tempered = log_lik + sum(ops.cast(r.kl_weight, dtype) * ratio for r, ratio in ratios)
-        log_k = math.log(k)
-        bound = ops.logsumexp(tempered, axis=0) - log_k  # (batch,)
-        bound_at_one = ops.logsumexp(log_lik + log_ratio, axis=0) - log_k
+        tempered = objectives.log_weights(log_lik, ratios, tempered=True)
+        bound = objectives.importance_weighted_bound(tempered)  # (batch,)
+        bound_at_one = objectives.importance_weighted_bound(objectives.log_weights(log_lik, ratios))
         if self.dreg:
             # Tucker et al. (2019), eq. 8: the encoder's gradient is
             # sum_k w_k^2 d(log w_k)/dz_k dz_k/dphi with q's parameters held
@@ -521,12 +533,9 @@ class ELBOModel(keras.Model):
             # (One posterior: `_prepare_multi_sample` refuses DReG with more.)
             [(layer, q, z, prior_inputs)] = records
             regularizer = layer.kl_regularizer
-            p = regularizer.prior_distribution(q, layer, prior_inputs)
+            p = regularizer.prior_distribution(q, prior_inputs)
             weight = ops.cast(regularizer.kl_weight, dtype)
-            if k == 1:  # (Keras warns of a softmax over an axis of size 1.)
-                w = ops.ones_like(tempered)
-            else:
-                w = ops.stop_gradient(ops.softmax(tempered, axis=0))
+            w = objectives.normalized_weights(tempered)
             scale = (1.0 - weight) + weight * w
             for _ in range(len(z.shape) - 2):
                 scale = ops.expand_dims(scale, -1)

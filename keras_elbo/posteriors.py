@@ -1,5 +1,6 @@
 """Posterior layers: project features to q(z|x), sample it, hand it to the KL."""
 
+import contextlib
 import threading
 
 import keras
@@ -58,30 +59,21 @@ class MultiSampleDraws:
         return self._records.pop(threading.get_ident(), [])
 
 
-def log_density_ratios(records):
-    """log p(z) - log q(z) of each record of a `MultiSampleDraws`, per sample
-    and example.
+@contextlib.contextmanager
+def drawing(posteriors, draws):
+    """Has each of `posteriors` draw through `draws` (a `MultiSampleDraws`)
+    for the duration, and on its own afterwards (also when the body raises).
 
-    Returns a list of `(kl_regularizer, log_ratio)`, one per record in the
-    order drawn, `log_ratio` of shape `(K, batch)` (summed over the positions
-    of a latent map; a lower layer's `K * batch` rows of one sample each
-    reshaped sample-major), in `_math.density_dtype()`. Summed over the
-    records they are the latent part of the log importance weight of K
-    ancestral samples of a hierarchy.
+    A layer reads it when Keras traces it: make the traced function inside
+    the block.
     """
-    top_z = records[0][2]
-    num_samples, batch = keras.ops.shape(top_z)[0], keras.ops.shape(top_z)[1]
-    dtype = _math.density_dtype()
-    ratios = []
-    for layer, q, z, prior_inputs in records:
-        # (Every layer has a regularizer: `ELBOModel` checks it when compiled
-        # with objective="iwae", the estimators when they split the model.)
-        regularizer = layer.kl_regularizer
-        p = regularizer.prior_distribution(q, layer, prior_inputs)
-        ratio = keras.ops.cast(_math.sum_positions(p.log_prob(z) - q.log_prob(z)), dtype)
-        # A lower layer's rows must be the K * batch rows that the top drew.
-        ratios.append((regularizer, keras.ops.reshape(ratio, (num_samples, batch))))
-    return ratios
+    for posterior in posteriors:
+        posterior.multi_sample = draws
+    try:
+        yield draws
+    finally:
+        for posterior in posteriors:
+            posterior.multi_sample = None
 
 
 class Posterior(keras.layers.Layer):
@@ -121,6 +113,8 @@ class Posterior(keras.layers.Layer):
             )
         self.latent_dim = _math.integer("latent_dim", latent_dim)
         self.kl_regularizer = kl_regularizer
+        if kl_regularizer is not None:
+            kl_regularizer.attach(self)
         self.inference = _math.choice("inference", inference, INFERENCE_OUTPUTS)
         self.seed = _math.seed("seed", seed)
         self.seed_generator = _math.seed_generator(self.seed, type(self).__name__)
@@ -144,7 +138,7 @@ class Posterior(keras.layers.Layer):
             # (the positions of a latent map) are taken as 1 here.
             shape = [1] + [1 if n is None else n for n in input_shape[1:]]
             example = self.distribution(keras.ops.zeros(shape, self.compute_dtype))
-            self.kl_regularizer.check_posterior(example, posterior_layer=self)
+            self.kl_regularizer.check_posterior(example)
         self.built = True
 
     def build_sublayers(self, input_shape):
@@ -173,7 +167,7 @@ class Posterior(keras.layers.Layer):
         # `draw`: a subclass's `distribution` may return a TFP one (TensorFlow).
         z = draw(q, (), self.seed_generator)
         if self.kl_regularizer is not None:
-            z = self.kl_regularizer(z, posterior=q, posterior_layer=self, prior_inputs=prior_inputs)
+            z = self.kl_regularizer(z, posterior=q, prior_inputs=prior_inputs)
         if not training and self.inference == "mean":
             z = self.mean(q)
         return keras.ops.cast(z, self.compute_dtype)
@@ -189,7 +183,6 @@ class Posterior(keras.layers.Layer):
             self.kl_regularizer(
                 z,
                 posterior=q,
-                posterior_layer=self,
                 prior_inputs=prior_inputs,
                 add_to_loss=multi_sample.add_kl,
             )

@@ -726,8 +726,9 @@ class VampPrior(Prior):
         if posterior_layer is None or not callable(getattr(posterior_layer, "distribution", None)):
             raise ValueError(
                 "VampPrior needs the posterior layer (with a `distribution(features)` "
-                "method) that uses it: use it as the prior of the KLRegularizer of a "
-                "keras_elbo posterior layer, which passes itself. Received: "
+                "method) that uses it: use it as the prior of the KLRegularizer of one "
+                "keras_elbo posterior layer (a regularizer shared by several cannot "
+                "tell which), or call `distribution(posterior_layer=...)`. Received: "
                 f"posterior_layer={posterior_layer!r}"
             )
         u = self.activation(keras.ops.convert_to_tensor(self.pseudo_inputs))

@@ -233,3 +233,39 @@ def test_hierarchy_trains_with_each_objective():
     # Both posteriors, the conditional prior and the decoder moved.
     assert len(after) == 8
     assert all(not np.allclose(b, a) for b, a in zip(before, after, strict=True))
+
+
+class SubclassedHierarchy(ke.ELBOModel):
+    """The two-layer model as a subclassed `ELBOModel`. In a multi-sample step
+    the top posterior returns K * batch rows, so `call` repeats x to match
+    them before the lower posterior reads it."""
+
+    def __init__(self, top, lower, decoder, **kwargs):
+        super().__init__(**kwargs)
+        self.top, self.lower, self.decoder = top, lower, decoder
+        self.concatenate = keras.layers.Concatenate()
+
+    def call(self, x):
+        z2 = self.top(x)
+        repeats = keras.ops.shape(z2)[0] // keras.ops.shape(x)[0]
+        x_rows = keras.ops.tile(x, [repeats, 1])
+        z1 = self.lower(self.concatenate([x_rows, z2]), prior_inputs=z2)
+        return self.decoder(z1)
+
+
+@pytest.mark.parametrize("num_samples", [1, 5])
+def test_subclassed_hierarchy_bound_is_log_p_x(num_samples):
+    # The same exact posteriors in a subclassed model: the first posterior it
+    # calls draws K per example, the second one per row, and every weight
+    # is p(x).
+    model, x, log_px = two_layer_model()
+    top, lower = model.get_layer("top"), model.get_layer("lower")
+    subclassed = SubclassedHierarchy(
+        top, lower, model.layers[-1], objective="iwae", num_samples=num_samples
+    )
+    subclassed.compile(loss=ke.GaussianNLL(scale=SX))
+    logs = subclassed.evaluate(x[:40], x[:40], batch_size=20, verbose=0, return_dict=True)
+    assert logs["neg_iwae"] == pytest.approx(-log_px[:40].mean(), rel=1e-5)
+    assert logs["neg_elbo"] == pytest.approx(
+        logs["reconstruction"] + logs["kl_top"] + logs["kl_lower"], rel=1e-5
+    )

@@ -182,6 +182,32 @@ class TestVampPrior:
         with pytest.raises(ValueError, match="posterior layer"):
             prior.distribution()
 
+    def test_regularizer_knows_its_posterior_layer(self, tmp_path):
+        # The prior's mixture is the posterior layer's q at the pseudo-inputs,
+        # found through the regularizer that the layer holds (also after a
+        # save and load, where the layer is a new object).
+        model, _, prior, posterior = vamp_vae()
+        regularizer = posterior.kl_regularizer
+        assert regularizer.holder() is posterior
+        q = posterior.distribution(np.zeros((1, 4), "float32"))
+        expected = prior.distribution(posterior_layer=posterior).log_prob(np.zeros((1, 2)))
+        actual = regularizer.prior_distribution(q).log_prob(np.zeros((1, 2)))
+        np.testing.assert_allclose(h.numpy(actual), h.numpy(expected), rtol=1e-6)
+        loaded = h.save_and_load(model, tmp_path / "vamp.keras", use_custom_objects=False)
+        loaded_posterior = loaded.get_layer(posterior.name)
+        assert loaded_posterior.kl_regularizer.holder() is loaded_posterior
+
+    def test_regularizer_shared_by_two_posteriors_is_refused(self):
+        # A VampPrior built from "the" posterior cannot tell which of two.
+        body = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+        prior = ke.VampPrior(body, num_components=2, input_shape=(6,), seed=0)
+        regularizer = ke.KLRegularizer(prior=prior, seed=1)
+        first = ke.GaussianPosterior(2, kl_regularizer=regularizer)
+        second = ke.GaussianPosterior(2, kl_regularizer=regularizer)
+        assert regularizer.holder() is None and first is not second
+        with pytest.raises(ValueError, match="shared by several"):
+            second(keras.Input((4,)))
+
     @pytest.mark.parametrize(
         "kwargs, argument",
         [
