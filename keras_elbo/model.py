@@ -364,6 +364,18 @@ class ELBOModel(keras.Model):
         x = keras.utils.unpack_x_y_sample_weight(data)[0]
         return _backend.checked_before(_float_inputs(x), self._input_message())
 
+    def make_train_function(self, force=False):
+        # Without a distribution strategy, Keras on TensorFlow builds the
+        # optimizer inside the first trace of the train function, which
+        # TensorFlow then traces a second time (to create the variables
+        # under a condition): a third of the first epoch's start-up for a
+        # small model. Built first, as Keras does under a strategy, it is
+        # traced once. (A subclassed model not yet built keeps Keras's way.)
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and not optimizer.built and self.built:
+            optimizer.build(self.trainable_variables)
+        return super().make_train_function(force)
+
     def _build_before_drawing(self, data):
         """Builds an unbuilt subclassed model before a multi-sample step.
 
