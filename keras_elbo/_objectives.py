@@ -36,7 +36,7 @@ def log_density_ratios(records):
         # (Every layer has a regularizer: `ELBOModel` checks it when compiled
         # with objective="iwae", the estimators when they split the model.)
         regularizer = layer.kl_regularizer
-        p = regularizer.prior_distribution(q, prior_inputs)
+        p = regularizer.prior_distribution(q, prior_inputs=prior_inputs)
         ratio = ops.cast(_math.sum_positions(p.log_prob(z) - q.log_prob(z)), dtype)
         # A lower layer's rows must be the K * batch rows that the top drew.
         ratios.append((regularizer, ops.reshape(ratio, (num_samples, batch))))

@@ -487,7 +487,7 @@ class KLRegularizer(keras.layers.Layer):
         (a `ConditionalPrior`)."""
         return isinstance(self.prior, Prior) and self.prior.conditional
 
-    def prior_distribution(self, posterior, prior_inputs=None, posterior_layer=None):
+    def prior_distribution(self, posterior, posterior_layer=None, prior_inputs=None):
         """p(z) as a `keras_elbo.distributions` object (or the user's TFP
         distribution, on TensorFlow), for the given posterior q(z|x); a
         conditional prior's p(z | prior_inputs). A prior layer gets
@@ -563,7 +563,7 @@ class KLRegularizer(keras.layers.Layer):
     def kl_divergence(self, posterior, sample=None, prior_inputs=None):
         """KL[q || p] per example, by `mode`: shape `(batch,)`, summed over
         every other axis of q's batch shape (a scalar when it is empty)."""
-        p = self.prior_distribution(posterior, prior_inputs)
+        p = self.prior_distribution(posterior, prior_inputs=prior_inputs)
         terms = self._kl_terms(posterior, p, sample, per_dimension=False)
         return _math.sum_event_dims(terms[..., 0])
 
@@ -574,7 +574,7 @@ class KLRegularizer(keras.layers.Layer):
                 "with q a keras_elbo.distributions object (or, on TensorFlow, a TFP "
                 f"distribution). Received: posterior={posterior!r}"
             )
-        p = self.prior_distribution(posterior, prior_inputs, posterior_layer)
+        p = self.prior_distribution(posterior, posterior_layer, prior_inputs)
         terms = self._kl_terms(posterior, p, z, self.free_bits > 0)
         objective = None
         if self.free_nats > 0:

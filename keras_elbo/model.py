@@ -370,9 +370,17 @@ class ELBOModel(keras.Model):
         # TensorFlow then traces a second time (to create the variables
         # under a condition): a third of the first epoch's start-up for a
         # small model. Built first, as Keras does under a strategy, it is
-        # traced once. (A subclassed model not yet built keeps Keras's way.)
+        # traced once. Only where every layer is built already (Keras's own
+        # test before it builds the optimizer): a subclassed model not yet
+        # called, or a layer built at its first call (a conditional prior
+        # inside an RNN cell), creates variables in the trace, which the
+        # optimizer must see, so Keras's way is kept there.
         optimizer = getattr(self, "optimizer", None)
-        if optimizer is not None and not optimizer.built and self.built:
+        if (
+            optimizer is not None
+            and not optimizer.built
+            and all(layer.built for layer in find_layers(self, keras.layers.Layer))
+        ):
             optimizer.build(self.trainable_variables)
         return super().make_train_function(force)
 
@@ -545,7 +553,7 @@ class ELBOModel(keras.Model):
             # (One posterior: `_prepare_multi_sample` refuses DReG with more.)
             [(layer, q, z, prior_inputs)] = records
             regularizer = layer.kl_regularizer
-            p = regularizer.prior_distribution(q, prior_inputs)
+            p = regularizer.prior_distribution(q, prior_inputs=prior_inputs)
             weight = ops.cast(regularizer.kl_weight, dtype)
             w = objectives.normalized_weights(tempered)
             scale = (1.0 - weight) + weight * w

@@ -51,7 +51,14 @@ def build():
     z4 = ke.GaussianPosterior(2, kl_regularizer=conditional, inference="mean", seed=3)(
         h, prior_inputs=context
     )
-    z = keras.layers.Concatenate()([z1, z2, z3, z4])
+    # A conditional mixture prior (Monte Carlo KL) of the same context.
+    conditional_mixture = ke.KLRegularizer(
+        prior=ke.ConditionalMixturePrior(2, num_components=2), mode="mc", metric_name="kl_cmix"
+    )
+    z5 = ke.GaussianPosterior(2, kl_regularizer=conditional_mixture, inference="mean", seed=4)(
+        h, prior_inputs=context
+    )
+    z = keras.layers.Concatenate()([z1, z2, z3, z4, z5])
     model = ke.ELBOModel(x, keras.layers.Dense(PIXELS)(z))
     model.compile(keras.optimizers.Adam(1e-2), ke.BernoulliNLL(from_logits=True))
     return model

@@ -423,3 +423,56 @@ def test_a_functional_model_prints_as_elbo_model(tmp_path):
     for m in (model, loaded):
         assert isinstance(m, ke.ELBOModel)
         assert repr(type(m)) == "<class 'keras_elbo.model.ELBOModel'>"
+
+
+class TestOptimizerBuiltBeforeTheTrainFunction:
+    """`ELBOModel` builds its optimizer before the train function is traced
+    (TensorFlow would otherwise trace it twice), but only where every layer
+    is built: variables a layer creates at its first call must reach the
+    optimizer."""
+
+    def test_built_model_gets_its_optimizer_built_first(self):
+        model = compile_vae(make_vae())
+        assert not model.optimizer.built
+        model.make_train_function()
+        assert model.optimizer.built
+        variables = {id(v) for v in model.trainable_variables}
+        assert len(model.optimizer.variables) > len(variables)  # slots for each
+
+    def test_layer_built_at_its_first_call_trains(self):
+        # A conditional prior inside an RNN cell whose `build` builds the
+        # posterior but not the prior: the prior's projection is created in
+        # the first step (notebook 06's state-space cell did this).
+        class Cell(keras.layers.Layer):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self.state_size = 2
+                self.output_size = 2
+                self.prior = ke.ConditionalGaussianPrior(2)
+                self.posterior = ke.GaussianPosterior(
+                    2, kl_regularizer=ke.KLRegularizer(prior=self.prior), seed=0
+                )
+
+            def build(self, input_shape):
+                self.posterior.build((None, 2 + input_shape[-1]))
+
+            def call(self, inputs, states):
+                h = states[0]
+                z = self.posterior(keras.ops.concatenate([h, inputs], -1), prior_inputs=h)
+                return z, [keras.ops.tanh(z)]
+
+        x = keras.Input((3, 1))
+        outputs = keras.layers.Dense(1)(
+            keras.layers.RNN(Cell(), return_sequences=True, unroll=True)(x)
+        )
+        model = ke.ELBOModel(x, outputs)
+        model.compile(keras.optimizers.Adam(1e-2), ke.GaussianNLL(scale=1.0))
+        data = np.random.default_rng(0).normal(size=(8, 3, 1)).astype("float32")
+        history = model.fit(data, data, epochs=1, batch_size=4, verbose=0).history
+        assert np.all(np.isfinite(history["loss"]))
+        [kernel] = [w for w in model.trainable_weights if "conditional_gaussian_prior" in w.path][
+            :1
+        ]
+        before = keras.ops.convert_to_numpy(kernel).copy()
+        model.fit(data, data, epochs=1, batch_size=4, verbose=0)
+        assert not np.allclose(keras.ops.convert_to_numpy(kernel), before)  # it trains

@@ -193,6 +193,9 @@ class TestVampPrior:
         expected = prior.distribution(posterior_layer=posterior).log_prob(np.zeros((1, 2)))
         actual = regularizer.prior_distribution(q).log_prob(np.zeros((1, 2)))
         np.testing.assert_allclose(h.numpy(actual), h.numpy(expected), rtol=1e-6)
+        # Passing the layer, as before it was found (notebook 03 does).
+        passed = regularizer.prior_distribution(q, posterior).log_prob(np.zeros((1, 2)))
+        np.testing.assert_allclose(h.numpy(passed), h.numpy(expected), rtol=1e-6)
         loaded = h.save_and_load(model, tmp_path / "vamp.keras", use_custom_objects=False)
         loaded_posterior = loaded.get_layer(posterior.name)
         assert loaded_posterior.kl_regularizer.holder() is loaded_posterior
