@@ -96,3 +96,30 @@ def test_new_test_modules_run_on_every_backend(monkeypatch):
         monkeypatch.setenv("KERAS_BACKEND", backend)
         assert conftest.pytest_ignore_collect(root / "tests" / "test_new.py", None) is None
         assert conftest.pytest_ignore_collect(root / "tests" / "test_demo.py", None) is True
+
+
+def private_keras_imports(path):
+    """`(module, name)` of each `from keras.src... import name` in a file."""
+    tree = ast.parse(path.read_text())
+    return [
+        (node.module, alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("keras.src")
+        for alias in node.names
+    ]
+
+
+def test_private_keras_imports_are_in_one_module_and_exist():
+    # Keras's private modules are used where no public API does the same
+    # (ELBOModel's functional construction and loss scaling): in model.py
+    # alone, each checked here by name so that a Keras release that moves
+    # one fails with the name rather than somewhere inside a model.
+    users = {
+        path.name: private_keras_imports(path)
+        for path in sorted(PACKAGE.glob("*.py"))
+        if private_keras_imports(path)
+    }
+    assert list(users) == ["model.py"], users
+    for module, name in users["model.py"]:
+        imported = __import__(module, fromlist=[name])
+        assert hasattr(imported, name), f"Keras {keras.__version__} has no {module}.{name}"
