@@ -470,9 +470,7 @@ class TestOptimizerBuiltBeforeTheTrainFunction:
         data = np.random.default_rng(0).normal(size=(8, 3, 1)).astype("float32")
         history = model.fit(data, data, epochs=1, batch_size=4, verbose=0).history
         assert np.all(np.isfinite(history["loss"]))
-        [kernel] = [w for w in model.trainable_weights if "conditional_gaussian_prior" in w.path][
-            :1
-        ]
+        kernel = next(w for w in model.trainable_weights if "conditional_gaussian_prior" in w.path)
         before = keras.ops.convert_to_numpy(kernel).copy()
         model.fit(data, data, epochs=1, batch_size=4, verbose=0)
         assert not np.allclose(keras.ops.convert_to_numpy(kernel), before)  # it trains
