@@ -19,22 +19,41 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 
 class Support(typing.NamedTuple):
-    """The values a likelihood's targets may take, for `_checked_targets`.
+    """The values a likelihood's targets may take, for `_checked_targets`:
+    the closed interval `[low, high]`, of whole numbers where `integer`.
 
-    `contains(y)` is an elementwise boolean tensor; `requirement` completes
-    "the targets (y_true) must ..."; `hint` says what to do.
+    `requirement` completes "the targets (y_true) must ..."; `hint` says
+    what to do.
     """
 
-    contains: typing.Callable
+    low: float
+    high: float
     requirement: str
     hint: str = ""
+    integer: bool = False
 
 
 UNIT_INTERVAL = Support(
-    lambda y: ops.logical_and(y >= 0, y <= 1),
-    "lie in [0, 1]",
-    "; scale the data to [0, 1] (divide 8-bit images by 255)",
+    0.0, 1.0, "lie in [0, 1]", "; scale the data to [0, 1] (divide 8-bit images by 255)"
 )
+
+
+def _range(tensor):
+    """The smallest and the largest value of `tensor`, two scalars;
+    `(inf, -inf)` if it is empty.
+
+    Two reductions serve the range checks below: elementwise comparisons and
+    `all` would each make a pass over the batch, and on TensorFlow without
+    XLA each pass is a kernel of its own. (Not for NaN: XLA's CPU `min` and
+    `max` may skip a NaN, as TensorFlow configures it; `isfinite` finds it.)
+    """
+    return ops.min(tensor, initial=math.inf), ops.max(tensor, initial=-math.inf)
+
+
+def _nan_unless(ok, tensor):
+    """`tensor`, or NaN everywhere unless the boolean scalar `ok` holds: where
+    nothing can raise (XLA, `jax.jit`), a refused batch gives a NaN loss."""
+    return tensor + ops.cast(ops.where(ok, 0.0, math.nan), tensor.dtype)
 
 
 def _checked_targets(y_true, loss_name, support=None):
@@ -49,38 +68,37 @@ def _checked_targets(y_true, loss_name, support=None):
     at once in eager mode and in a `tf.function` (`fit`) before the step
     updates any weight; on PyTorch, and on JAX outside `jit`, a `ValueError`
     at once. Where nothing can raise, under XLA (`jit_compile=True`) and
-    inside `jax.jit` (JAX's `fit` by default), the invalid targets are
-    replaced by NaN, so that the loss is NaN instead of a plausible wrong
+    inside `jax.jit` (JAX's `fit` by default), the targets of such a batch
+    are all NaN, so that the loss is NaN instead of a plausible wrong
     number.
     """
-    finite = ops.isfinite(y_true)
-    valid = finite
-    if support is not None:
-        valid = ops.logical_and(finite, support.contains(y_true))
-    all_finite, all_valid = ops.all(finite), ops.all(valid)
+    finite = ops.all(ops.isfinite(y_true))
     _backend.assert_condition(
-        all_finite,
+        finite,
         [
             f"{loss_name}: the targets (y_true) contain NaN or Inf. Remove or impute "
             "them (check the data pipeline) before training"
         ],
     )
-    if support is not None:
-        # The range of an empty batch is (inf, -inf): valid, as it should be.
-        low = ops.min(y_true, initial=math.inf)
-        high = ops.max(y_true, initial=-math.inf)
-        # Checked only when every target is finite: a NaN is reported as such.
-        message = [
-            f"{loss_name}: the targets (y_true) must {support.requirement}, but they range from",
-            low,
-            "to",
-            high,
-        ]
-        _backend.assert_condition(
-            ops.logical_or(all_valid, ops.logical_not(all_finite)),
-            message + [support.hint] if support.hint else message,
-        )
-    return ops.where(valid, y_true, ops.full_like(y_true, math.nan))
+    if support is None:
+        return _nan_unless(finite, y_true)
+    low, high = _range(y_true)
+    # An empty batch is within any support: its range (inf, -inf) is.
+    within = ops.logical_and(low >= support.low, high <= support.high)
+    if support.integer:
+        within = ops.logical_and(within, ops.all(ops.equal(y_true, ops.floor(y_true))))
+    # Checked only when every target is finite: a NaN is reported as such.
+    message = [
+        f"{loss_name}: the targets (y_true) must {support.requirement}, but they range from",
+        low,
+        "to",
+        high,
+    ]
+    _backend.assert_condition(
+        ops.logical_or(within, ops.logical_not(finite)),
+        message + [support.hint] if support.hint else message,
+    )
+    return _nan_unless(ops.logical_and(finite, within), y_true)
 
 
 def _cast_like(y_true, y_pred):
@@ -127,27 +145,28 @@ def _matched_targets(y_true, y_pred, loss_name, learned_scale=False):
 
 def _checked_probabilities(y_pred, loss_name):
     """`y_pred`, checked at run time to lie in [0, 1] (as `_checked_targets`
-    checks targets; where nothing can raise, values outside become NaN).
+    checks targets; where nothing can raise, such a batch gives NaN).
 
     Clipping them instead would score a prediction of 1.5 for a target 1 as a
     perfect fit: a decoder that lacks its sigmoid would train to a
     meaningless loss.
     """
-    valid = ops.logical_and(y_pred >= 0, y_pred <= 1)
     # Without a gradient: eager JAX differentiates the loss with tracers.
     values = ops.stop_gradient(y_pred)
+    low, high = _range(values)
+    valid = ops.logical_and(ops.all(ops.isfinite(values)), ops.logical_and(low >= 0, high <= 1))
     _backend.assert_condition(
-        ops.all(valid),
+        valid,
         [
             f"{loss_name}(from_logits=False): the predictions (y_pred) must be "
             "probabilities in [0, 1], but they range from",
-            ops.min(values, initial=math.inf),
+            low,
             "to",
-            ops.max(values, initial=-math.inf),
+            high,
             "; end the decoder with a sigmoid, or pass logits with from_logits=True",
         ],
     )
-    return ops.where(valid, y_pred, ops.full_like(y_pred, math.nan))
+    return _nan_unless(valid, y_pred)
 
 
 def bernoulli_nll(y_true, y_pred, from_logits=False):

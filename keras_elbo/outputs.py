@@ -502,7 +502,7 @@ class IndependentPoisson(_IndependentOutput):
     1.6931
     """
 
-    target_support = Support(lambda y: y >= 0, "be non-negative counts")
+    target_support = Support(0.0, math.inf, "be non-negative counts")
 
     def __init__(
         self,
@@ -720,11 +720,11 @@ class Categorical(_DistributionOutput):
     def target_support(self):
         last = self.num_classes - 1
         return Support(
-            lambda y: ops.logical_and(
-                ops.logical_and(y >= 0, y <= last), ops.equal(y, ops.floor(y))
-            ),
+            0.0,
+            last,
             f"be integer class labels in 0 .. {last}",
             "; give Categorical(num_classes=...) the number of classes",
+            integer=True,
         )
 
     @property

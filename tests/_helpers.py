@@ -108,6 +108,8 @@ def save_and_load(model, path, use_custom_objects, monkeypatch=None, user_object
 
 
 BACKEND = keras.backend.backend()
+# (major, minor) of the running Keras: CI runs the suite on the declared floor too.
+KERAS_VERSION = tuple(int(part) for part in keras.__version__.split(".")[:2])
 
 # `jit_compile` values worth testing a whole fit with, per backend: graph and
 # XLA on TensorFlow; JAX's compiled step (eager JAX is slow); PyTorch eager

@@ -615,6 +615,11 @@ class TestFit:
         ],
     )
     def test_loss_falls(self, jit_compile):
+        if jit_compile and h.BACKEND == "torch" and h.KERAS_VERSION < (3, 12):
+            # TorchDynamo (PyTorch 2.13) fails on Keras 3.9 to 3.11's loss
+            # code ("exception table entry start instruction has no offset",
+            # keras/src/trainers/compile_utils.py); Keras 3.12 on compiles.
+            pytest.skip("torch.compile of a Keras step needs Keras >= 3.12 (README)")
         model = small_model()
         model.compile(
             keras.optimizers.Adam(1e-2), ke.GaussianNLL(scale=0.5), jit_compile=jit_compile

@@ -184,20 +184,37 @@ class TestTargetChecks:
 
     @pytest.mark.parametrize("name", ["BernoulliNLL", "GaussianNLL"])
     def test_invalid_targets_give_nan_where_nothing_can_raise(self, name):
-        # XLA and jax.jit drop the checks: each example with an invalid
-        # target gets a NaN loss, the others their value.
-        y = np.array([[0.0, 1.0], [1.0, 0.5], [0.0, np.inf], [np.nan, 1.0]], "float32")
+        # XLA and jax.jit drop the checks: a batch with an invalid target
+        # gets a NaN loss for each example; a valid batch its values.
+        clean = np.array([[0.0, 1.0], [1.0, 0.5]], "float32")
+        loss = h.compiled(getattr(ke, name)(reduction="none"))
+        pred = np.full(clean.shape, 0.5, "float32")
         if name == "BernoulliNLL":
-            y[1, 1] = 2.0  # out of [0, 1]: invalid for Bernoulli only
-        loss = getattr(ke, name)(reduction="none")
-        values = h.numpy(h.compiled(loss)(y, np.full(y.shape, 0.5, "float32")))
-        if name == "BernoulliNLL":
-            expected = [2 * np.log(2.0), np.nan, np.nan, np.nan]
+            expected = [2 * np.log(2.0)] * 2
         else:
-            expected = [
-                np.sum(gaussian_terms(y[i], 0.5, 1.0)) if i < 2 else np.nan for i in range(4)
-            ]
-        np.testing.assert_allclose(values, expected, rtol=1e-6)
+            expected = [np.sum(gaussian_terms(row, 0.5, 1.0)) for row in clean]
+        np.testing.assert_allclose(h.numpy(loss(clean, pred)), expected, rtol=1e-6)
+        invalid = [np.inf, np.nan, -np.inf] + ([2.0, -0.5] if name == "BernoulliNLL" else [])
+        for value in invalid:
+            y = clean.copy()
+            y[1, 0] = value
+            assert np.isnan(h.numpy(loss(y, pred))).all(), value
+
+    @pytest.mark.parametrize("position", ["first", "middle", "last", "random"])
+    def test_one_nan_anywhere_in_a_large_batch_is_found(self, position):
+        # The checks reduce the whole batch (the range from its minimum and
+        # maximum, which XLA's CPU reductions compute without NaN): one NaN,
+        # wherever it lies, is found, and where nothing raises the loss is NaN.
+        y = (np.random.default_rng(3).random((128, 784)) < 0.5).astype("float32")
+        flat = {"first": 0, "middle": y.size // 2 + 3, "last": y.size - 1}.get(
+            position, int(np.random.default_rng(4).integers(y.size))
+        )
+        y.flat[flat] = np.nan
+        pred = np.zeros(y.shape, "float32")
+        with pytest.raises(h.run_time_error(), match=r"targets \(y_true\) contain NaN"):
+            ke.BernoulliNLL(from_logits=True)(y, pred)
+        if BACKEND != "torch":  # (where nothing raises: the loss is NaN)
+            assert np.isnan(h.numpy(h.compiled(ke.BernoulliNLL(from_logits=True))(y, pred)))
 
     @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
     def test_targets_outside_unit_interval_in_fit(self, jit_compile):
@@ -339,9 +356,12 @@ class TestPredictionChecks:
 
     def test_invalid_predictions_give_nan_where_nothing_can_raise(self):
         y = np.ones((3, 2), "float32")
-        pred = np.array([[0.5, 0.5], [1.5, 0.5], [-0.1, 0.5]], "float32")
-        values = h.numpy(h.compiled(ke.BernoulliNLL(reduction="none"))(y, pred))
-        np.testing.assert_allclose(values, [2 * np.log(2.0), np.nan, np.nan], rtol=1e-6)
+        loss = h.compiled(ke.BernoulliNLL(reduction="none"))
+        pred = np.full((3, 2), 0.5, "float32")
+        np.testing.assert_allclose(h.numpy(loss(y, pred)), [2 * np.log(2.0)] * 3, rtol=1e-6)
+        for value in [1.5, -0.1, np.nan]:
+            pred[1, 0] = value
+            assert np.isnan(h.numpy(loss(y, pred))).all(), value
 
     def test_predictions_outside_unit_interval_in_fit(self):
         x = np.full((16, 16), 0.5, "float32")

@@ -524,12 +524,18 @@ class TestTargetSupport:
         np.testing.assert_allclose(values, expected, rtol=RTOL)
 
     def test_invalid_targets_give_nan_where_nothing_can_raise(self):
-        output = ke.Categorical(3, reduction="none")
-        values = numpy(compiled(output)(f32([0, 3, 1.5, 2]), np.zeros((4, 3), "float32")))
-        np.testing.assert_allclose(values, [np.log(3), np.nan, np.nan, np.log(3)], rtol=1e-6)
-        poisson = ke.IndependentPoisson(reduction="none")
-        values = numpy(compiled(poisson)(f32([[1.0], [-2.0]]), np.zeros((2, 1), "float32")))
-        np.testing.assert_allclose(values, [1.0, np.nan], rtol=1e-6)
+        # A batch with an invalid target gets a NaN loss for every example.
+        output = compiled(ke.Categorical(3, reduction="none"))
+        logits = np.zeros((2, 3), "float32")
+        np.testing.assert_allclose(numpy(output(f32([0, 2]), logits)), [np.log(3)] * 2, rtol=1e-6)
+        for labels in ([0, 3], [1.5, 2], [-1, 0]):
+            assert np.isnan(numpy(output(f32(labels), logits))).all(), labels
+        poisson = compiled(ke.IndependentPoisson(reduction="none"))
+        rates = np.zeros((2, 1), "float32")
+        np.testing.assert_allclose(
+            numpy(poisson(f32([[1.0], [2.0]]), rates)), [1.0, 1.0 + np.log(2)], rtol=1e-6
+        )
+        assert np.isnan(numpy(poisson(f32([[1.0], [-2.0]]), rates))).all()
 
     def test_invalid_label_in_fit(self):
         if BACKEND == "jax":
