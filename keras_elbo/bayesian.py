@@ -18,7 +18,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_elbo import _math
+from keras_elbo import _backend, _math
 from keras_elbo._base import deserialize_nested
 from keras_elbo.divergence import MODES, KLRegularizer
 from keras_elbo.priors import Prior
@@ -265,7 +265,7 @@ class BayesianLayer(keras.layers.Layer):
         # take 0 there, through a where on both sides.
         positive = var > 0
         stddev = ops.where(positive, ops.sqrt(ops.where(positive, var, ops.ones_like(var))), 0.0)
-        eps = keras.random.normal(ops.shape(stddev), dtype=stddev.dtype, seed=self.seed_generator)
+        eps = _backend.standard_normal(ops.shape(stddev), stddev.dtype, self.seed_generator)
         return mean + ops.cast(stddev * eps, dtype)
 
     def load_own_variables(self, store):

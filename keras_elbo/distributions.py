@@ -529,7 +529,7 @@ class Normal(Distribution):
 
     def _sample(self, sample_shape, seed):
         shape = sample_shape + _runtime_shape(self._loc, self._scale)
-        eps = keras.random.normal(shape, dtype=self.dtype, seed=seed)
+        eps = _backend.standard_normal(shape, self.dtype, seed)
         sample = self._loc + self._scale * eps
         self._last_draw = (sample, eps)
         return sample
@@ -701,7 +701,7 @@ class MultivariateNormalTriL(Distribution):
 
     def _sample(self, sample_shape, seed):
         shape = sample_shape + _runtime_shape(self._loc, self._scale_tril[..., 0])
-        eps = keras.random.normal(shape, dtype=self.dtype, seed=seed)
+        eps = _backend.standard_normal(shape, self.dtype, seed)
         sample = self._loc + ops.squeeze(ops.matmul(self._scale_tril, eps[..., None]), axis=-1)
         self._last_draw = (sample, eps)
         return sample
@@ -1163,7 +1163,7 @@ class StudentT(Distribution):
     def _sample(self, sample_shape, seed):
         normal_seed, gamma_seed = _seeds(seed, 2)
         shape = sample_shape + _runtime_shape(self._loc, self._scale, self._df)
-        eps = keras.random.normal(shape, dtype=self.dtype, seed=normal_seed)
+        eps = _backend.standard_normal(shape, self.dtype, normal_seed)
         half_df = 0.5 * self._df
         alpha = ops.broadcast_to(half_df, shape)
         gamma = keras.random.gamma(shape, alpha, dtype=self.dtype, seed=gamma_seed)
