@@ -297,8 +297,8 @@ class GaussianPosterior(Posterior):
             self.projection.build(input_shape)
 
     def distribution(self, inputs):
-        """q(z|x) for a batch of inputs, as a TFP distribution (float32, or
-        float64 under a float64 `floatx`)."""
+        """q(z|x) for a batch of inputs, a `keras_elbo.distributions`
+        distribution (float32, or float64 under a float64 `floatx`)."""
         params = keras.ops.cast(self.projection(inputs), _math.density_dtype())
         params = _math.check_finite(params, self.name, "posterior parameters")
         return gaussian(params, self.latent_dim, self.covariance, self.min_scale)
