@@ -1,6 +1,7 @@
 """The estimator of the speed benchmarks (`speed.py`, `backends.py`,
-`bayesian_cost.py`): same-round time ratios. NumPy only, so that a driver
-that starts one worker per backend imports no Keras backend itself."""
+`bayesian_cost.py`): same-round time ratios, and their one-thread setting.
+NumPy only at import, so that a driver that starts one worker per backend
+imports no Keras backend itself."""
 
 import numpy as np
 
@@ -14,3 +15,17 @@ def paired_ratio(numerator, denominator, seed=0):
     resampled = np.median(rng.choice(ratios, size=(4000, len(ratios))), axis=1)
     low, high = np.percentile(resampled, [5, 95])
     return float(np.median(ratios)), float(low), float(high)
+
+
+def one_thread(backend):
+    """Runs `backend` ("tensorflow", "jax" or "torch") on one CPU thread, as
+    the speed benchmarks time it (JAX: set `XLA_FLAGS` before importing it)."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    elif backend == "torch":
+        import torch
+
+        torch.set_num_threads(1)

@@ -47,22 +47,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_elbo as ke  # noqa: E402
-from benchmarks._ratios import paired_ratio  # noqa: E402
+from benchmarks._ratios import one_thread, paired_ratio  # noqa: E402
 
 DENSE_BATCH, FEATURES = 256, 512
 CONV_BATCH, SIDE, CHANNELS, FILTERS = 32, 32, 32, 32
-
-
-def one_thread():
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    elif BACKEND == "torch":
-        import torch
-
-        torch.set_num_threads(1)
 
 
 def keras3_model(layer, input_shape):
@@ -150,7 +138,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=20, help="training steps per burst")
     args = parser.parse_args()
-    one_thread()
+    one_thread(BACKEND)
     rng = np.random.default_rng(0)
     data = {
         "dense": (rng.normal(size=(DENSE_BATCH, FEATURES)).astype("float32"),) * 2,

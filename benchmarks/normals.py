@@ -10,7 +10,7 @@ transform of `keras.random.uniform` draws; on JAX and PyTorch it is
 on PyTorch), one thread, in process CPU time; the two ways interleaved over
 rounds. It prints the median per call of each and their ratio.
 
-    KERAS_BACKEND=tensorflow python benchmarks/normals.py
+    KERAS_BACKEND=tensorflow python -m benchmarks.normals
 """
 
 import argparse
@@ -23,22 +23,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
 
 import keras  # noqa: E402
 
+from benchmarks._ratios import one_thread  # noqa: E402
 from keras_elbo import _backend  # noqa: E402
 
 BACKEND = keras.backend.backend()
 SHAPE = (16, 128, 32)
-
-
-def one_thread():
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    elif BACKEND == "torch":
-        import torch
-
-        torch.set_num_threads(1)
 
 
 def callers():
@@ -70,7 +59,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=300, help="calls per round and way")
     args = parser.parse_args(argv)
-    one_thread()
+    one_thread(BACKEND)
     ways = callers()
     for call in ways.values():
         call()  # traced, compiled
