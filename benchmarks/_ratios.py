@@ -3,6 +3,8 @@
 NumPy only at import, so that a driver that starts one worker per backend
 imports no Keras backend itself."""
 
+import time
+
 import numpy as np
 
 
@@ -29,3 +31,20 @@ def one_thread(backend):
         import torch
 
         torch.set_num_threads(1)
+
+
+def interleaved_ms(calls, rounds, repeats):
+    """Milliseconds of process CPU time per call of each of `calls` (a dict
+    of zero-argument callables, each called once first, untimed, to trace
+    and compile): `{name: [one time per round]}`, the callables taken in
+    turn in each round, `repeats` calls in a burst."""
+    for call in calls.values():
+        call()
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            started = time.process_time()
+            for _ in range(repeats):
+                call()
+            times[name].append((time.process_time() - started) / repeats * 1e3)
+    return times

@@ -21,13 +21,12 @@ interleaved over rounds, each a burst of steps, timed in process CPU time
 with one TensorFlow thread (steadier than wall time on a shared machine); it
 prints the median time per step and the difference to `dense32`.
 
-    python benchmarks/kl_cost.py
+    python -m benchmarks.kl_cost
 """
 
 import argparse
 import os
 import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -37,6 +36,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
 
 import keras_elbo as ke  # noqa: E402
+from benchmarks._ratios import interleaved_ms  # noqa: E402
 from keras_elbo import distributions as kd  # noqa: E402
 from keras_elbo.divergence import kl_estimate, standard_normal_like  # noqa: E402
 
@@ -142,15 +142,7 @@ def main():
         "tfp_mc16": mc_kl_step(16, "tfp"),
         "plain_tf_mc16": mc_kl_step(16, "plain"),
     }
-    for step in steps.values():
-        step()  # trace outside the timing
-    times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            start = time.process_time()
-            for _ in range(args.steps):
-                step()
-            times[name].append((time.process_time() - start) / args.steps * 1e3)
+    times = interleaved_ms(steps, args.rounds, args.steps)  # traced outside the timing
     base = statistics.median(times["dense32"])
     print(
         f"{os.cpu_count()} CPUs, TensorFlow {tf.__version__}, {args.threads or 'default'} "

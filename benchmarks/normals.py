@@ -16,14 +16,13 @@ rounds. It prints the median per call of each and their ratio.
 import argparse
 import os
 import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
 
 import keras  # noqa: E402
 
-from benchmarks._ratios import one_thread  # noqa: E402
+from benchmarks._ratios import interleaved_ms, one_thread  # noqa: E402
 from keras_elbo import _backend  # noqa: E402
 
 BACKEND = keras.backend.backend()
@@ -60,16 +59,7 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=300, help="calls per round and way")
     args = parser.parse_args(argv)
     one_thread(BACKEND)
-    ways = callers()
-    for call in ways.values():
-        call()  # traced, compiled
-    times = {name: [] for name in ways}
-    for _ in range(args.rounds):
-        for name, call in ways.items():
-            started = time.process_time()
-            for _ in range(args.calls):
-                call()
-            times[name].append((time.process_time() - started) / args.calls * 1e3)
+    times = interleaved_ms(callers(), args.rounds, args.calls)
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(f"{BACKEND}: {SHAPE} standard normals per call, median of {args.rounds} rounds")
     for name, median in medians.items():
