@@ -16,7 +16,6 @@ factor) is off by far more.
 """
 
 import ast
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -26,18 +25,12 @@ import pytest
 from keras import ops
 from scipy import special, stats
 
+from keras_elbo import _backend
+from keras_elbo import distributions as kd
+from keras_elbo.distributions import _special
 from tests._helpers import gradients
 
-_PATH = Path(__file__).resolve().parents[1] / "keras_elbo" / "distributions.py"
-
-try:
-    from keras_elbo import distributions as kd
-except ImportError:
-    # `keras_elbo/__init__.py` may still refuse non-TensorFlow backends: load
-    # the module from its file (it imports keras only).
-    _spec = importlib.util.spec_from_file_location("keras_elbo_distributions", _PATH)
-    kd = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(kd)
+_PACKAGE = Path(kd.__file__).parent
 
 BACKEND = keras.backend.backend()
 RTOL = ATOL = 1e-5
@@ -389,10 +382,10 @@ def test_seeds():
 def test_erfc_fallback_for_older_keras():
     # `keras.ops.erfc` exists from Keras 3.15 only; the declared floor is
     # older, where the Normal's cdf uses this fit (issue 17, point 13).
-    from keras_elbo.distributions import _erfc_rational
+    from keras_elbo.distributions._special import erfc_rational
 
     x = np.linspace(-9.0, 9.0, 721)
-    actual = numpy(_erfc_rational(f32(x)))
+    actual = numpy(erfc_rational(f32(x)))
     expected = special.erfc(x.astype(np.float32).astype(np.float64))
     # The fit's 1.2e-7, and float32's rounding of exp(-x**2 + ...).
     bound = 1.2e-7 + (x**2 + 4.0) * 2.0**-22
@@ -527,7 +520,7 @@ def test_tril_log_prob_of_its_own_sample():
     d = 60
     steep = f32(0.01 * np.eye(d) + 0.03 * np.tril(np.ones((d, d)), -1))
     q = kd.MultivariateNormalTriL(np.zeros(d, "float32"), steep)
-    eps = numpy(kd._backend.standard_normal((2, d), "float32", 5))  # what sample draws
+    eps = numpy(_backend.standard_normal((2, d), "float32", 5))  # what sample draws
     expected = -0.5 * (eps**2).sum(-1) - d * np.log(0.01) - 0.5 * d * np.log(2 * np.pi)
     assert_close(numpy(q.log_prob(q.sample(2, seed=5))), expected, rtol=1e-5)
 
@@ -813,22 +806,36 @@ def test_repr():
     )
 
 
-def test_module_imports_only_keras_numpy_the_standard_library_and_backend():
+def test_package_imports_only_keras_numpy_the_standard_library_and_backend():
     # Written in keras.ops only, so that under JAX or PyTorch it pulls in no
     # TensorFlow (which reserves GPU memory and costs seconds to import).
     # Checked on the source: the run-time check (sys.modules after import
     # and training) belongs to the package's subprocess test.
-    tree = ast.parse(_PATH.read_text())
-    imported = {
-        name.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import | ast.ImportFrom)
-        for name in (
-            [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
-        )
+    imported = set()
+    for path in sorted(_PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                # `from keras_elbo import _backend` as `keras_elbo._backend`.
+                imported.update(
+                    f"{node.module}.{alias.name}" if node.module == "keras_elbo" else node.module
+                    for alias in node.names
+                )
+    outside = {
+        name
+        for name in imported
+        if name.split(".")[0] not in {"keras", "numpy", "keras_elbo"} | sys.stdlib_module_names
     }
-    # keras_elbo._backend imports TensorFlow only where it is the backend.
-    assert imported <= {"keras", "numpy", "keras_elbo"} | sys.stdlib_module_names, imported
+    # Of the library, the package itself and keras_elbo._backend (which
+    # imports TensorFlow only where it is the backend).
+    library = {
+        name
+        for name in imported
+        if name.startswith("keras_elbo") and not name.startswith("keras_elbo.distributions")
+    }
+    assert not outside, outside
+    assert library <= {"keras_elbo._backend"}, library
 
 
 # ---------------------------------------------------------------------------
@@ -937,11 +944,11 @@ def test_kl_against_tfp(pair):
 
 
 def test_lgamma_against_scipy():
-    # Float32 error ~2e-6 * max(1, |lgamma|) (see `_lgamma`): near the zeros
+    # Float32 error ~2e-6 * max(1, |lgamma|) (see `_special.lgamma`): near the zeros
     # at 1 and 2 two terms of ~10 cancel.
     x = f32(np.concatenate([np.linspace(1e-3, 20.0, 200), np.logspace(1.3, 7, 30)]))
     expected = special.gammaln(x.astype(np.float64))
-    actual = numpy(kd._lgamma(ops.convert_to_tensor(x)))
+    actual = numpy(_special.lgamma(ops.convert_to_tensor(x)))
     np.testing.assert_array_less(np.abs(actual - expected), 3e-6 * np.maximum(1, np.abs(expected)))
 
 
