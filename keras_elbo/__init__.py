@@ -34,7 +34,19 @@ from keras_elbo.calibration import (
     interval_coverage,
     reliability_diagram,
 )
-from keras_elbo.callbacks import CyclicalAnnealing, KLAnnealing, LinearWarmup
+from keras_elbo.callbacks import (
+    CyclicalAnnealing,
+    ExponentialDecay,
+    KLAnnealing,
+    LinearWarmup,
+    TemperatureAnnealing,
+)
+from keras_elbo.discrete import (
+    BernoulliPosterior,
+    BernoulliPrior,
+    CategoricalPosterior,
+    CategoricalPrior,
+)
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
 from keras_elbo.flows import MADE, FlowPosterior, InverseAutoregressiveFlow
@@ -74,14 +86,19 @@ __all__ = [
     "BayesianConv3D",
     "BayesianDense",
     "BernoulliNLL",
+    "BernoulliPosterior",
+    "BernoulliPrior",
     "BrierScore",
     "Categorical",
+    "CategoricalPosterior",
+    "CategoricalPrior",
     "ConditionalGaussianPrior",
     "ConditionalMixturePrior",
     "ConditionalPrior",
     "CyclicalAnnealing",
     "DenseVariational",
     "ELBOModel",
+    "ExponentialDecay",
     "ExpectedCalibrationError",
     "FlowPosterior",
     "FullCovarianceWeights",
@@ -107,6 +124,7 @@ __all__ = [
     "Posterior",
     "Prior",
     "ScaleMixturePrior",
+    "TemperatureAnnealing",
     "VampPrior",
     "__version__",
     "bernoulli_nll",
@@ -131,8 +149,12 @@ _SERIALIZABLE = [
     BayesianConv3D,
     BayesianDense,
     BernoulliNLL,
+    BernoulliPosterior,
+    BernoulliPrior,
     BrierScore,
     Categorical,
+    CategoricalPosterior,
+    CategoricalPrior,
     ConditionalGaussianPrior,
     ConditionalMixturePrior,
     DenseVariational,

@@ -1,4 +1,5 @@
-"""KL annealing: schedules of the KL weight and the callback that applies them."""
+"""Annealing: schedules, and the callbacks that apply them to the KL weight
+(`KLAnnealing`) and to the Gumbel-softmax temperature (`TemperatureAnnealing`)."""
 
 import math
 from collections.abc import Callable
@@ -7,6 +8,7 @@ import keras
 
 from keras_elbo import _math
 from keras_elbo._base import find_layers
+from keras_elbo.discrete import BernoulliPosterior, CategoricalPosterior
 from keras_elbo.divergence import KLRegularizer
 
 UNITS = ("epoch", "step")
@@ -149,7 +151,150 @@ class CyclicalAnnealing(_Schedule):
         }
 
 
-class KLAnnealing(keras.callbacks.Callback):
+class ExponentialDecay(_Schedule):
+    """A value that decays exponentially from `start`, down to `floor`.
+
+    The temperature schedule of Jang et al. (2017), `max(0.5, exp(-r * t))`
+    with `r` in {1e-5, 1e-4} per step, for `TemperatureAnnealing`; usable as
+    any schedule of progress (a KL weight that decays, for `KLAnnealing`).
+
+    Formula:
+
+    ```python
+    value = max(floor, start * exp(-rate * progress))
+    ```
+
+    Args:
+        rate: the decay rate per unit of progress, a non-negative number.
+        start: the value at progress 0, a non-negative number. Defaults to `1.0`.
+        floor: the lowest value, a non-negative number. Defaults to `0.0`.
+
+    Example:
+
+    >>> schedule = ExponentialDecay(rate=0.5, floor=0.2)
+    >>> [round(schedule(p), 4) for p in (0, 1, 2, 4)]
+    [1.0, 0.6065, 0.3679, 0.2]
+
+    Reference: Jang, Gu & Poole, 2017, "Categorical reparameterization with
+    Gumbel-softmax".
+    """
+
+    def __init__(self, rate: float, start: float = 1.0, floor: float = 0.0):
+        self.rate = _math.real("rate", rate, non_negative=True)
+        self.start = _math.real("start", start, non_negative=True)
+        self.floor = _math.real("floor", floor, non_negative=True)
+
+    def __call__(self, progress: float) -> float:
+        return max(self.floor, self.start * math.exp(-self.rate * max(progress, 0.0)))
+
+    def get_config(self) -> dict:
+        return {"rate": self.rate, "start": self.start, "floor": self.floor}
+
+
+class _Annealing(keras.callbacks.Callback):
+    """Sets a variable of some layers of a model by a schedule, before each
+    training batch: what `KLAnnealing` (the KL weight of each
+    `KLRegularizer`) and `TemperatureAnnealing` (the temperature of each
+    Gumbel-softmax posterior) share. Progress, logging and validation are
+    described in `KLAnnealing`'s docstring.
+
+    A subclass names the value (`what`, `log_key`), finds its layers
+    (`_targets`), reads and assigns each one's variable (`_current`,
+    `_assign`) and says which values are allowed (`_valid`, `requirement`).
+    """
+
+    what = "value"
+    log_key = "value"
+    requirement = "a finite number"
+
+    def __init__(self, schedule: Callable[[float], float], unit: str = "epoch", verbose: int = 0):
+        super().__init__()
+        if not callable(schedule):
+            raise _math.invalid_argument(
+                "schedule", "a callable from progress to a value, e.g. LinearWarmup(10)", schedule
+            )
+        if verbose not in (0, 1) or isinstance(verbose, bool):
+            raise _math.invalid_argument("verbose", "0 or 1", verbose)
+        self.schedule = schedule
+        self.unit = _math.choice("unit", unit, UNITS)
+        self.verbose = verbose
+        self.targets = []  # found when training begins
+        self._epoch = 0
+        self._value = None  # last value set
+
+    def _targets(self, model):
+        """The layers whose variable the callback sets (raises if none)."""
+        raise NotImplementedError
+
+    def _current(self, layer):
+        """The layer's value now (its variable's, or its argument's if unbuilt)."""
+        raise NotImplementedError
+
+    def _assign(self, layer, value):
+        raise NotImplementedError
+
+    def _valid(self, value):
+        return math.isfinite(value)
+
+    def on_train_begin(self, logs=None):
+        self._value = None  # assigned again at the first batch of each fit
+        # Searched at each fit: the callback may be reused with another model.
+        self.targets = self._targets(self.model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.unit == "step":
+            # Steps already taken: the first step of this execution. Read
+            # here, not when training begins: `BackupAndRestore` may restore
+            # the optimizer after this callback's `on_train_begin`.
+            iterations = self.model.optimizer.iterations
+            progress = float(keras.ops.convert_to_numpy(iterations))
+        else:
+            # `batch` is the index of the execution's first step in the epoch.
+            steps = self.params.get("steps") if self.params else None
+            progress = self._epoch + (batch / steps if steps else 0.0)
+        self._set(self._value_at(progress))
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = self._value
+        if value is None:  # no batch ran: report the value as it is
+            value = self._current(self.targets[0])
+        if logs is not None:
+            # The same dict goes on to History and the progress bar.
+            logs[self.log_key] = value
+        if self.verbose:
+            print(f"{type(self).__name__}: epoch {epoch + 1} {self.log_key}={value:.4f}")
+
+    def _value_at(self, progress):
+        value = self.schedule(progress)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not self._valid(number):
+            raise ValueError(
+                f"{type(self).__name__}: the schedule {self.schedule!r} returned {value!r} at "
+                f"progress={progress:g} ({self.unit}s). A {self.what} must be "
+                f"{self.requirement}."
+            )
+        return number
+
+    def _set(self, value):
+        if value == self._value:
+            return  # the variables hold it already
+        if keras.backend.backend() == "jax":
+            # JAX's `fit` carries the variables' values from step to step
+            # outside the variables: write them back, so that the next step
+            # reads the variables again, this assignment included.
+            self.model.jax_state_sync()
+        for layer in self.targets:
+            self._assign(layer, value)
+        self._value = value
+
+
+class KLAnnealing(_Annealing):
     """Sets the KL weight of every `KLRegularizer` of a model by a schedule.
 
     Before each training batch, the callback evaluates `schedule(progress)`
@@ -214,85 +359,96 @@ class KLAnnealing(keras.callbacks.Callback):
             finite, non-negative number.
     """
 
-    def __init__(self, schedule: Callable[[float], float], unit: str = "epoch", verbose: int = 0):
-        super().__init__()
-        if not callable(schedule):
-            raise _math.invalid_argument(
-                "schedule", "a callable from progress to weight, e.g. LinearWarmup(10)", schedule
-            )
-        if verbose not in (0, 1) or isinstance(verbose, bool):
-            raise _math.invalid_argument("verbose", "0 or 1", verbose)
-        self.schedule = schedule
-        self.unit = _math.choice("unit", unit, UNITS)
-        self.verbose = verbose
-        self.regularizers = []  # found when training begins
-        self._epoch = 0
-        self._weight = None  # last weight set
+    what = "KL weight"
+    log_key = "kl_weight"
+    requirement = "a finite, non-negative number"
 
-    def on_train_begin(self, logs=None):
-        self._weight = None  # assigned again at the first batch of each fit
-        # Searched at each fit: the callback may be reused with another model.
-        self.regularizers = find_layers(self.model, KLRegularizer)
-        if not self.regularizers:
+    @property
+    def regularizers(self):
+        """The `KLRegularizer`s the callback sets, found when training begins."""
+        return self.targets
+
+    def _targets(self, model):
+        regularizers = find_layers(model, KLRegularizer)
+        if not regularizers:
             raise ValueError(
-                f"KLAnnealing found no KLRegularizer in model '{self.model.name}'. "
+                f"KLAnnealing found no KLRegularizer in model '{model.name}'. "
                 "Give a posterior layer a `kl_regularizer=keras_elbo.KLRegularizer()`, "
                 "or remove the callback."
             )
+        return regularizers
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
+    def _current(self, regularizer):
+        if not regularizer.built:
+            return regularizer.weight
+        return float(keras.ops.convert_to_numpy(regularizer.kl_weight))
 
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.unit == "step":
-            # Steps already taken: the first step of this execution. Read
-            # here, not when training begins: `BackupAndRestore` may restore
-            # the optimizer after this callback's `on_train_begin`.
-            iterations = self.model.optimizer.iterations
-            progress = float(keras.ops.convert_to_numpy(iterations))
-        else:
-            # `batch` is the index of the execution's first step in the epoch.
-            steps = self.params.get("steps") if self.params else None
-            progress = self._epoch + (batch / steps if steps else 0.0)
-        self._set_weight(self._weight_at(progress))
+    def _assign(self, regularizer, value):
+        # A regularizer that was never called has no variable, and no loss.
+        if regularizer.built:
+            regularizer.kl_weight.assign(value)
 
-    def on_epoch_end(self, epoch, logs=None):
-        weight = self._weight
-        if weight is None:  # no batch ran: report the weight as it is
-            first = self.regularizers[0]
-            weight = (
-                float(keras.ops.convert_to_numpy(first.kl_weight)) if first.built else first.weight
-            )
-        if logs is not None:
-            # The same dict goes on to History and the progress bar.
-            logs["kl_weight"] = weight
-        if self.verbose:
-            print(f"KLAnnealing: epoch {epoch + 1} kl_weight={weight:.4f}")
+    def _valid(self, value):
+        return math.isfinite(value) and value >= 0
 
-    def _weight_at(self, progress):
-        value = self.schedule(progress)
-        try:
-            weight = float(value)
-        except (TypeError, ValueError):
-            weight = math.nan
-        if not (math.isfinite(weight) and weight >= 0):
+
+class TemperatureAnnealing(_Annealing):
+    """Sets the temperature of every Gumbel-softmax posterior of a model by a schedule.
+
+    The temperature of a `CategoricalPosterior` or `BernoulliPosterior` with
+    `estimator="gumbel_softmax"` trades the bias of the relaxation (high
+    temperatures) against the variance of its gradients (low ones); Jang et
+    al. (2017) lower it during training. The callback works as
+    `KLAnnealing` does, with the same schedules and units of progress: it
+    assigns `schedule(progress)` to each such layer's `temperature_variable`
+    before each training batch, adds the value to the epoch's logs as
+    `temperature`, and the variable is saved with the model.
+
+    Args:
+        schedule: a callable from progress to the temperature (a finite,
+            positive number): `ExponentialDecay(rate, start=1.0, floor=0.5)`
+            as in Jang et al., or `LinearWarmup(duration, start=1.0, end=0.5)`.
+        unit: unit of progress, `"epoch"` or `"step"`. Defaults to `"epoch"`.
+        verbose: `1` prints the temperature at the end of each epoch, `0` is
+            silent. Defaults to `0`.
+
+    Example:
+
+    >>> TemperatureAnnealing(ExponentialDecay(1e-4, floor=0.5), unit="step").schedule(10_000)
+    0.5
+
+    Raises:
+        ValueError: when training begins, if the model has no Gumbel-softmax
+            posterior; during training, if the schedule returns a value that
+            is not a finite, positive number.
+    """
+
+    what = "temperature"
+    log_key = "temperature"
+    requirement = "a finite, positive number"
+
+    def _targets(self, model):
+        layers = [
+            layer
+            for layer in find_layers(model, (CategoricalPosterior, BernoulliPosterior))
+            if layer.estimator == "gumbel_softmax"
+        ]
+        if not layers:
             raise ValueError(
-                f"KLAnnealing: the schedule {self.schedule!r} returned {value!r} at "
-                f"progress={progress:g} ({self.unit}s). A KL weight must be a finite, "
-                "non-negative number."
+                f"TemperatureAnnealing found no Gumbel-softmax posterior in model "
+                f"'{model.name}': a keras_elbo.CategoricalPosterior or BernoulliPosterior "
+                "with estimator='gumbel_softmax' has a temperature to anneal."
             )
-        return weight
+        return layers
 
-    def _set_weight(self, weight):
-        if weight == self._weight:
-            return  # the variables hold it already
-        if keras.backend.backend() == "jax":
-            # JAX's `fit` carries the variables' values from step to step
-            # outside the variables: write them back, so that the next step
-            # reads the variables again, this assignment included.
-            self.model.jax_state_sync()
-        for regularizer in self.regularizers:
-            # A regularizer that was never called has no variable, and no loss.
-            if regularizer.built:
-                regularizer.kl_weight.assign(weight)
-        self._weight = weight
+    def _current(self, layer):
+        if not hasattr(layer, "temperature_variable"):
+            return layer.temperature
+        return float(keras.ops.convert_to_numpy(layer.temperature_variable))
+
+    def _assign(self, layer, value):
+        if hasattr(layer, "temperature_variable"):
+            layer.temperature_variable.assign(value)
+
+    def _valid(self, value):
+        return math.isfinite(value) and value > 0

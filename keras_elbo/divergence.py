@@ -89,6 +89,20 @@ def standard_normal_like(q):
     return kd.Independent(kd.Normal(zeros, ones), len(event_shape))
 
 
+def default_prior_like(q):
+    """The prior of `KLRegularizer(prior=None)` for the posterior `q`: for
+    one-hot categorical and Bernoulli posteriors (`keras_elbo.discrete`), the
+    uniform distribution of their event shape; else `standard_normal_like(q)`."""
+    if isinstance(q, kd.Independent):
+        inner = q.distribution
+        event_shape = _shape(q.event_shape)
+        for family in (kd.OneHotCategorical, kd.Bernoulli):
+            if isinstance(inner, family) and None not in event_shape:
+                zeros = np.zeros(event_shape, keras.backend.standardize_dtype(q.dtype))
+                return kd.Independent(family(zeros), q.reinterpreted_batch_ndims)
+    return standard_normal_like(q)
+
+
 def _event_size(q):
     """The size of the one event axis of `q`, for a prior of unset `latent_dim`."""
     event_shape = _shape(q.event_shape)
@@ -501,7 +515,7 @@ class KLRegularizer(keras.layers.Layer):
         if posterior_layer is None:
             posterior_layer = self.holder()
         if self.prior is None:
-            return standard_normal_like(posterior)
+            return default_prior_like(posterior)
         if isinstance(self.prior, Prior):
             if self.prior.conditional:
                 return self.prior.distribution(prior_inputs, posterior_layer=posterior_layer)

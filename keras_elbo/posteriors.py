@@ -88,7 +88,11 @@ class Posterior(keras.layers.Layer):
     the output `inference` names outside it. A subclass creates its sublayers
     in `__init__`, builds them in `build_sublayers`, returns q(z|x) from
     `distribution(inputs)` (event shape `(latent_dim,)`, float32), and may
-    override `mean(q)`.
+    override `mean(q)`. A posterior with other outputs outside training
+    lists them in the class attribute `inference_outputs` (its first is the
+    default of its own constructor) and returns them from
+    `inference_output(q)`; one whose output is not the sample's shape
+    (`CategoricalPosterior(flatten=True)`) reshapes it in `format_output(z)`.
 
     Args:
         latent_dim: size of z, a positive integer.
@@ -115,7 +119,7 @@ class Posterior(keras.layers.Layer):
         self.kl_regularizer = kl_regularizer
         if kl_regularizer is not None:
             kl_regularizer.attach(self)
-        self.inference = _math.choice("inference", inference, INFERENCE_OUTPUTS)
+        self.inference = _math.choice("inference", inference, self.inference_outputs)
         self.seed = _math.seed("seed", seed)
         self.seed_generator = _math.seed_generator(self.seed, type(self).__name__)
         self.multi_sample = None  # a MultiSampleDraws while ELBOModel steps
@@ -150,9 +154,21 @@ class Posterior(keras.layers.Layer):
         `_math.density_dtype()`)."""
         raise NotImplementedError
 
+    # What `inference` may name: "sample", and the others `inference_output` gives.
+    inference_outputs = INFERENCE_OUTPUTS
+
     def mean(self, q):
         """What the layer returns outside training with `inference="mean"`."""
         return q.mean()
+
+    def inference_output(self, q):
+        """What the layer returns outside training when `inference` is not
+        `"sample"`: here the mean."""
+        return self.mean(q)
+
+    def format_output(self, z):
+        """The layer's output from a sample, or an inference output, of q."""
+        return z
 
     def call(self, inputs, prior_inputs=None, training=None):
         if prior_inputs is not None and self.kl_regularizer is None:
@@ -168,9 +184,9 @@ class Posterior(keras.layers.Layer):
         z = draw(q, (), self.seed_generator)
         if self.kl_regularizer is not None:
             z = self.kl_regularizer(z, posterior=q, prior_inputs=prior_inputs)
-        if not training and self.inference == "mean":
-            z = self.mean(q)
-        return keras.ops.cast(z, self.compute_dtype)
+        if not training and self.inference != "sample":
+            z = self.inference_output(q)
+        return self.format_output(keras.ops.cast(z, self.compute_dtype))
 
     def _draw_several(self, q, multi_sample, prior_inputs):
         """K samples per example as one batch of `K * batch`, or one per row
@@ -188,7 +204,9 @@ class Posterior(keras.layers.Layer):
             )
         multi_sample.record(self, q, z, prior_inputs)
         shape = keras.ops.shape(z)
-        return keras.ops.cast(keras.ops.reshape(z, (-1, *shape[2:])), self.compute_dtype)
+        return self.format_output(
+            keras.ops.cast(keras.ops.reshape(z, (-1, *shape[2:])), self.compute_dtype)
+        )
 
     def get_config(self):
         config = super().get_config()

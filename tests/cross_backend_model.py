@@ -58,7 +58,16 @@ def build():
     z5 = ke.GaussianPosterior(2, kl_regularizer=conditional_mixture, inference="mean", seed=4)(
         h, prior_inputs=context
     )
-    z = keras.layers.Concatenate()([z1, z2, z3, z4, z5])
+    # Discrete latents with learned priors (their modes: deterministic).
+    categorical = ke.KLRegularizer(
+        prior=ke.CategoricalPrior(2, 3, learned=True), metric_name="kl_cat"
+    )
+    z6 = ke.CategoricalPosterior(
+        2, 3, estimator="gumbel_softmax", hard=True, flatten=True, kl_regularizer=categorical
+    )(h)
+    bits = ke.KLRegularizer(prior=ke.BernoulliPrior(2, learned=True), metric_name="kl_bits")
+    z7 = ke.BernoulliPosterior(2, unimix=0.01, kl_regularizer=bits, seed=6)(h)
+    z = keras.layers.Concatenate()([z1, z2, z3, z4, z5, z6, z7])
     model = ke.ELBOModel(x, keras.layers.Dense(PIXELS)(z))
     model.compile(keras.optimizers.Adam(1e-2), ke.BernoulliNLL(from_logits=True))
     return model

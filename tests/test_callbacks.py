@@ -1,4 +1,5 @@
-"""KL annealing: schedule values, and the callback driving `kl_weight` in `fit`."""
+"""Annealing: schedule values, and the callbacks driving `kl_weight` and the Gumbel-softmax
+temperature in `fit`."""
 
 import math
 
@@ -598,3 +599,90 @@ class TestFreeBitsWithWeight:
         np.testing.assert_allclose(weights, linear_reference(np.arange(8), 8, 0.5, 3.0), rtol=1e-6)
         assert np.all(clamped)
         np.testing.assert_allclose(actual, expected, rtol=self.RTOL)
+
+
+class TestExponentialDecay:
+    @pytest.mark.parametrize(
+        "kwargs", [{"rate": 0.3}, {"rate": 1e-4, "start": 2.0, "floor": 0.5}, {"rate": 0.0}]
+    )
+    def test_values_match_numpy(self, kwargs):
+        schedule = ke.ExponentialDecay(**kwargs)
+        progress = np.array([0.0, 0.5, 3.0, 10.0, 2e4])
+        expected = np.maximum(
+            kwargs.get("floor", 0.0), kwargs.get("start", 1.0) * np.exp(-kwargs["rate"] * progress)
+        )
+        np.testing.assert_allclose([schedule(p) for p in progress], expected, rtol=1e-12)
+
+    @pytest.mark.parametrize(
+        "kwargs, name", [({"rate": -1.0}, "rate"), ({"rate": 1, "floor": -1}, "floor")]
+    )
+    def test_invalid_arguments(self, kwargs, name):
+        with pytest.raises(ValueError, match=f"argument `{name}`"):
+            ke.ExponentialDecay(**kwargs)
+
+    def test_config_and_repr(self):
+        schedule = ke.ExponentialDecay(1e-4, floor=0.5)
+        assert ke.ExponentialDecay.from_config(schedule.get_config()).get_config() == {
+            "rate": 1e-4,
+            "start": 1.0,
+            "floor": 0.5,
+        }
+        assert repr(schedule) == "ExponentialDecay(rate=0.0001, start=1.0, floor=0.5)"
+
+
+def gumbel_vae(estimator="gumbel_softmax"):
+    keras.utils.set_random_seed(0)
+    x = keras.Input((PIXELS,))
+    h_ = keras.layers.Dense(8, activation="relu")(x)
+    codes = ke.CategoricalPosterior(
+        2, 3, estimator=estimator, flatten=True, kl_regularizer=ke.KLRegularizer(), seed=0
+    )(h_)
+    bits = ke.BernoulliPosterior(2, estimator=estimator, kl_regularizer=ke.KLRegularizer())(h_)
+    z = keras.layers.Concatenate()([codes, bits])
+    return compile_vae(ke.ELBOModel(x, keras.layers.Dense(PIXELS)(z)))
+
+
+class TemperatureRecorder(keras.callbacks.Callback):
+    """The temperature of each Gumbel-softmax posterior after each batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.values = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        _ = self.model  # on JAX, writes the training state back to the variables
+        layers = find_layers(self.model, (ke.CategoricalPosterior, ke.BernoulliPosterior))
+        self.values.append([float(h.numpy(layer.temperature_variable)) for layer in layers])
+
+
+class TestTemperatureAnnealing:
+    def test_each_step_trains_at_the_scheduled_temperature(self):
+        model = gumbel_vae()
+        schedule = ke.ExponentialDecay(0.2, start=2.0, floor=0.6)
+        recorder = TemperatureRecorder()
+        history = model.fit(
+            DATA,
+            DATA,
+            epochs=2,
+            batch_size=BATCH,
+            shuffle=False,
+            verbose=0,
+            callbacks=[ke.TemperatureAnnealing(schedule, unit="step"), recorder],
+        ).history
+        # Both layers, each of the 8 steps: the schedule at the steps taken before.
+        expected = [schedule(step) for step in range(8)]
+        np.testing.assert_allclose(recorder.values, np.transpose([expected, expected]), rtol=1e-6)
+        np.testing.assert_allclose(history["temperature"], [expected[3], expected[7]], rtol=1e-6)
+
+    def test_model_without_gumbel_softmax_posterior_raises(self):
+        with pytest.raises(ValueError, match="TemperatureAnnealing found no Gumbel-softmax"):
+            gumbel_vae("straight_through").fit(
+                DATA, DATA, verbose=0, callbacks=[ke.TemperatureAnnealing(LinearWarmup(2))]
+            )
+
+    def test_non_positive_temperature_from_schedule_raises(self):
+        # LinearWarmup starts at 0: a temperature must be positive.
+        with pytest.raises(ValueError, match="A temperature must be a finite, positive number"):
+            gumbel_vae().fit(
+                DATA, DATA, verbose=0, callbacks=[ke.TemperatureAnnealing(LinearWarmup(2))]
+            )

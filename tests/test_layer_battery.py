@@ -68,6 +68,18 @@ def wire_prior(layer, x):
     return host_posterior(ke.KLRegularizer(prior=layer, seed=1))(features)
 
 
+def wire_discrete_prior(layer, x):
+    # The prior of the discrete posterior of its shape.
+    regularizer = ke.KLRegularizer(prior=layer, seed=1)
+    if isinstance(layer, ke.CategoricalPrior):
+        posterior = ke.CategoricalPosterior(
+            layer.num_variables, layer.num_classes, kl_regularizer=regularizer, seed=2
+        )
+    else:
+        posterior = ke.BernoulliPosterior(layer.latent_dim, kl_regularizer=regularizer, seed=2)
+    return posterior(x)
+
+
 def wire_conditional_prior(layer, x):
     # p(z | c) of the input features themselves.
     return host_posterior(ke.KLRegularizer(prior=layer, seed=1))(x, prior_inputs=x)
@@ -236,6 +248,67 @@ CASES = [
         seed_generators=0,
         build=built_at_construction,
         wire=wire_prior,
+    ),
+    # Discrete latents: 2 variables of 3 classes. Non-trainable: the
+    # regularizer's, and the Gumbel-softmax temperature.
+    Case(
+        "CategoricalPosterior-straight-through",
+        lambda: ke.CategoricalPosterior(2, 3, kl_regularizer=ke.KLRegularizer(seed=1), seed=2),
+        trainable=2,
+        non_trainable=KL_NON_TRAINABLE,
+        seed_generators=2,
+        output_shape=(2, 3),
+    ),
+    Case(
+        "CategoricalPosterior-gumbel-softmax",
+        lambda: ke.CategoricalPosterior(
+            2,
+            3,
+            estimator="gumbel_softmax",
+            temperature=0.5,
+            hard=True,
+            unimix=0.01,
+            flatten=True,
+            kl_regularizer=ke.KLRegularizer(mode="mc", seed=1),
+            seed=2,
+        ),
+        trainable=2,
+        non_trainable=KL_NON_TRAINABLE + 1,
+        seed_generators=2,
+        output_shape=(6,),
+    ),
+    Case(
+        "BernoulliPosterior",
+        lambda: ke.BernoulliPosterior(
+            LATENT,
+            estimator="gumbel_softmax",
+            kl_regularizer=ke.KLRegularizer(seed=1),
+            inference="probs",
+            seed=2,
+        ),
+        trainable=2,
+        non_trainable=KL_NON_TRAINABLE + 1,
+        seed_generators=2,
+    ),
+    # Trainable: the free logits.
+    Case(
+        "CategoricalPrior",
+        lambda: ke.CategoricalPrior(2, 3, learned=True),
+        trainable=1,
+        non_trainable=0,
+        seed_generators=0,
+        output_shape=(2, 3),
+        build=built_at_construction,
+        wire=wire_discrete_prior,
+    ),
+    Case(
+        "BernoulliPrior",
+        lambda: ke.BernoulliPrior(LATENT, learned=True),
+        trainable=1,
+        non_trainable=0,
+        seed_generators=0,
+        build=built_at_construction,
+        wire=wire_discrete_prior,
     ),
     # Trainable: the projection of the prior's inputs, kernel and bias.
     Case(
