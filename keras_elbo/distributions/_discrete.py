@@ -336,14 +336,10 @@ def _kl_softmax(q_logits, p_logits):
 
 
 @register_kl(Categorical, Categorical)
-def _kl_categorical_categorical(q, p):
-    """`sum(softmax(q.logits) * (log_softmax(q.logits) - log_softmax(p.logits)))`."""
-    return _kl_softmax(q.logits, cast(p.logits, q.dtype))
-
-
 @register_kl(OneHotCategorical, OneHotCategorical)
-def _kl_one_hot_one_hot(q, p):
-    """As for `Categorical`: the same distribution over one-hot vectors."""
+def _kl_categorical_categorical(q, p):
+    """`sum(softmax(q.logits) * (log_softmax(q.logits) - log_softmax(p.logits)))`:
+    the same for labels and for one-hot vectors."""
     return _kl_softmax(q.logits, cast(p.logits, q.dtype))
 
 
