@@ -46,6 +46,7 @@ from keras_elbo.discrete import (
     BernoulliPrior,
     CategoricalPosterior,
     CategoricalPrior,
+    ConditionalCategoricalPrior,
 )
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
@@ -92,6 +93,7 @@ __all__ = [
     "Categorical",
     "CategoricalPosterior",
     "CategoricalPrior",
+    "ConditionalCategoricalPrior",
     "ConditionalGaussianPrior",
     "ConditionalMixturePrior",
     "ConditionalPrior",
@@ -155,6 +157,7 @@ _SERIALIZABLE = [
     Categorical,
     CategoricalPosterior,
     CategoricalPrior,
+    ConditionalCategoricalPrior,
     ConditionalGaussianPrior,
     ConditionalMixturePrior,
     DenseVariational,

@@ -31,10 +31,20 @@ from keras_elbo import _math
 from keras_elbo import distributions as kd
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.posteriors import Posterior
-from keras_elbo.priors import Prior
+from keras_elbo.priors import ConditionalPrior, Prior, _features_shape
 
 ESTIMATORS = ("straight_through", "gumbel_softmax")
 INFERENCE_OUTPUTS = ("mode", "probs", "sample")
+
+
+def relaxed_samples_error(what, posterior):
+    """The error of an importance-weighted bound over a posterior's relaxed samples."""
+    return ValueError(
+        f"{what}: posterior '{posterior.name}' returns soft Gumbel-softmax samples, "
+        "points of the simplex (or of (0, 1)) that its categorical (Bernoulli) q gives "
+        "no probability, so they cannot be importance-weighted. Use "
+        "estimator='straight_through' or hard=True (discrete samples of the same q)."
+    )
 
 
 class _OneHotCategoricalWithGradient(kd.OneHotCategorical):
@@ -88,11 +98,33 @@ class _BernoulliWithGradient(kd.Bernoulli):
         return bit + y - ops.stop_gradient(y)
 
 
+def _unimix(value):
+    value = _math.real("unimix", value, non_negative=True)
+    if value >= 1.0:
+        raise _math.invalid_argument("unimix", "a number in [0, 1)", value)
+    return value
+
+
+def _mixed_with_uniform(logits, unimix):
+    """The logits of `(1 - unimix) * softmax(logits) + unimix / K` (K the last axis)."""
+    if not unimix:
+        return logits
+    num_classes = logits.shape[-1]
+    return ops.log((1.0 - unimix) * ops.softmax(logits, axis=-1) + unimix / num_classes)
+
+
 class _DiscretePosterior(Posterior):
     """What the categorical and Bernoulli posteriors share: the projection,
     the estimator's settings, the temperature variable and the outputs."""
 
     inference_outputs = INFERENCE_OUTPUTS
+    reparameterized_samples = False
+
+    @property
+    def samples_have_log_prob(self):
+        """Whether the samples are one-hot (bits): not so for the soft
+        Gumbel-softmax, whose relaxed samples q gives no probability."""
+        return self.estimator == "straight_through" or self.hard
 
     def __init__(
         self,
@@ -113,10 +145,7 @@ class _DiscretePosterior(Posterior):
         self.estimator = _math.choice("estimator", estimator, ESTIMATORS)
         self.temperature = _math.real("temperature", temperature, positive=True)
         self.hard = _math.boolean("hard", hard)
-        unimix = _math.real("unimix", unimix, non_negative=True)
-        if unimix >= 1.0:
-            raise _math.invalid_argument("unimix", "a number in [0, 1)", unimix)
-        self.unimix = unimix
+        self.unimix = _unimix(unimix)
         self.kernel_initializer = _math.initializer("kernel_initializer", kernel_initializer)
         self.projection = keras.layers.Dense(
             size,
@@ -277,10 +306,7 @@ class CategoricalPosterior(_DiscretePosterior):
                 f"features); received a tensor of shape {tuple(inputs.shape)}."
             )
         logits = ops.reshape(logits, (-1, self.num_variables, self.num_classes))
-        if self.unimix:
-            probs = (1.0 - self.unimix) * ops.softmax(logits, axis=-1)
-            logits = ops.log(probs + self.unimix / self.num_classes)
-        return logits
+        return _mixed_with_uniform(logits, self.unimix)
 
     def distribution(self, inputs):
         """q(z|x): an `Independent` of one-hot categoricals over the variables,
@@ -509,4 +535,91 @@ class BernoulliPrior(Prior):
     def get_config(self):
         config = super().get_config()
         config.update({"latent_dim": self.latent_dim, "learned": self.learned})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_elbo")
+class ConditionalCategoricalPrior(ConditionalPrior):
+    """Categorical priors p(z | c) whose logits are a dense projection of `c`.
+
+    The prior of the stochastic state of a DreamerV2/V3 world model, computed
+    from the recurrent state (`p(z_t | h_t)`, Hafner et al., 2021, 2023), or
+    of a conditional categorical VAE. Use it as the `prior` of the
+    `KLRegularizer` of a `CategoricalPosterior` called with `prior_inputs=c`:
+    the KL is the closed form between categoricals, with gradients into both
+    networks (and `KLRegularizer(balance=0.8, free_nats=1.0)` gives
+    DreamerV3's balancing and free nats).
+
+    Formula:
+
+    ```python
+    logits = reshape(Dense(num_variables * num_classes)(c), (..., num_variables, num_classes))
+    p = (1 - unimix) * softmax(logits) + unimix / num_classes
+    ```
+
+    Args:
+        num_variables: the number of categorical variables, a positive integer.
+        num_classes: the classes of each, an integer >= 2.
+        unimix: the weight of the uniform mixed into p, in [0, 1). Defaults
+            to `0.0`.
+        kernel_initializer: initializer of the projection's kernel.
+            Defaults to `"glorot_uniform"`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> prior = ConditionalCategoricalPrior(4, 3)
+    >>> p = prior.distribution(np.zeros((2, 5), "float32"))
+    >>> p.batch_shape, p.event_shape
+    ((2,), (4, 3))
+    """
+
+    def __init__(
+        self,
+        num_variables: int,
+        num_classes: int,
+        unimix: float = 0.0,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_variables = _math.integer("num_variables", num_variables)
+        self.num_classes = _math.integer("num_classes", num_classes, minimum=2)
+        self.unimix = _unimix(unimix)
+        self.kernel_initializer = _math.initializer("kernel_initializer", kernel_initializer)
+        self.projection = keras.layers.Dense(
+            self.num_variables * self.num_classes,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="projection",
+        )
+
+    @property
+    def event_shape(self) -> tuple:
+        return (self.num_variables, self.num_classes)
+
+    def build(self, input_shape):
+        if not self.projection.built:
+            self.projection.build(input_shape)
+        self.built = True
+
+    def distribution(self, prior_inputs, posterior_layer=None):
+        if not self.built:
+            self.build(_features_shape(prior_inputs))
+        logits = ops.cast(self.projection(prior_inputs), _math.density_dtype())
+        logits = _math.check_finite(logits, self.name, "prior parameters")
+        shape = tuple(ops.shape(logits))[:-1] + (self.num_variables, self.num_classes)
+        logits = _mixed_with_uniform(ops.reshape(logits, shape), self.unimix)
+        return kd.Independent(kd.OneHotCategorical(logits), 1)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_variables": self.num_variables,
+                "num_classes": self.num_classes,
+                "unimix": self.unimix,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            }
+        )
         return config

@@ -563,11 +563,16 @@ class KLRegularizer(keras.layers.Layer):
             # p(z | c) exists only once c does: its size is checked now, the
             # estimator chosen at the first call.
             q_shape = _shape(posterior.event_shape)
-            if q_shape != (self.prior.latent_dim,):
+            p_shape = tuple(self.prior.event_shape)
+            if q_shape != p_shape:
+                sizes = (
+                    f"latent_dim={self.prior.latent_dim}"
+                    if p_shape == (getattr(self.prior, "latent_dim", None),)
+                    else f"event shape {p_shape}"
+                )
                 raise ValueError(
-                    f"The prior of '{self.name}' has latent_dim={self.prior.latent_dim} "
-                    f"but the posterior has event shape {q_shape}: give the prior the "
-                    "posterior's latent_dim."
+                    f"The prior of '{self.name}' has {sizes} but the posterior has event "
+                    f"shape {q_shape}: give the prior the posterior's sizes."
                 )
             return
         prior = self.prior_distribution(posterior)

@@ -40,6 +40,7 @@ from keras_elbo._base import (
     reads_inputs_past_posteriors,
     split_at,
 )
+from keras_elbo.discrete import relaxed_samples_error
 from keras_elbo.divergence import draw
 from keras_elbo.losses import is_reconstruction_loss
 from keras_elbo.posteriors import MultiSampleDraws, Posterior, drawing
@@ -122,7 +123,7 @@ class _LatentModel:
         def tiled(t):
             return ops.tile(t, [num_samples] + [1] * (len(t.shape) - 1))
 
-        latents = ops.reshape(z, (-1, *shape[2:]))
+        latents = self.posterior_layer.format_output(ops.reshape(z, (-1, *shape[2:])))
         draws = MultiSampleDraws(1, add_kl=False, seed_generator=seed_generator)
         with drawing(self.lower, draws):
             if self.decoder_reads_inputs:
@@ -535,6 +536,9 @@ def importance_weighted_log_likelihood(
     )
     estimators = _estimators(model, likelihood, seed)
     parts = estimators.parts
+    for posterior in (parts.posterior_layer, *parts.lower):
+        if not posterior.samples_have_log_prob:
+            raise relaxed_samples_error("importance_weighted_log_likelihood", posterior)
     batches, steps = _data(x, batch_size, parts.body.inputs[0].shape, y, parts.num_inputs)
 
     def chunk_function(count):

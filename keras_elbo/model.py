@@ -27,6 +27,7 @@ from keras_elbo._base import (
     split_at,
     stochastic_layers,
 )
+from keras_elbo.discrete import relaxed_samples_error
 from keras_elbo.divergence import KLRegularizer, stop_parameter_gradients
 from keras_elbo.flows import FlowPosterior
 from keras_elbo.losses import is_reconstruction_loss
@@ -247,6 +248,8 @@ class ELBOModel(keras.Model):
                         f"{what}: posterior '{posterior.name}' has no kl_regularizer, so "
                         "there is no prior p(z) to weigh its samples with."
                     )
+                if not posterior.samples_have_log_prob:
+                    raise relaxed_samples_error(what, posterior)
                 if regularizer.free_bits > 0 or regularizer.free_nats > 0:
                     floor = "free_bits" if regularizer.free_bits > 0 else "free_nats"
                     raise ValueError(
@@ -269,6 +272,12 @@ class ELBOModel(keras.Model):
                     f"implemented for one posterior layer; model '{self.name}' has "
                     f"{len(posteriors)}. Use dreg=False (the importance-weighted bound "
                     "itself takes any number)."
+                )
+            if not posteriors[0].reparameterized_samples:
+                raise ValueError(
+                    f"{what}, dreg=True: the doubly reparameterised gradient needs "
+                    f"reparameterised samples, and posterior '{posteriors[0].name}' "
+                    f"({type(posteriors[0]).__name__}) draws discrete ones. Use dreg=False."
                 )
             if isinstance(posteriors[0], FlowPosterior):
                 raise ValueError(

@@ -156,6 +156,12 @@ class Posterior(keras.layers.Layer):
 
     # What `inference` may name: "sample", and the others `inference_output` gives.
     inference_outputs = INFERENCE_OUTPUTS
+    # Whether q's `log_prob` scores the layer's samples (the importance-
+    # weighted bound needs it; a relaxed sample of a discrete q is none of
+    # its values), and whether the samples are a reparameterisation of q
+    # (the doubly reparameterised gradient needs one).
+    samples_have_log_prob = True
+    reparameterized_samples = True
 
     def mean(self, q):
         """What the layer returns outside training with `inference="mean"`."""

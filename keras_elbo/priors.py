@@ -84,6 +84,12 @@ class ConditionalPrior(Prior):
 
     conditional = True
 
+    @property
+    def event_shape(self) -> tuple:
+        """The event shape of p(z | c), `(latent_dim,)` unless overridden: the
+        posterior's must be the same (checked when the posterior builds)."""
+        return (self.latent_dim,)
+
     def distribution(self, prior_inputs, posterior_layer=None):
         """Returns p(z | prior_inputs), a `keras_elbo.distributions` object with
         event shape `(latent_dim,)` and batch shape `prior_inputs.shape[:-1]`."""

@@ -65,9 +65,19 @@ def build():
     z6 = ke.CategoricalPosterior(
         2, 3, estimator="gumbel_softmax", hard=True, flatten=True, kl_regularizer=categorical
     )(h)
+    # A world model's categorical state: p(z | c) computed from the context.
+    dreamer = ke.KLRegularizer(
+        prior=ke.ConditionalCategoricalPrior(2, 2, unimix=0.01),
+        balance=0.8,
+        free_nats=0.5,
+        metric_name="kl_state",
+    )
+    z8 = ke.CategoricalPosterior(2, 2, unimix=0.01, flatten=True, kl_regularizer=dreamer)(
+        h, prior_inputs=context
+    )
     bits = ke.KLRegularizer(prior=ke.BernoulliPrior(2, learned=True), metric_name="kl_bits")
     z7 = ke.BernoulliPosterior(2, unimix=0.01, kl_regularizer=bits, seed=6)(h)
-    z = keras.layers.Concatenate()([z1, z2, z3, z4, z5, z6, z7])
+    z = keras.layers.Concatenate()([z1, z2, z3, z4, z5, z6, z7, z8])
     model = ke.ELBOModel(x, keras.layers.Dense(PIXELS)(z))
     model.compile(keras.optimizers.Adam(1e-2), ke.BernoulliNLL(from_logits=True))
     return model

@@ -134,6 +134,40 @@ class TestCategoricalPosterior:
         np.testing.assert_allclose(h.numpy(layer.losses[0]), expected, rtol=1e-5)
         assert [w.name for w in prior.trainable_weights] == ["logits"]
 
+    def test_free_nats_and_balance_apply_as_to_any_posterior(self):
+        # DreamerV3's settings: KL balancing 0.8 and a floor of free nats per
+        # example, here the median of the examples' KLs (fixed projection
+        # weights, so the same numbers on every backend). Balancing changes
+        # the gradients only; the floor, each example's KL.
+        kernel = np.random.default_rng(1).normal(size=(FEATURES, V * K)).astype("float32")
+        bias = np.zeros(V * K, "float32")
+        softmax = special.softmax((INPUTS @ kernel).reshape(6, V, K), axis=-1)
+        kl = numpy_kl(np.log(0.99 * softmax + 0.01 / K), np.zeros(K)).sum(-1)
+        floor = float(np.median(kl))
+        assert kl.min() < floor < kl.max(), kl
+        regularizer = ke.KLRegularizer(balance=0.8, free_nats=floor)
+        layer = categorical_posterior(kl_regularizer=regularizer, unimix=0.01)
+        layer.build(INPUTS.shape)
+        layer.projection.set_weights([kernel, bias])
+        layer(INPUTS, training=True)
+        expected = np.maximum(kl, floor).mean()
+        np.testing.assert_allclose(h.numpy(layer.losses[0]), expected, rtol=1e-5)
+
+    def test_kl_against_a_conditional_prior_computed_from_the_model(self):
+        # DreamerV3's prior p(z_t | h_t), here of a tensor c, with unimix.
+        prior = ke.ConditionalCategoricalPrior(V, K, unimix=0.01)
+        layer = categorical_posterior(kl_regularizer=ke.KLRegularizer(prior=prior))
+        c = RNG.normal(size=(6, 7)).astype("float32")
+        layer(INPUTS, prior_inputs=c, training=True)
+        p_logits = projected_logits(prior, c).reshape(6, V, K)
+        p_logits = np.log(0.99 * special.softmax(p_logits, axis=-1) + 0.01 / K)
+        logits = projected_logits(layer, INPUTS).reshape(6, V, K)
+        expected = numpy_kl(logits, p_logits).sum(-1).mean()
+        np.testing.assert_allclose(h.numpy(layer.losses[0]), expected, rtol=1e-5)
+        wrong = ke.KLRegularizer(prior=ke.ConditionalCategoricalPrior(K, V))
+        with pytest.raises(ValueError, match=r"has event shape \(3, 4\) but the posterior"):
+            categorical_posterior(kl_regularizer=wrong).build((None, FEATURES))
+
     def test_unimix_mixes_the_probabilities_with_the_uniform(self):
         layer = categorical_posterior(unimix=0.1, inference="probs")
         probs = h.numpy(layer(INPUTS))
@@ -265,3 +299,87 @@ def test_priors_validate_their_arguments():
     with pytest.raises(ValueError, match="argument `learned`"):
         ke.BernoulliPrior(3, learned="no")
     assert ops.all(ke.CategoricalPrior(2, 3).distribution().distribution.logits == 0.0)
+
+
+PIXELS = 6
+X = (np.random.default_rng(3).random((5, PIXELS)) < 0.4).astype("float32")
+
+
+def enumerable_vae(estimator="straight_through", hard=False, **model_kwargs):
+    """Two variables of three classes: 9 codes, so log p(x) and the ELBO are
+    sums over them."""
+    keras.utils.set_random_seed(1)
+    x = keras.Input((PIXELS,))
+    h_ = keras.layers.Dense(8, activation="tanh", name="body")(x)
+    codes = ke.CategoricalPosterior(
+        2,
+        3,
+        estimator=estimator,
+        hard=hard,
+        flatten=True,
+        kl_regularizer=ke.KLRegularizer(),
+        seed=0,
+        name="posterior",
+    )(h_)
+    model = ke.ELBOModel(x, keras.layers.Dense(PIXELS, name="decoder")(codes), **model_kwargs)
+    model.compile(keras.optimizers.SGD(0.1), ke.BernoulliNLL(from_logits=True))
+    return model
+
+
+def enumerated(model, x):
+    """NumPy float64: q of each code `(n, 9)`, log p(x | code) `(n, 9)`."""
+    w1, b1 = (np.float64(w) for w in model.get_layer("body").get_weights())
+    layer = model.get_layer("posterior")
+    x = np.float64(x)
+    hidden = np.tanh(x @ w1 + b1)
+    q = special.softmax(projected_logits(layer, hidden).reshape(-1, 2, 3), axis=-1)
+    q_codes = (q[:, 0, :, None] * q[:, 1, None, :]).reshape(-1, 9)
+    codes = np.array(
+        [np.concatenate([np.eye(3)[i], np.eye(3)[j]]) for i in range(3) for j in range(3)]
+    )
+    w2, b2 = (np.float64(w) for w in model.get_layer("decoder").get_weights())
+    logits = codes @ w2 + b2  # (9, pixels)
+    log_lik = x @ logits.T - np.sum(np.logaddexp(0.0, logits), axis=-1)  # (n, 9)
+    return q_codes, log_lik
+
+
+class TestEvaluation:
+    def test_elbo_and_kl_against_enumeration(self):
+        model = enumerable_vae()
+        q, log_lik = enumerated(model, X)
+        kl = np.sum(q * np.log(9 * q), axis=-1)  # against the uniform prior over 9 codes
+        expected = np.sum(q * log_lik, axis=-1) - kl
+        num_samples = 400
+        result = ke.evaluate_elbo(model, X, num_samples=num_samples, seed=0, verbose=0)
+        np.testing.assert_allclose(result["kl"], kl, rtol=1e-5)
+        variance = np.sum(q * log_lik**2, axis=-1) - np.sum(q * log_lik, axis=-1) ** 2
+        error = np.abs(result["elbo"] - expected)
+        np.testing.assert_array_less(error, 4 * np.sqrt(variance / num_samples) + 1e-5)
+
+    def test_importance_weighted_log_likelihood_against_enumeration(self):
+        model = enumerable_vae(estimator="gumbel_softmax", hard=True)
+        q, log_lik = enumerated(model, X)
+        log_px = special.logsumexp(log_lik, axis=-1) - np.log(9.0)
+        num_samples = 2000
+        estimate = ke.importance_weighted_log_likelihood(
+            model, X, num_samples=num_samples, seed=0, verbose=0
+        )
+        # The estimate is log(mean(w)), w = p(x, z) / q(z): its standard
+        # error is std(w) / (p(x) sqrt(S)), computed exactly over the codes.
+        w = np.exp(log_lik - np.log(9.0) - np.log(q) - log_px[:, None])  # w / p(x)
+        standard_error = np.sqrt((np.sum(q * w**2, axis=-1) - 1.0) / num_samples)
+        np.testing.assert_array_less(np.abs(estimate - log_px), 4 * standard_error + 1e-5)
+
+    def test_relaxed_samples_are_not_importance_weighted(self):
+        model = enumerable_vae(estimator="gumbel_softmax")
+        with pytest.raises(ValueError, match="soft Gumbel-softmax samples"):
+            ke.importance_weighted_log_likelihood(model, X, num_samples=4, verbose=0)
+        with pytest.raises(ValueError, match="soft Gumbel-softmax samples"):
+            enumerable_vae(estimator="gumbel_softmax", objective="iwae", num_samples=3)
+
+    def test_iwae_objective_trains_and_dreg_is_refused(self):
+        model = enumerable_vae(objective="iwae", num_samples=3)
+        history = model.fit(X, X, epochs=2, batch_size=5, verbose=0).history
+        assert np.all(np.isfinite(history["neg_iwae"])), history
+        with pytest.raises(ValueError, match="needs reparameterised samples"):
+            enumerable_vae(objective="iwae", num_samples=3, dreg=True)

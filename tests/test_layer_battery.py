@@ -71,13 +71,13 @@ def wire_prior(layer, x):
 def wire_discrete_prior(layer, x):
     # The prior of the discrete posterior of its shape.
     regularizer = ke.KLRegularizer(prior=layer, seed=1)
-    if isinstance(layer, ke.CategoricalPrior):
-        posterior = ke.CategoricalPosterior(
-            layer.num_variables, layer.num_classes, kl_regularizer=regularizer, seed=2
-        )
-    else:
-        posterior = ke.BernoulliPosterior(layer.latent_dim, kl_regularizer=regularizer, seed=2)
-    return posterior(x)
+    if isinstance(layer, ke.BernoulliPrior):
+        return ke.BernoulliPosterior(layer.latent_dim, kl_regularizer=regularizer, seed=2)(x)
+    posterior = ke.CategoricalPosterior(
+        layer.num_variables, layer.num_classes, kl_regularizer=regularizer, seed=2
+    )
+    # A conditional prior's p(z | c) of the input features themselves.
+    return posterior(x, prior_inputs=x) if layer.conditional else posterior(x)
 
 
 def wire_conditional_prior(layer, x):
@@ -308,6 +308,15 @@ CASES = [
         non_trainable=0,
         seed_generators=0,
         build=built_at_construction,
+        wire=wire_discrete_prior,
+    ),
+    Case(
+        "ConditionalCategoricalPrior",
+        lambda: ke.ConditionalCategoricalPrior(2, 3, unimix=0.01),
+        trainable=2,
+        non_trainable=0,
+        seed_generators=0,
+        output_shape=(2, 3),
         wire=wire_discrete_prior,
     ),
     # Trainable: the projection of the prior's inputs, kernel and bias.
