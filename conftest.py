@@ -28,7 +28,6 @@ TENSORFLOW_ONLY = {
     "keras_elbo/_tfp.py": "TFP interop: TFP distributions exist on TensorFlow only",
     "keras_elbo/demo.py": "whole training; tests/test_demo.py runs the demo",
     "tests/test_demo.py": "whole trainings of the demo (its --backend runs are subprocesses)",
-    "tests/test_notebooks.py": "executes the notebooks: whole trainings, minutes each",
     "tests/test_readme.py": "runs every README block, one of them tf.distribute (TensorFlow)",
     "tests/test_properties.py": "hypothesis over every layer: costly; the layers' numbers "
     "are checked on every backend by their own modules",
@@ -40,14 +39,26 @@ TENSORFLOW_ONLY = {
 
 def pytest_ignore_collect(collection_path, config):
     # KERAS_ELBO_COLLECT_ALL=1 collects everything (for porting a module).
-    if (
-        os.environ["KERAS_BACKEND"] == "tensorflow"
-        or os.environ.get("KERAS_ELBO_COLLECT_ALL") == "1"
-        or collection_path.is_dir()
-    ):
+    # KERAS_ELBO_PART=shared collects all but the TensorFlow-only modules,
+    # KERAS_ELBO_PART=tensorflow-only those alone: CI runs the two parts of
+    # the TensorFlow suite side by side (.ci/run).
+    if collection_path.is_dir() or os.environ.get("KERAS_ELBO_COLLECT_ALL") == "1":
         return None
-    relative = collection_path.resolve().relative_to(ROOT).as_posix()
-    return True if relative in TENSORFLOW_ONLY else None
+    try:
+        relative = collection_path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:  # outside the repository
+        return None
+    tensorflow_only = relative in TENSORFLOW_ONLY
+    part = os.environ.get("KERAS_ELBO_PART")
+    if part not in (None, "shared", "tensorflow-only"):
+        raise ValueError(f"KERAS_ELBO_PART must be 'shared' or 'tensorflow-only', not {part!r}")
+    if part == "shared" and tensorflow_only:
+        return True
+    if part == "tensorflow-only" and not tensorflow_only and relative.endswith(".py"):
+        return True
+    if os.environ["KERAS_BACKEND"] != "tensorflow" and tensorflow_only:
+        return True
+    return None
 
 
 def pytest_collection_finish(session):

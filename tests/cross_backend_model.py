@@ -12,10 +12,17 @@ targets (`outputs_loaded.json`). `--save` trains each model one epoch and
 writes `DIR/b/<name>.keras`, the model's predictions (`inference="mean"`:
 deterministic, `<name>_predictions.npy`) and every distribution output
 (`keras_elbo.outputs`) as its config with its per-example losses on fixed
-parameters and targets (`outputs.json`).
+parameters and targets (`outputs.json`). Each process also lists in
+`DIR/imported/<b>-<pid>.json` the TensorFlow and TFP modules it imported
+before its first `model.save` (or by its end): none may be on JAX and
+PyTorch (TensorFlow reserves a GPU's memory when imported, and costs
+seconds). Saving is left out because Keras's own serializer imports an
+installed TensorFlow on every backend (`serialize_keras_object` checks for
+`tf.TensorShape`; Keras 3.15), as `keras.utils.set_random_seed` does.
 """
 
 import json
+import os
 import pathlib
 import sys
 
@@ -28,8 +35,22 @@ PIXELS = 8
 DATA = (np.random.default_rng(0).random((32, PIXELS)) < 0.3).astype("float32")
 
 
+# No `keras.utils.set_random_seed`: it imports TensorFlow on every backend
+# where it is installed (to seed it too), which would hide whether the
+# library does. The weights need not repeat between runs: each process
+# compares what it loads with what the saving process predicted.
+
+
+def record_imports(folder, backend):
+    """Writes, once per process, the TensorFlow and TFP modules imported so far."""
+    path = folder / "imported" / f"{backend}-{os.getpid()}.json"
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        imported = [m for m in ("tensorflow", "tensorflow_probability") if m in sys.modules]
+        path.write_text(json.dumps(imported))
+
+
 def build():
-    keras.utils.set_random_seed(0)
     body = keras.Sequential(
         [keras.Input((PIXELS,)), keras.layers.Dense(8, activation="tanh")], name="body"
     )
@@ -85,7 +106,6 @@ def build():
 
 def build_regression():
     """Bayesian convolutions, dense and variational layers, a mixture output."""
-    keras.utils.set_random_seed(0)
     x = keras.Input((PIXELS,))
     steps = keras.layers.Reshape((PIXELS, 1))(x)
     h1 = ke.BayesianConv1D(2, 3, inference="mean", seed=1)(steps)
@@ -137,6 +157,7 @@ def save(folder):
     for name, (make, targets) in MODELS.items():
         model = make()
         model.fit(DATA, targets, epochs=1, batch_size=8, verbose=0)
+        record_imports(folder.parent, keras.backend.backend())
         model.save(folder / f"{name}.keras")
         predictions = keras.ops.convert_to_numpy(model.predict(DATA, verbose=0))
         np.save(folder / f"{name}_predictions.npy", predictions)
@@ -178,6 +199,7 @@ def main(folder, backend, *options):
             save(folder / backend)
         else:
             raise SystemExit(f"unknown option {option!r}")
+    record_imports(folder, backend)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,22 @@ def test_the_chain_covers_every_ordered_pair():
     assert pairs == set(itertools.permutations(BACKENDS, 2))
 
 
+def test_jax_and_torch_processes_import_no_tensorflow(folder):
+    # Each process of the chain loads and trains models of every public
+    # layer: on JAX and PyTorch, neither TensorFlow nor TFP is loaded (up to
+    # the first `model.save`, where Keras itself imports an installed
+    # TensorFlow; see cross_backend_model.py).
+    imported = {
+        path.stem: json.loads(path.read_text()) for path in (folder / "imported").glob("*.json")
+    }
+    assert len(imported) == len(CHAIN), imported
+    for process, modules in imported.items():
+        if process.startswith("tensorflow"):
+            assert "tensorflow" in modules, process  # the check sees an import
+        else:
+            assert modules == [], process
+
+
 @pytest.mark.parametrize("source, target", list(itertools.permutations(BACKENDS, 2)))
 def test_saved_model_predicts_the_same_on_another_backend(source, target, folder):
     saved, loaded = folder / source, folder / source / f"on_{target}"

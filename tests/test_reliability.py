@@ -185,32 +185,6 @@ def run_python(code, **env):
     )
 
 
-TRAIN_WITHOUT_TENSORFLOW = """
-import sys
-import numpy as np, keras, keras_elbo as ke
-x = keras.Input((6,))
-reg = ke.KLRegularizer(prior=ke.MixturePrior(2, num_components=3, seed=0), seed=1)
-z = ke.GaussianPosterior(2, covariance="full", kl_regularizer=reg, seed=2)(x)
-model = ke.ELBOModel(x, keras.layers.Dense(6)(z))
-model.compile(optimizer="adam", loss=ke.BernoulliNLL(from_logits=True))
-data = (np.random.default_rng(0).random((32, 6)) < 0.3).astype("float32")
-logs = model.fit(data, data, epochs=1, batch_size=8, verbose=0).history
-print("LOGS", sorted(logs))
-print("TF", sorted(m for m in ("tensorflow", "tensorflow_probability") if m in sys.modules))
-"""
-
-
-class TestBackend:
-    @pytest.mark.parametrize("backend", ["jax", "torch"])
-    def test_trains_on_other_backends_without_importing_tensorflow(self, backend):
-        # TensorFlow reserves a GPU's memory when imported and costs seconds:
-        # under JAX and PyTorch neither it nor TFP may be loaded.
-        result = run_python(TRAIN_WITHOUT_TENSORFLOW, KERAS_BACKEND=backend)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "LOGS ['kl', 'loss', 'neg_elbo', 'reconstruction']" in result.stdout
-        assert "TF []" in result.stdout
-
-
 # A VAE whose loss is deterministic, its three training steps' losses and KLs:
 # the distributed tests compare them with a single device's.
 DETERMINISTIC_VAE = """
