@@ -47,11 +47,20 @@ def relaxed_samples_error(what, posterior):
     )
 
 
-class _OneHotCategoricalWithGradient(kd.OneHotCategorical):
-    """A `OneHotCategorical` whose samples carry the estimator's gradient.
+def _forward_backward(forward, backward):
+    """`forward` in the forward pass, the gradient of `backward` in the backward."""
+    return forward + backward - ops.stop_gradient(backward)
 
-    It is the posterior handed to the `KLRegularizer`: `log_prob`, `entropy`
-    and the closed-form KL are those of the categorical.
+
+class _WithGradient:
+    """Samples of a discrete family that carry the estimator's gradient.
+
+    Mixed into `OneHotCategorical` and `Bernoulli`, whose `log_prob`,
+    `entropy` and closed-form KL it keeps (the posterior handed to the
+    `KLRegularizer` is the discrete q). Straight-through: a discrete sample
+    with the gradient of the probabilities (`_probs`). Gumbel-softmax: a
+    sample of the relaxation (`_relaxation`), or with `hard` its rounding
+    (`_rounded`) with the relaxation's gradient.
     """
 
     reparameterized = True
@@ -64,38 +73,35 @@ class _OneHotCategoricalWithGradient(kd.OneHotCategorical):
 
     def _sample(self, sample_shape, seed):
         if self._estimator == "straight_through":
-            one_hot = super()._sample(sample_shape, seed)
-            probs = ops.softmax(self._logits, axis=-1)
-            return one_hot + probs - ops.stop_gradient(probs)
-        relaxed = kd.RelaxedOneHotCategorical(self._temperature, self._logits)
-        y = relaxed._sample(sample_shape, seed)
-        if not self._hard:
-            return y
-        one_hot = ops.one_hot(ops.argmax(y, axis=-1), self.event_shape[-1], dtype=self.dtype)
-        return one_hot + y - ops.stop_gradient(y)
+            return _forward_backward(super()._sample(sample_shape, seed), self._probs())
+        y = self._relaxation()._sample(sample_shape, seed)
+        return _forward_backward(self._rounded(y), y) if self._hard else y
 
 
-class _BernoulliWithGradient(kd.Bernoulli):
+class _OneHotCategoricalWithGradient(_WithGradient, kd.OneHotCategorical):
+    """A `OneHotCategorical` whose samples carry the estimator's gradient."""
+
+    def _probs(self):
+        return ops.softmax(self._logits, axis=-1)
+
+    def _relaxation(self):
+        return kd.RelaxedOneHotCategorical(self._temperature, self._logits)
+
+    def _rounded(self, y):
+        return ops.one_hot(ops.argmax(y, axis=-1), self.event_shape[-1], dtype=self.dtype)
+
+
+class _BernoulliWithGradient(_WithGradient, kd.Bernoulli):
     """A `Bernoulli` whose samples carry the estimator's gradient."""
 
-    reparameterized = True
+    def _probs(self):
+        return ops.sigmoid(self._logits)
 
-    def __init__(self, logits, estimator, temperature, hard):
-        super().__init__(logits)
-        self._estimator = estimator
-        self._temperature = temperature
-        self._hard = hard
+    def _relaxation(self):
+        return kd.RelaxedBernoulli(self._temperature, self._logits)
 
-    def _sample(self, sample_shape, seed):
-        if self._estimator == "straight_through":
-            bit = super()._sample(sample_shape, seed)
-            probs = ops.sigmoid(self._logits)
-            return bit + probs - ops.stop_gradient(probs)
-        y = kd.RelaxedBernoulli(self._temperature, self._logits)._sample(sample_shape, seed)
-        if not self._hard:
-            return y
-        bit = ops.cast(y > 0.5, self.dtype)
-        return bit + y - ops.stop_gradient(y)
+    def _rounded(self, y):
+        return ops.cast(y > 0.5, self.dtype)
 
 
 def _unimix(value):
@@ -179,7 +185,6 @@ class _DiscretePosterior(Posterior):
 
     def get_config(self):
         config = super().get_config()
-        del config["latent_dim"]  # the sizes are the subclass's arguments
         config.update(
             {
                 "estimator": self.estimator,
@@ -329,6 +334,7 @@ class CategoricalPosterior(_DiscretePosterior):
 
     def get_config(self):
         config = super().get_config()
+        del config["latent_dim"]  # num_variables * num_classes: the two are the arguments
         config.update(
             {
                 "num_variables": self.num_variables,
@@ -434,11 +440,6 @@ class BernoulliPosterior(_DiscretePosterior):
         if self.inference == "probs":
             return ops.sigmoid(logits)
         return ops.cast(logits > 0.0, q.dtype)
-
-    def get_config(self):
-        config = super().get_config()
-        config["latent_dim"] = self.latent_dim
-        return config
 
 
 def _learned_logits(layer, shape, learned):

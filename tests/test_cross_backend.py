@@ -30,8 +30,7 @@ CHAIN = (
 def run(backend, sources, save, folder):
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    # The models are tiny: XLA's optimisation passes are most of JAX's time.
-    env.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    # (XLA_FLAGS comes from conftest.py: XLA's code generation unoptimised.)
     command = [sys.executable, str(SCRIPT), str(folder), backend]
     command += [f"--load={source}" for source in sources] + (["--save"] if save else [])
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

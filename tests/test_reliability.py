@@ -282,7 +282,8 @@ class TestFloat64:
 DATA_PARALLEL = (
     """
 import json, os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=2"
 import jax, numpy as np, keras, keras_elbo as ke
 """
     + DETERMINISTIC_VAE

@@ -18,6 +18,9 @@ from keras_elbo.distributions._special import lgamma
 
 
 def _check_temperature(temperature):
+    # A Python number is checked here; a tensor (an annealed variable) is
+    # the caller's to keep positive: `TemperatureAnnealing` checks each
+    # value it assigns.
     if isinstance(temperature, (int, float)) and not temperature > 0:
         raise ValueError(
             "Invalid value received for argument `temperature`. Expected a positive "
@@ -25,7 +28,33 @@ def _check_temperature(temperature):
         )
 
 
-class RelaxedOneHotCategorical(Distribution):
+class _Relaxation(Distribution):
+    """What the two relaxations share: a positive temperature and logits
+    broadcast against each other over the batch (the logits' last
+    `_event_ndims` axes are the event), and reparameterised samples."""
+
+    reparameterized = True
+    _shape_source = "_logits"
+
+    def __init__(self, temperature, logits):
+        _check_temperature(temperature)
+        temperature, logits = as_float(temperature=temperature, logits=logits)
+        if self._event_ndims:
+            check_rank("logits", logits, 1, "a tensor of rank >= 1, shape batch_shape + (K,)")
+        self._temperature, self._logits = broadcast_batch(
+            temperature=(temperature, 0), logits=(logits, self._event_ndims)
+        )
+
+    @property
+    def temperature(self):
+        return self._temperature
+
+    @property
+    def logits(self):
+        return self._logits
+
+
+class RelaxedOneHotCategorical(_Relaxation):
     """The Concrete (Gumbel-softmax) distribution on the probability simplex.
 
     A point of the simplex of `K` classes, `softmax((logits + g) / temperature)`
@@ -65,25 +94,7 @@ class RelaxedOneHotCategorical(Distribution):
     (3, 2)
     """
 
-    reparameterized = True
-    _shape_source = "_logits"
     _event_ndims = 1
-
-    def __init__(self, temperature, logits):
-        _check_temperature(temperature)
-        temperature, logits = as_float(temperature=temperature, logits=logits)
-        check_rank("logits", logits, 1, "a tensor of rank >= 1, shape batch_shape + (K,)")
-        self._temperature, self._logits = broadcast_batch(
-            temperature=(temperature, 0), logits=(logits, 1)
-        )
-
-    @property
-    def temperature(self):
-        return self._temperature
-
-    @property
-    def logits(self):
-        return self._logits
 
     def _sample(self, sample_shape, seed):
         shape = sample_shape + runtime_shape(self._logits, self._temperature[..., None])
@@ -108,7 +119,7 @@ class RelaxedOneHotCategorical(Distribution):
         )
 
 
-class RelaxedBernoulli(Distribution):
+class RelaxedBernoulli(_Relaxation):
     """The binary Concrete distribution on (0, 1): a relaxed `Bernoulli(logits)`.
 
     `sigmoid((logits + log(u) - log(1 - u)) / temperature)` with `u ~ U(0, 1)`:
@@ -138,24 +149,6 @@ class RelaxedBernoulli(Distribution):
     >>> round(float(d.log_prob(0.5)), 4)
     0.0
     """
-
-    reparameterized = True
-    _shape_source = "_logits"
-
-    def __init__(self, temperature, logits):
-        _check_temperature(temperature)
-        temperature, logits = as_float(temperature=temperature, logits=logits)
-        self._temperature, self._logits = broadcast_batch(
-            temperature=(temperature, 0), logits=(logits, 0)
-        )
-
-    @property
-    def temperature(self):
-        return self._temperature
-
-    @property
-    def logits(self):
-        return self._logits
 
     def _sample(self, sample_shape, seed):
         shape = sample_shape + runtime_shape(self._logits, self._temperature)
