@@ -31,7 +31,7 @@ from keras_elbo import _math
 from keras_elbo import distributions as kd
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.posteriors import Posterior
-from keras_elbo.priors import ConditionalPrior, Prior, _features_shape
+from keras_elbo.priors import Prior, _ProjectedPrior
 
 ESTIMATORS = ("straight_through", "gumbel_softmax")
 INFERENCE_OUTPUTS = ("mode", "probs", "sample")
@@ -191,7 +191,6 @@ class _DiscretePosterior(Posterior):
                 "temperature": self.temperature,
                 "hard": self.hard,
                 "unimix": self.unimix,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             }
         )
         return config
@@ -540,7 +539,7 @@ class BernoulliPrior(Prior):
 
 
 @keras.saving.register_keras_serializable(package="keras_elbo")
-class ConditionalCategoricalPrior(ConditionalPrior):
+class ConditionalCategoricalPrior(_ProjectedPrior):
     """Categorical priors p(z | c) whose logits are a dense projection of `c`.
 
     The prior of the stochastic state of a DreamerV2/V3 world model, computed
@@ -583,32 +582,18 @@ class ConditionalCategoricalPrior(ConditionalPrior):
         kernel_initializer="glorot_uniform",
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(kernel_initializer, **kwargs)
         self.num_variables = _math.integer("num_variables", num_variables)
         self.num_classes = _math.integer("num_classes", num_classes, minimum=2)
         self.unimix = _unimix(unimix)
-        self.kernel_initializer = _math.initializer("kernel_initializer", kernel_initializer)
-        self.projection = keras.layers.Dense(
-            self.num_variables * self.num_classes,
-            kernel_initializer=self.kernel_initializer,
-            dtype=self.dtype_policy,
-            name="projection",
-        )
+        self._make_projection(self.num_variables * self.num_classes)
 
     @property
     def event_shape(self) -> tuple:
         return (self.num_variables, self.num_classes)
 
-    def build(self, input_shape):
-        if not self.projection.built:
-            self.projection.build(input_shape)
-        self.built = True
-
     def distribution(self, prior_inputs, posterior_layer=None):
-        if not self.built:
-            self.build(_features_shape(prior_inputs))
-        logits = ops.cast(self.projection(prior_inputs), _math.density_dtype())
-        logits = _math.check_finite(logits, self.name, "prior parameters")
+        logits = self._params(prior_inputs)
         shape = tuple(ops.shape(logits))[:-1] + (self.num_variables, self.num_classes)
         logits = _mixed_with_uniform(ops.reshape(logits, shape), self.unimix)
         return kd.Independent(kd.OneHotCategorical(logits), 1)
@@ -620,7 +605,6 @@ class ConditionalCategoricalPrior(ConditionalPrior):
                 "num_variables": self.num_variables,
                 "num_classes": self.num_classes,
                 "unimix": self.unimix,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             }
         )
         return config

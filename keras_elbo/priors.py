@@ -98,14 +98,12 @@ class ConditionalPrior(Prior):
 
 class _ProjectedPrior(ConditionalPrior):
     """A conditional prior whose parameters are a `Dense` projection of its
-    inputs: the validation, projection, build and config its subclasses share.
-    A subclass calls `_make_projection(units)` in `__init__` and makes its
-    distribution from `_params(prior_inputs)`."""
+    inputs: the projection, build, finite check and config its subclasses
+    share. A subclass calls `_make_projection(units)` in `__init__` and makes
+    its distribution from `_params(prior_inputs)`."""
 
-    def __init__(self, latent_dim, min_scale, kernel_initializer, **kwargs):
+    def __init__(self, kernel_initializer, **kwargs):
         super().__init__(**kwargs)
-        self.latent_dim = _math.integer("latent_dim", latent_dim)
-        self.min_scale = _math.real("min_scale", min_scale, positive=True)
         self.kernel_initializer = _math.initializer("kernel_initializer", kernel_initializer)
 
     def _make_projection(self, units):
@@ -130,18 +128,26 @@ class _ProjectedPrior(ConditionalPrior):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "latent_dim": self.latent_dim,
-                "min_scale": self.min_scale,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-            }
-        )
+        config["kernel_initializer"] = keras.initializers.serialize(self.kernel_initializer)
+        return config
+
+
+class _ProjectedContinuousPrior(_ProjectedPrior):
+    """A projected prior over `latent_dim` reals with a `min_scale`."""
+
+    def __init__(self, latent_dim, min_scale, kernel_initializer, **kwargs):
+        super().__init__(kernel_initializer, **kwargs)
+        self.latent_dim = _math.integer("latent_dim", latent_dim)
+        self.min_scale = _math.real("min_scale", min_scale, positive=True)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"latent_dim": self.latent_dim, "min_scale": self.min_scale})
         return config
 
 
 @keras.saving.register_keras_serializable(package="keras_elbo")
-class ConditionalGaussianPrior(_ProjectedPrior):
+class ConditionalGaussianPrior(_ProjectedContinuousPrior):
     """A Gaussian prior p(z | c) whose parameters are a dense projection of `c`.
 
     The prior of a conditional VAE (Sohn et al., 2015: p(z | y) from the
@@ -215,7 +221,7 @@ class ConditionalGaussianPrior(_ProjectedPrior):
 
 
 @keras.saving.register_keras_serializable(package="keras_elbo")
-class ConditionalMixturePrior(_ProjectedPrior):
+class ConditionalMixturePrior(_ProjectedContinuousPrior):
     """A mixture of diagonal Gaussians p(z | c) whose weights, locations and
     scales are a dense projection of `c`.
 
