@@ -48,6 +48,7 @@ from keras_elbo.discrete import (
     CategoricalPrior,
     ConditionalCategoricalPrior,
 )
+from keras_elbo.distributed import fold_in_seeds
 from keras_elbo.divergence import KLRegularizer
 from keras_elbo.evaluation import evaluate_elbo, importance_weighted_log_likelihood
 from keras_elbo.flows import MADE, FlowPosterior, InverseAutoregressiveFlow
@@ -137,6 +138,7 @@ __all__ = [
     "evaluate_elbo",
     "expected_calibration_error",
     "fit_temperature",
+    "fold_in_seeds",
     "gaussian_nll",
     "gaussian_predictive_nll",
     "importance_weighted_log_likelihood",
