@@ -1,8 +1,9 @@
 """Training across worker processes (README: "Scaling out").
 
-`fold_in_seeds` on every backend; the README's PyTorch recipe run as two real
-worker processes on 127.0.0.1 and checked against one process that computes
-the same global batches with the same noise.
+`fold_in_seeds` on every backend; the README's recipes (PyTorch's
+DistributedDataParallel, JAX's `keras.distribution`) run as two real worker
+processes on 127.0.0.1 (free ports chosen at run time, each process bounded in
+time) and checked against one process on the same global batches.
 """
 
 import json
@@ -73,10 +74,11 @@ class TestFoldInSeeds:
 # PyTorch's DistributedDataParallel, two worker processes.
 
 
-def _recipe():
-    """The README's `train_ddp.py` block, unchanged."""
-    blocks = re.findall(r"```py\n(# train_ddp\.py.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert len(blocks) == 1
+def _recipe(name):
+    """The README's block that starts with `# <name>`, unchanged."""
+    pattern = rf"```py\n(# {re.escape(name)}.*?)```"
+    blocks = re.findall(pattern, (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) == 1, name
     return blocks[0]
 
 
@@ -87,7 +89,7 @@ def _free_port():
 
 
 # Runs the recipe's `main` in a worker and records what the test checks.
-WORKER = """
+TORCH_WORKER = """
 import json, os, sys
 import numpy as np
 sys.path.insert(0, os.getcwd())
@@ -109,7 +111,7 @@ np.savez(
 # One process, no DDP: each global batch as the workers' two halves, each half
 # with its worker's seeds, the loss their mean (what DDP's gradient average
 # computes), the logs accumulated as the workers' are.
-REFERENCE = """
+TORCH_REFERENCE = """
 import json, os, sys
 import numpy as np
 sys.path.insert(0, os.getcwd())
@@ -163,28 +165,40 @@ with open("reference.json", "w") as f:
     json.dump(logs, f)
 """
 
+# The saved file holds worker 0's final weights.
+LOAD_BACK = """
+import keras, numpy as np, keras_elbo as ke
+model = keras.saving.load_model("vae.keras", custom_objects=ke.custom_objects())
+saved = np.load("worker0.npz")
+for i, v in enumerate(model.trainable_variables):
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(v.value), saved[f"arr_{i}"])
+print("loaded", len(model.trainable_variables))
+"""
+
 EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+: (.*)$", re.M)
 
 
-def _run_workers(tmp_path, world=2, timeout=300):
-    env = {
+def _environment(backend):
+    return {
         **os.environ,
-        "KERAS_BACKEND": "torch",
-        "PYTHONPATH": os.pathsep.join([p for p in [os.environ.get("PYTHONPATH"), str(ROOT)] if p]),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": str(world),
+        "KERAS_BACKEND": backend,
+        "PYTHONPATH": os.pathsep.join(p for p in [os.environ.get("PYTHONPATH"), str(ROOT)] if p),
     }
+
+
+def _run_workers(tmp_path, code, envs, timeout=300):
+    """Starts one process per environment, running `code` in `tmp_path`;
+    returns their outputs once all have ended (each must succeed)."""
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER],
+            [sys.executable, "-c", code],
             cwd=tmp_path,
-            env={**env, "RANK": str(rank)},
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for rank in range(world)
+        for env in envs
     ]
     outputs = []
     try:
@@ -195,24 +209,26 @@ def _run_workers(tmp_path, world=2, timeout=300):
             worker.kill()
     for worker, output in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, output[-3000:]
-    return env, outputs
+    return outputs
+
+
+def _run(tmp_path, code, env, timeout=300):
+    return _run_workers(tmp_path, code, [env], timeout)[0]
 
 
 @pytest.mark.slow  # three processes, each importing PyTorch and Keras
 def test_torch_ddp_recipe_equals_one_process_with_the_same_batches_and_noise(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")  # the digits
-    (tmp_path / "train_ddp.py").write_text(_recipe())
-    env, outputs = _run_workers(tmp_path)
-    reference = subprocess.run(
-        [sys.executable, "-c", REFERENCE],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    (tmp_path / "train_ddp.py").write_text(_recipe("train_ddp.py"))
+    env = {
+        **_environment("torch"),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": "2",
+    }
+    outputs = _run_workers(tmp_path, TORCH_WORKER, [{**env, "RANK": str(r)} for r in range(2)])
+    _run(tmp_path, TORCH_REFERENCE, env)
 
     # The logs rank 0 prints (the workers' means) are the reference's.
     printed = [
@@ -242,23 +258,106 @@ def test_torch_ddp_recipe_equals_one_process_with_the_same_batches_and_noise(tmp
 
     # One file, written by rank 0, which loads and holds the trained weights.
     assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["vae.keras"]
-    check = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import keras, numpy as np, keras_elbo as ke\n"
-            "m = keras.saving.load_model('vae.keras', custom_objects=ke.custom_objects())\n"
-            "w = np.load('worker0.npz')\n"
-            "for i, v in enumerate(m.trainable_variables):\n"
-            "    value = keras.ops.convert_to_numpy(v.value)\n"
-            "    np.testing.assert_array_equal(value, w[f'arr_{i}'])\n"
-            "print('loaded', len(m.trainable_variables))\n",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert check.returncode == 0, check.stderr[-3000:]
-    assert "loaded 8" in check.stdout
+    output = _run(tmp_path, LOAD_BACK, env)
+    assert "loaded 8" in output
+
+
+# ---------------------------------------------------------------------------
+# JAX: keras.distribution's DataParallel over two worker processes.
+
+JAX_WORKER = """
+import json, os, sys
+import numpy as np
+sys.path.insert(0, os.getcwd())
+import jax
+import keras
+from jax.experimental import multihost_utils
+import train_jax
+
+model, history = train_jax.main()
+rank = jax.process_index()
+# The posterior's draws for the same 4 rows on every worker, gathered.
+posterior = [layer for layer in model.layers if layer.name.startswith("gaussian_posterior")][0]
+encoder = keras.Model(model.inputs, posterior.output)
+layout = keras.distribution.distribution().get_data_layout((8, 64)).backend_layout
+probe = jax.make_array_from_process_local_data(layout, np.ones((4, 64), "float32"))
+trainable = [v.value for v in encoder.trainable_variables]
+non_trainable = [v.value for v in encoder.non_trainable_variables]
+draw = jax.jit(lambda t, n, x: encoder.stateless_call(t, n, x, training=True)[0])(
+    trainable, non_trainable, probe
+)
+local = lambda v: np.asarray(v.value.addressable_data(0))
+np.savez(
+    f"worker{rank}.npz",
+    *[local(v) for v in model.trainable_variables],
+    kl_weight=[local(r.kl_weight) for r in model.kl_regularizers],
+    draw=multihost_utils.process_allgather(draw, tiled=True),
+)
+with open(f"history{rank}.json", "w") as f:
+    json.dump(history.history, f)
+"""
+
+# One process, one device, the same global batches in the same order.
+JAX_REFERENCE = """
+import json, os, sys
+import numpy as np
+sys.path.insert(0, os.getcwd())
+import keras
+import keras_elbo as ke
+import train_jax
+
+model = train_jax.build_vae()
+x = train_jax.global_batches(train_jax.load_digits()[0], 2).reshape(-1, 64)
+history = model.fit(
+    x, x, batch_size=train_jax.GLOBAL_BATCH, epochs=train_jax.EPOCHS, shuffle=False, verbose=0,
+    callbacks=[ke.KLAnnealing(ke.LinearWarmup(duration=1.0))],
+)
+np.savez("reference.npz", *[keras.ops.convert_to_numpy(v.value) for v in model.trainable_variables])
+with open("reference.json", "w") as f:
+    json.dump(history.history, f)
+"""
+
+
+@pytest.mark.slow  # three processes, each compiling the training step
+def test_jax_data_parallel_recipe_equals_one_process(tmp_path):
+    pytest.importorskip("jax")
+    pytest.importorskip("sklearn")  # the digits
+    (tmp_path / "train_jax.py").write_text(_recipe("train_jax.py"))
+    env = {
+        **_environment("jax"),
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{_free_port()}",
+        "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+    }
+    envs = [{**env, "KERAS_DISTRIBUTION_PROCESS_ID": str(r)} for r in range(2)]
+    outputs = _run_workers(tmp_path, JAX_WORKER, envs)
+    single = _environment("jax")
+    _run(tmp_path, JAX_REFERENCE, single)
+
+    # Under SPMD each step is one computation over the global batch: the logs
+    # are the global batch's on every worker, the noise one draw for it.
+    reference = json.loads((tmp_path / "reference.json").read_text())
+    for rank in range(2):
+        logged = json.loads((tmp_path / f"history{rank}.json").read_text())
+        assert sorted(logged) == sorted(reference)
+        assert {"kl", "neg_elbo", "reconstruction", "kl_weight"} <= set(logged)
+        for name, values in reference.items():
+            np.testing.assert_allclose(logged[name], values, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert "Epoch 2/2" in outputs[0] and "Epoch" not in outputs[1]  # rank 0 alone reports
+
+    workers = [np.load(tmp_path / f"worker{rank}.npz") for rank in range(2)]
+    ref = np.load(tmp_path / "reference.npz")
+    weights = [k for k in ref.files if k.startswith("arr_")]
+    assert len(weights) == 8
+    for key in weights:
+        np.testing.assert_array_equal(workers[0][key], workers[1][key])
+        np.testing.assert_allclose(workers[0][key], ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_array_equal(workers[0]["kl_weight"], workers[1]["kl_weight"])
+    assert workers[0]["kl_weight"][0] == pytest.approx(1.0)
+    # The same input rows on the two workers, different draws.
+    draw = workers[0]["draw"]
+    assert draw.shape == (8, 8)
+    assert not np.allclose(draw[:4], draw[4:])
+    np.testing.assert_array_equal(draw, workers[1]["draw"])  # one global array
+
+    assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["vae.keras"]
+    assert "loaded 8" in _run(tmp_path, LOAD_BACK, single)
