@@ -45,6 +45,7 @@ TENSORFLOW_ONLY = {
     "tests/test_reliability.py": "tf.distribute, XLA, subprocesses that start each backend",
     "tests/test_cross_backend.py": "starts each backend itself, in subprocesses",
     "tests/cross_backend_model.py": "helper of test_cross_backend.py, run in its subprocesses",
+    "tests/test_multiprocess.py": "starts PyTorch and JAX worker processes itself",
 }
 
 

@@ -1,0 +1,327 @@
+"""The README's recipes for training across processes ("Scaling out"), run as
+real worker processes on 127.0.0.1 (ports chosen free at run time, each
+process bounded in time) and checked against one process on the same global
+batches: PyTorch's DistributedDataParallel and JAX's `keras.distribution`.
+
+Each test starts its backend itself, in subprocesses (conftest.py lists this
+module as TensorFlow-only: one run of it covers every backend)."""
+
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------
+# PyTorch's DistributedDataParallel, two worker processes.
+
+
+def _recipe(name):
+    """The README's block that starts with `# <name>`, unchanged."""
+    pattern = rf"```py\n(# {re.escape(name)}.*?)```"
+    blocks = re.findall(pattern, (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) == 1, name
+    return blocks[0]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Runs the recipe's `main` in a worker and records what the test checks.
+TORCH_WORKER = """
+import json, os, sys
+import numpy as np
+sys.path.insert(0, os.getcwd())
+import keras
+import train_ddp
+
+model = train_ddp.main()
+rank = int(os.environ["RANK"])
+posterior = [layer for layer in model.layers if layer.name.startswith("gaussian_posterior")][0]
+z = posterior(np.ones((4, 64), "float32"), training=True)  # a draw, the same input everywhere
+np.savez(
+    f"worker{rank}.npz",
+    *[keras.ops.convert_to_numpy(v.value) for v in model.trainable_variables],
+    kl_weight=[float(keras.ops.convert_to_numpy(r.kl_weight)) for r in model.kl_regularizers],
+    draw=keras.ops.convert_to_numpy(z),
+)
+"""
+
+# One process, no DDP: each global batch as the workers' two halves, each half
+# with its worker's seeds, the loss their mean (what DDP's gradient average
+# computes), the logs accumulated as the workers' are.
+TORCH_REFERENCE = """
+import json, os, sys
+import numpy as np
+sys.path.insert(0, os.getcwd())
+import keras
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+import keras_elbo as ke
+import train_ddp
+
+WORLD = 2
+model = train_ddp.build_vae()
+states = [v for v in model.variables if v.name == "seed_generator_state"]
+start = [keras.ops.convert_to_numpy(v.value) for v in states]
+streams = []
+for rank in range(WORLD):
+    for v, value in zip(states, start):
+        v.assign(value)
+    ke.fold_in_seeds(model, rank)
+    streams.append([keras.ops.convert_to_numpy(v.value) for v in states])
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+x_train = torch.from_numpy(train_ddp.load_digits()[0])
+samplers = [
+    DistributedSampler(x_train, WORLD, rank, shuffle=True, seed=0, drop_last=True)
+    for rank in range(WORLD)
+]
+loaders = [
+    DataLoader(x_train, batch_size=train_ddp.GLOBAL_BATCH // WORLD, sampler=s, drop_last=True)
+    for s in samplers
+]
+logs = []
+for epoch in range(train_ddp.EPOCHS):
+    for s in samplers:
+        s.set_epoch(epoch)
+    for batch, halves in enumerate(zip(*loaders)):
+        for regularizer in model.kl_regularizers:
+            regularizer.kl_weight.assign(train_ddp.warmup(epoch + batch / len(loaders[0])))
+        losses = []
+        for rank, x in enumerate(halves):
+            for v, value in zip(states, streams[rank]):
+                v.assign(value)
+            losses.append(model.compute_loss(x=x, y=x, y_pred=model(x, training=True)))
+            streams[rank] = [keras.ops.convert_to_numpy(v.value) for v in states]
+        optimizer.zero_grad()
+        (sum(losses) / WORLD).backward()
+        optimizer.step()
+    logs.append({m.name: float(m.result()) for m in model.metrics if m.name != "loss"})
+    for metric in model.metrics:
+        metric.reset_state()
+np.savez("reference.npz", *[keras.ops.convert_to_numpy(v.value) for v in model.trainable_variables])
+with open("reference.json", "w") as f:
+    json.dump(logs, f)
+"""
+
+# The saved file holds worker 0's final weights.
+LOAD_BACK = """
+import keras, numpy as np, keras_elbo as ke
+model = keras.saving.load_model("vae.keras", custom_objects=ke.custom_objects())
+saved = np.load("worker0.npz")
+for i, v in enumerate(model.trainable_variables):
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(v.value), saved[f"arr_{i}"])
+print("loaded", len(model.trainable_variables))
+"""
+
+EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+: (.*)$", re.M)
+
+
+def _environment(backend):
+    return {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "PYTHONPATH": os.pathsep.join(p for p in [os.environ.get("PYTHONPATH"), str(ROOT)] if p),
+    }
+
+
+def _run_workers(tmp_path, code, envs, timeout=300):
+    """Starts one process per environment, running `code` in `tmp_path`;
+    returns their outputs once all have ended (each must succeed, within
+    `timeout` seconds in all).
+
+    Each process writes to a file, not a pipe: a worker blocked on a full
+    pipe that is not being read would stall the collective its peers wait
+    in."""
+    logs = [tmp_path / f"process{i}.log" for i in range(len(envs))]
+    workers = []
+    for env, log in zip(envs, logs, strict=True):
+        with open(log, "w") as out:
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code],
+                    cwd=tmp_path,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    deadline = time.monotonic() + timeout
+    try:
+        # Until all succeed, one fails (its peers would wait for it), or time is up.
+        while time.monotonic() < deadline:
+            codes = [worker.poll() for worker in workers]
+            if all(code == 0 for code in codes) or any(code not in (None, 0) for code in codes):
+                break
+            time.sleep(0.2)
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    outputs = [log.read_text() for log in logs]
+    for i, (worker, output) in enumerate(zip(workers, outputs, strict=True)):
+        assert worker.returncode == 0, f"process {i} of {len(workers)}:\n{output[-3000:]}"
+    return outputs
+
+
+def _run(tmp_path, code, env, timeout=300):
+    return _run_workers(tmp_path, code, [env], timeout)[0]
+
+
+@pytest.mark.slow  # three processes, each importing PyTorch and Keras
+def test_torch_ddp_recipe_equals_one_process_with_the_same_batches_and_noise(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")  # the digits
+    (tmp_path / "train_ddp.py").write_text(_recipe("train_ddp.py"))
+    env = {
+        **_environment("torch"),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": "2",
+    }
+    outputs = _run_workers(tmp_path, TORCH_WORKER, [{**env, "RANK": str(r)} for r in range(2)])
+    _run(tmp_path, TORCH_REFERENCE, env)
+
+    # The logs rank 0 prints (the workers' means) are the reference's.
+    printed = [
+        dict((k, float(v)) for k, v in (item.split(" ") for item in line.split(", ")))
+        for _, line in EPOCH_LINE.findall(outputs[0])
+    ]
+    expected = json.loads((tmp_path / "reference.json").read_text())
+    assert len(printed) == len(expected) == 2
+    for got, want in zip(printed, expected, strict=True):
+        assert sorted(got) == ["kl", "neg_elbo", "reconstruction"]
+        for name in got:  # printed to 3 decimals
+            assert abs(got[name] - want[name]) <= 6e-4 + 1e-5 * abs(want[name]), name
+    assert EPOCH_LINE.search(outputs[1]) is None  # rank 0 alone prints
+
+    workers = [np.load(tmp_path / f"worker{rank}.npz") for rank in range(2)]
+    ref = np.load(tmp_path / "reference.npz")
+    weights = [k for k in ref.files if k.startswith("arr_")]
+    assert len(weights) == 8  # four Dense kernels and biases
+    for key in weights:
+        np.testing.assert_array_equal(workers[0][key], workers[1][key])  # kept in sync
+        np.testing.assert_allclose(workers[0][key], ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    # The warm-up reached the same KL weight on both workers.
+    np.testing.assert_array_equal(workers[0]["kl_weight"], workers[1]["kl_weight"])
+    assert workers[0]["kl_weight"][0] == pytest.approx(1.0)
+    # Each worker draws its own noise.
+    assert not np.allclose(workers[0]["draw"], workers[1]["draw"])
+
+    # One file, written by rank 0, which loads and holds the trained weights.
+    assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["vae.keras"]
+    output = _run(tmp_path, LOAD_BACK, env)
+    assert "loaded 8" in output
+
+
+# ---------------------------------------------------------------------------
+# JAX: keras.distribution's DataParallel over two worker processes.
+
+JAX_WORKER = """
+import json, os, sys
+import numpy as np
+sys.path.insert(0, os.getcwd())
+import jax
+import keras
+from jax.experimental import multihost_utils
+import train_jax
+
+model, history = train_jax.main()
+rank = jax.process_index()
+# The posterior's draws for the same 4 rows on every worker, gathered.
+posterior = [layer for layer in model.layers if layer.name.startswith("gaussian_posterior")][0]
+encoder = keras.Model(model.inputs, posterior.output)
+layout = keras.distribution.distribution().get_data_layout((8, 64)).backend_layout
+probe = jax.make_array_from_process_local_data(layout, np.ones((4, 64), "float32"))
+trainable = [v.value for v in encoder.trainable_variables]
+non_trainable = [v.value for v in encoder.non_trainable_variables]
+draw = jax.jit(lambda t, n, x: encoder.stateless_call(t, n, x, training=True)[0])(
+    trainable, non_trainable, probe
+)
+local = lambda v: np.asarray(v.value.addressable_data(0))
+np.savez(
+    f"worker{rank}.npz",
+    *[local(v) for v in model.trainable_variables],
+    kl_weight=[local(r.kl_weight) for r in model.kl_regularizers],
+    draw=multihost_utils.process_allgather(draw, tiled=True),
+)
+with open(f"history{rank}.json", "w") as f:
+    json.dump(history.history, f)
+"""
+
+# One process, one device, the same global batches in the same order.
+JAX_REFERENCE = """
+import json, os, sys
+import numpy as np
+sys.path.insert(0, os.getcwd())
+import keras
+import keras_elbo as ke
+import train_jax
+
+model = train_jax.build_vae()
+x = train_jax.global_batches(train_jax.load_digits()[0], 2).reshape(-1, 64)
+history = model.fit(
+    x, x, batch_size=train_jax.GLOBAL_BATCH, epochs=train_jax.EPOCHS, shuffle=False, verbose=0,
+    callbacks=[ke.KLAnnealing(ke.LinearWarmup(duration=1.0))],
+)
+np.savez("reference.npz", *[keras.ops.convert_to_numpy(v.value) for v in model.trainable_variables])
+with open("reference.json", "w") as f:
+    json.dump(history.history, f)
+"""
+
+
+@pytest.mark.slow  # three processes, each compiling the training step
+def test_jax_data_parallel_recipe_equals_one_process(tmp_path):
+    pytest.importorskip("jax")
+    pytest.importorskip("sklearn")  # the digits
+    (tmp_path / "train_jax.py").write_text(_recipe("train_jax.py"))
+    env = {
+        **_environment("jax"),
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{_free_port()}",
+        "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+    }
+    envs = [{**env, "KERAS_DISTRIBUTION_PROCESS_ID": str(r)} for r in range(2)]
+    outputs = _run_workers(tmp_path, JAX_WORKER, envs)
+    single = _environment("jax")
+    _run(tmp_path, JAX_REFERENCE, single)
+
+    # Under SPMD each step is one computation over the global batch: the logs
+    # are the global batch's on every worker, the noise one draw for it.
+    reference = json.loads((tmp_path / "reference.json").read_text())
+    for rank in range(2):
+        logged = json.loads((tmp_path / f"history{rank}.json").read_text())
+        assert sorted(logged) == sorted(reference)
+        assert {"kl", "neg_elbo", "reconstruction", "kl_weight"} <= set(logged)
+        for name, values in reference.items():
+            np.testing.assert_allclose(logged[name], values, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert "Epoch 2/2" in outputs[0] and "Epoch" not in outputs[1]  # rank 0 alone reports
+
+    workers = [np.load(tmp_path / f"worker{rank}.npz") for rank in range(2)]
+    ref = np.load(tmp_path / "reference.npz")
+    weights = [k for k in ref.files if k.startswith("arr_")]
+    assert len(weights) == 8
+    for key in weights:
+        np.testing.assert_array_equal(workers[0][key], workers[1][key])
+        np.testing.assert_allclose(workers[0][key], ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_array_equal(workers[0]["kl_weight"], workers[1]["kl_weight"])
+    assert workers[0]["kl_weight"][0] == pytest.approx(1.0)
+    # The same input rows on the two workers, different draws.
+    draw = workers[0]["draw"]
+    assert draw.shape == (8, 8)
+    assert not np.allclose(draw[:4], draw[4:])
+    np.testing.assert_array_equal(draw, workers[1]["draw"])  # one global array
+
+    assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["vae.keras"]
+    assert "loaded 8" in _run(tmp_path, LOAD_BACK, single)
