@@ -180,6 +180,25 @@ def _run(tmp_path, code, env, timeout=300):
     return _run_workers(tmp_path, code, [env], timeout)[0]
 
 
+def _check_workers_against_reference(tmp_path, env):
+    """The two workers' final weights are equal, and equal to the one-process
+    reference's to float32 round-off; both ended at the warm-up's KL weight
+    of 1; one `vae.keras` was written, and loads with worker 0's weights.
+    Returns the workers' records."""
+    workers = [np.load(tmp_path / f"worker{rank}.npz") for rank in range(2)]
+    ref = np.load(tmp_path / "reference.npz")
+    weights = [k for k in ref.files if k.startswith("arr_")]
+    assert len(weights) == 8  # four Dense kernels and biases
+    for key in weights:
+        np.testing.assert_array_equal(workers[0][key], workers[1][key])  # kept in sync
+        np.testing.assert_allclose(workers[0][key], ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_array_equal(workers[0]["kl_weight"], workers[1]["kl_weight"])
+    assert workers[0]["kl_weight"][0] == pytest.approx(1.0)
+    assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["vae.keras"]
+    assert "loaded 8" in _run(tmp_path, LOAD_BACK, env)
+    return workers
+
+
 @pytest.mark.slow  # three processes, each importing PyTorch and Keras
 def test_torch_ddp_recipe_equals_one_process_with_the_same_batches_and_noise(tmp_path):
     pytest.importorskip("torch")
@@ -207,23 +226,9 @@ def test_torch_ddp_recipe_equals_one_process_with_the_same_batches_and_noise(tmp
             assert abs(got[name] - want[name]) <= 6e-4 + 1e-5 * abs(want[name]), name
     assert EPOCH_LINE.search(outputs[1]) is None  # rank 0 alone prints
 
-    workers = [np.load(tmp_path / f"worker{rank}.npz") for rank in range(2)]
-    ref = np.load(tmp_path / "reference.npz")
-    weights = [k for k in ref.files if k.startswith("arr_")]
-    assert len(weights) == 8  # four Dense kernels and biases
-    for key in weights:
-        np.testing.assert_array_equal(workers[0][key], workers[1][key])  # kept in sync
-        np.testing.assert_allclose(workers[0][key], ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
-    # The warm-up reached the same KL weight on both workers.
-    np.testing.assert_array_equal(workers[0]["kl_weight"], workers[1]["kl_weight"])
-    assert workers[0]["kl_weight"][0] == pytest.approx(1.0)
+    workers = _check_workers_against_reference(tmp_path, env)
     # Each worker draws its own noise.
     assert not np.allclose(workers[0]["draw"], workers[1]["draw"])
-
-    # One file, written by rank 0, which loads and holds the trained weights.
-    assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["vae.keras"]
-    output = _run(tmp_path, LOAD_BACK, env)
-    assert "loaded 8" in output
 
 
 # ---------------------------------------------------------------------------
@@ -308,20 +313,9 @@ def test_jax_data_parallel_recipe_equals_one_process(tmp_path):
             np.testing.assert_allclose(logged[name], values, rtol=1e-5, atol=1e-5, err_msg=name)
     assert "Epoch 2/2" in outputs[0] and "Epoch" not in outputs[1]  # rank 0 alone reports
 
-    workers = [np.load(tmp_path / f"worker{rank}.npz") for rank in range(2)]
-    ref = np.load(tmp_path / "reference.npz")
-    weights = [k for k in ref.files if k.startswith("arr_")]
-    assert len(weights) == 8
-    for key in weights:
-        np.testing.assert_array_equal(workers[0][key], workers[1][key])
-        np.testing.assert_allclose(workers[0][key], ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
-    np.testing.assert_array_equal(workers[0]["kl_weight"], workers[1]["kl_weight"])
-    assert workers[0]["kl_weight"][0] == pytest.approx(1.0)
+    workers = _check_workers_against_reference(tmp_path, single)
     # The same input rows on the two workers, different draws.
     draw = workers[0]["draw"]
     assert draw.shape == (8, 8)
     assert not np.allclose(draw[:4], draw[4:])
     np.testing.assert_array_equal(draw, workers[1]["draw"])  # one global array
-
-    assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["vae.keras"]
-    assert "loaded 8" in _run(tmp_path, LOAD_BACK, single)
