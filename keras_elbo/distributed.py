@@ -59,7 +59,7 @@ def fold_in_seeds(model: keras.Layer, value: int) -> int:
     value = _math.integer("value", value, minimum=0)
     states = [v for v in model.variables if v.name == _SEED_STATE]
     for state in states:
-        current = np.asarray(keras.ops.convert_to_numpy(state.value))
+        current = keras.ops.convert_to_numpy(state.value)
         seed, counter = int(current[0]), current[1]
         state.assign(np.array([_mixed(seed, value), counter], dtype=current.dtype))
     return len(states)

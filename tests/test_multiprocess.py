@@ -21,10 +21,6 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-# ---------------------------------------------------------------------------
-# PyTorch's DistributedDataParallel, two worker processes.
-
-
 def _recipe(name):
     """The README's block that starts with `# <name>`, unchanged."""
     pattern = rf"```py\n(# {re.escape(name)}.*?)```"
@@ -39,9 +35,94 @@ def _free_port():
         return s.getsockname()[1]
 
 
+# The saved file holds worker 0's final weights.
+LOAD_BACK = """
+import keras, numpy as np, keras_elbo as ke
+model = keras.saving.load_model("vae.keras", custom_objects=ke.custom_objects())
+saved = np.load("worker0.npz")
+for i, v in enumerate(model.trainable_variables):
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(v.value), saved[f"arr_{i}"])
+print("loaded", len(model.trainable_variables))
+"""
+
+
+def _environment(backend):
+    return {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "PYTHONPATH": os.pathsep.join(p for p in [os.environ.get("PYTHONPATH"), str(ROOT)] if p),
+    }
+
+
+def _run_workers(tmp_path, code, envs, timeout=300):
+    """Starts one process per environment, running `code` in `tmp_path`;
+    returns their outputs once all have ended (each must succeed, within
+    `timeout` seconds in all).
+
+    Each process writes to a file, not a pipe: a worker blocked on a full
+    pipe that is not being read would stall the collective its peers wait
+    in."""
+    logs = [tmp_path / f"process{i}.log" for i in range(len(envs))]
+    workers = []
+    for env, log in zip(envs, logs, strict=True):
+        with open(log, "w") as out:
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code],
+                    cwd=tmp_path,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    deadline = time.monotonic() + timeout
+    try:
+        # Until all succeed, one fails (its peers would wait for it), or time is up.
+        while time.monotonic() < deadline:
+            codes = [worker.poll() for worker in workers]
+            if all(code == 0 for code in codes) or any(code not in (None, 0) for code in codes):
+                break
+            time.sleep(0.2)
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    outputs = [log.read_text() for log in logs]
+    for i, (worker, output) in enumerate(zip(workers, outputs, strict=True)):
+        assert worker.returncode == 0, f"process {i} of {len(workers)}:\n{output[-3000:]}"
+    return outputs
+
+
+def _run(tmp_path, code, env, timeout=300):
+    return _run_workers(tmp_path, code, [env], timeout)[0]
+
+
+def _check_workers_against_reference(tmp_path, env):
+    """The two workers' final weights are equal, and equal to the one-process
+    reference's to float32 round-off; both ended at the warm-up's KL weight
+    of 1; one `vae.keras` was written, and loads with worker 0's weights.
+    Returns the workers' records."""
+    workers = [np.load(tmp_path / f"worker{rank}.npz") for rank in range(2)]
+    ref = np.load(tmp_path / "reference.npz")
+    weights = [k for k in ref.files if k.startswith("arr_")]
+    assert len(weights) == 8  # four Dense kernels and biases
+    for key in weights:
+        np.testing.assert_array_equal(workers[0][key], workers[1][key])  # kept in sync
+        np.testing.assert_allclose(workers[0][key], ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_array_equal(workers[0]["kl_weight"], workers[1]["kl_weight"])
+    assert workers[0]["kl_weight"][0] == pytest.approx(1.0)
+    assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["vae.keras"]
+    assert "loaded 8" in _run(tmp_path, LOAD_BACK, env)
+    return workers
+
+
+# ---------------------------------------------------------------------------
+# PyTorch's DistributedDataParallel, two worker processes.
+
+
 # Runs the recipe's `main` in a worker and records what the test checks.
 TORCH_WORKER = """
-import json, os, sys
+import os, sys
 import numpy as np
 sys.path.insert(0, os.getcwd())
 import keras
@@ -116,87 +197,7 @@ with open("reference.json", "w") as f:
     json.dump(logs, f)
 """
 
-# The saved file holds worker 0's final weights.
-LOAD_BACK = """
-import keras, numpy as np, keras_elbo as ke
-model = keras.saving.load_model("vae.keras", custom_objects=ke.custom_objects())
-saved = np.load("worker0.npz")
-for i, v in enumerate(model.trainable_variables):
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(v.value), saved[f"arr_{i}"])
-print("loaded", len(model.trainable_variables))
-"""
-
 EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+: (.*)$", re.M)
-
-
-def _environment(backend):
-    return {
-        **os.environ,
-        "KERAS_BACKEND": backend,
-        "PYTHONPATH": os.pathsep.join(p for p in [os.environ.get("PYTHONPATH"), str(ROOT)] if p),
-    }
-
-
-def _run_workers(tmp_path, code, envs, timeout=300):
-    """Starts one process per environment, running `code` in `tmp_path`;
-    returns their outputs once all have ended (each must succeed, within
-    `timeout` seconds in all).
-
-    Each process writes to a file, not a pipe: a worker blocked on a full
-    pipe that is not being read would stall the collective its peers wait
-    in."""
-    logs = [tmp_path / f"process{i}.log" for i in range(len(envs))]
-    workers = []
-    for env, log in zip(envs, logs, strict=True):
-        with open(log, "w") as out:
-            workers.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", code],
-                    cwd=tmp_path,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-    deadline = time.monotonic() + timeout
-    try:
-        # Until all succeed, one fails (its peers would wait for it), or time is up.
-        while time.monotonic() < deadline:
-            codes = [worker.poll() for worker in workers]
-            if all(code == 0 for code in codes) or any(code not in (None, 0) for code in codes):
-                break
-            time.sleep(0.2)
-    finally:
-        for worker in workers:
-            worker.kill()
-            worker.wait()
-    outputs = [log.read_text() for log in logs]
-    for i, (worker, output) in enumerate(zip(workers, outputs, strict=True)):
-        assert worker.returncode == 0, f"process {i} of {len(workers)}:\n{output[-3000:]}"
-    return outputs
-
-
-def _run(tmp_path, code, env, timeout=300):
-    return _run_workers(tmp_path, code, [env], timeout)[0]
-
-
-def _check_workers_against_reference(tmp_path, env):
-    """The two workers' final weights are equal, and equal to the one-process
-    reference's to float32 round-off; both ended at the warm-up's KL weight
-    of 1; one `vae.keras` was written, and loads with worker 0's weights.
-    Returns the workers' records."""
-    workers = [np.load(tmp_path / f"worker{rank}.npz") for rank in range(2)]
-    ref = np.load(tmp_path / "reference.npz")
-    weights = [k for k in ref.files if k.startswith("arr_")]
-    assert len(weights) == 8  # four Dense kernels and biases
-    for key in weights:
-        np.testing.assert_array_equal(workers[0][key], workers[1][key])  # kept in sync
-        np.testing.assert_allclose(workers[0][key], ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
-    np.testing.assert_array_equal(workers[0]["kl_weight"], workers[1]["kl_weight"])
-    assert workers[0]["kl_weight"][0] == pytest.approx(1.0)
-    assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["vae.keras"]
-    assert "loaded 8" in _run(tmp_path, LOAD_BACK, env)
-    return workers
 
 
 @pytest.mark.slow  # three processes, each importing PyTorch and Keras
