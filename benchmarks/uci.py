@@ -49,16 +49,49 @@ ESTIMATORS = ("reparam", "flipout", "local", "full_last")
 # backpropagation (PBP; Hernández-Lobato & Adams, 2015) and MC dropout (Gal &
 # Ghahramani, 2016, Table 1), as quoted together in Lakshminarayanan et al.
 # (2017, Table 1, which reports NLL: the log-likelihoods here are its
-# negatives). The VI column of Gal & Ghahramani's table (Graves, 2011) is not
-# quoted: no copy of that table could be read from this project's machines.
+# negatives). The variational-inference row (Graves, 2011) is the one the
+# project's design notes (shared/DESIGN.md) quote from Gal & Ghahramani's
+# Table 1, means only: that table itself could not be read from this
+# project's machines, so it is unchecked, but the same quote's PBP and dropout
+# rows agree with Lakshminarayanan et al.'s to every printed digit.
 PUBLISHED = {
-    "boston": {"pbp": ((3.01, 0.18), (-2.57, 0.09)), "dropout": ((2.97, 0.85), (-2.46, 0.25))},
-    "concrete": {"pbp": ((5.67, 0.09), (-3.16, 0.02)), "dropout": ((5.23, 0.53), (-3.04, 0.09))},
-    "energy": {"pbp": ((1.80, 0.05), (-2.04, 0.02)), "dropout": ((1.66, 0.19), (-1.99, 0.09))},
-    "kin8nm": {"pbp": ((0.10, 0.00), (0.90, 0.01)), "dropout": ((0.10, 0.00), (0.95, 0.03))},
-    "wine": {"pbp": ((0.64, 0.01), (-0.97, 0.01)), "dropout": ((0.62, 0.04), (-0.93, 0.06))},
-    "yacht": {"pbp": ((1.02, 0.05), (-1.63, 0.02)), "dropout": ((1.11, 0.38), (-1.55, 0.12))},
+    "boston": {
+        "vi": ((4.32, None), (-2.90, None)),
+        "pbp": ((3.01, 0.18), (-2.57, 0.09)),
+        "dropout": ((2.97, 0.85), (-2.46, 0.25)),
+    },
+    "concrete": {
+        "vi": ((7.19, None), (-3.39, None)),
+        "pbp": ((5.67, 0.09), (-3.16, 0.02)),
+        "dropout": ((5.23, 0.53), (-3.04, 0.09)),
+    },
+    "energy": {
+        "vi": ((2.65, None), (-2.39, None)),
+        "pbp": ((1.80, 0.05), (-2.04, 0.02)),
+        "dropout": ((1.66, 0.19), (-1.99, 0.09)),
+    },
+    "kin8nm": {
+        "vi": ((0.10, None), (0.90, None)),
+        "pbp": ((0.10, 0.00), (0.90, 0.01)),
+        "dropout": ((0.10, 0.00), (0.95, 0.03)),
+    },
+    "wine": {
+        "vi": ((0.65, None), (-0.98, None)),
+        "pbp": ((0.64, 0.01), (-0.97, 0.01)),
+        "dropout": ((0.62, 0.04), (-0.93, 0.06)),
+    },
+    "yacht": {
+        "vi": ((6.89, None), (-3.43, None)),
+        "pbp": ((1.02, 0.05), (-1.63, 0.02)),
+        "dropout": ((1.11, 0.38), (-1.55, 0.12)),
+    },
 }
+
+
+def format_published(value):
+    """``"m ± se"`` of a published (mean, standard error), or ``"m"`` alone."""
+    mean, stderr = value
+    return f"{mean:.2f}" if stderr is None else f"{mean:.2f} ± {stderr:.2f}"
 
 
 def load(path, names=None):
@@ -222,7 +255,7 @@ def main():
                 "splits": len(splits),
                 "epochs": epochs,
             }
-    print("\nmean ± standard error over splits (published: PBP, MC dropout)")
+    print("\nmean ± standard error over splits (published: VI, PBP, MC dropout)")
     for name, by_estimator in results.items():
         for estimator, r in by_estimator.items():
             print(
@@ -231,8 +264,8 @@ def main():
             )
         for method, (rmse, ll) in PUBLISHED.get(name, {}).items():
             print(
-                f"  {name:9s} {method:10s} RMSE {rmse[0]:.2f} ± {rmse[1]:.2f}  "
-                f"LL {ll[0]:.2f} ± {ll[1]:.2f}  (published)"
+                f"  {name:9s} {method:10s} RMSE {format_published(rmse)}  "
+                f"LL {format_published(ll)}  (published)"
             )
     os.makedirs(args.output, exist_ok=True)
     path = os.path.join(args.output, "uci.json")
