@@ -179,6 +179,55 @@ def standard_normal(shape, dtype, seed):
     return ops.cast(ops.reshape(draws[:size], shape), dtype)
 
 
+class _ReplicaSeedGenerator(keras.random.SeedGenerator):
+    """A `SeedGenerator` that gives another's seeds with a replica's index
+    folded in: what `replica_seed` hands to `keras.random` inside one
+    replica's step. It owns no state (its `__init__` skips the parent's,
+    which would make a variable): drawing advances `generator`, and
+    `keras.random` asks a `SeedGenerator` for nothing but `next()`."""
+
+    def __init__(self, generator, replica_id):  # not the parent's: no state variable
+        self.generator = generator
+        self.replica_id = replica_id
+
+    def next(self, ordered=True):
+        import tensorflow as tf
+
+        seed = self.generator.next(ordered=ordered)
+        # Into int32 as Keras's TensorFlow backend does (stateless ops take
+        # int32 seeds on every device), then hashed with the replica index.
+        pair = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), "int32")
+        folded = tf.random.experimental.stateless_fold_in(pair, self.replica_id)
+        return tf.cast(folded, seed.dtype)
+
+
+def replica_seed(seed):
+    """The seed to draw with in this replica of a TensorFlow distribution
+    strategy: `seed` itself, except in one replica's step of a strategy with
+    several replicas in sync, where a `SeedGenerator` is handed on with the
+    replica's index folded into every seed it gives.
+
+    A strategy mirrors a generator's state like any variable, so without this
+    every replica would draw the same noise for its own examples: the two
+    replicas of a `MirroredStrategy`, or the workers of a
+    `MultiWorkerMirroredStrategy`. The gradient would stay unbiased, but a
+    global batch would average fewer independent draws than it has examples.
+    Integer seeds (the same draws at each call, by request) and other
+    backends are left alone; on PyTorch, `fold_in_seeds` does the same for
+    `DistributedDataParallel` workers.
+    """
+    if BACKEND != "tensorflow" or not isinstance(seed, keras.random.SeedGenerator):
+        return seed
+    import tensorflow as tf
+
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return seed
+    context = tf.distribute.get_replica_context()
+    if context.num_replicas_in_sync == 1 or isinstance(seed, _ReplicaSeedGenerator):
+        return seed
+    return _ReplicaSeedGenerator(seed, context.replica_id_in_sync_group)
+
+
 def is_tf_dataset(x):
     """Whether `x` is a `tf.data.Dataset`, on any backend, without importing
     TensorFlow: a program that holds one has imported it."""

@@ -69,6 +69,9 @@ def sample(dist, sample_shape, seed_generator):
     import tensorflow as tf
     import tensorflow_probability as tfp
 
+    from keras_elbo import _backend
+
+    seed_generator = _backend.replica_seed(seed_generator)
     seed = tfp.random.sanitize_seed(tf.cast(seed_generator.next(), tf.int32))
     return dist.sample(sample_shape, seed=seed)
 

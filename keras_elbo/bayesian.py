@@ -238,9 +238,10 @@ class BayesianLayer(keras.layers.Layer):
         # positions of an image, the middle axes of a sequence).
         leading = (ops.shape(inputs)[0],) + (1,) * (len(inputs.shape) - 2)
         dtype = keras.backend.standardize_dtype(inputs.dtype)
+        seed = _backend.replica_seed(self.seed_generator)
 
         def signs(size):
-            bits = keras.random.randint((*leading, size), 0, 2, seed=self.seed_generator)
+            bits = keras.random.randint((*leading, size), 0, 2, seed=seed)
             return ops.cast(2 * bits - 1, dtype)
 
         sign_in = signs(self._kernel_shape[-2])
@@ -265,7 +266,8 @@ class BayesianLayer(keras.layers.Layer):
         # take 0 there, through a where on both sides.
         positive = var > 0
         stddev = ops.where(positive, ops.sqrt(ops.where(positive, var, ops.ones_like(var))), 0.0)
-        eps = _backend.standard_normal(ops.shape(stddev), stddev.dtype, self.seed_generator)
+        seed = _backend.replica_seed(self.seed_generator)
+        eps = _backend.standard_normal(ops.shape(stddev), stddev.dtype, seed)
         return mean + ops.cast(stddev * eps, dtype)
 
     def load_own_variables(self, store):

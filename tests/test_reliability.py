@@ -1,5 +1,6 @@
 """Reliability: mixed precision, XLA, several devices, old configs, backends, seeds."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -196,9 +197,11 @@ def build(**objective):
     model = ke.ELBOModel(
         x, keras.layers.Dense(8)(posterior(keras.layers.Dense(16)(x))), **objective)
     model.compile(keras.optimizers.SGD(0.1), ke.BernoulliNLL(from_logits=True))
-    # A posterior scale of 1e-7 makes z = loc: the loss is then deterministic
-    # (mc_entropy uses the exact entropy; the K samples of a multi-sample
-    # objective are equal), so the two runs must agree exactly.
+    # A posterior scale of 1e-7 makes z = loc: the ELBO is then deterministic
+    # (mc_entropy uses the exact entropy; z - loc is below the float32
+    # resolution of loc), so the two runs' ELBO terms must agree exactly. The
+    # importance-weighted bound is not: its log q(z) is of the noise drawn
+    # (read back from the sample), -|eps|^2 / 2 up to a constant.
     kernel, bias = posterior.projection.get_weights()
     kernel[:, 3:] = 0.0
     bias[3:] = -30.0
@@ -215,6 +218,7 @@ def losses(model, keys=("loss", "kl")):
 
 MIRRORED = (
     """
+import json
 import numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
@@ -233,23 +237,82 @@ for name, objective in [("", {}), ("_IWAE", {"objective": "iwae", "num_samples":
         mirrored_model = build(**objective)
     print("SINGLE" + name, single)
     print("MIRRORED" + name, losses(mirrored_model, keys[name]))
+
+# The importance-weighted bound of the first step at 16 noise states, on one
+# device: its spread. (train_on_batch hands each replica the whole batch, and
+# each replica draws its own noise.)
+iwae = build(objective="iwae", num_samples=3)
+posterior = next(layer for layer in iwae.layers if isinstance(layer, ke.GaussianPosterior))
+spread = []
+for state in range(16):
+    posterior.seed_generator.state.assign(np.array([state, 0], "int64"))
+    spread.append(float(iwae.test_on_batch(data, data, return_dict=True)["loss"]))
+print("SPREAD_IWAE", json.dumps(spread))
+
+# Each replica's noise, for the same rows (issue 20): the strategy mirrors the
+# seed states, so without the replica's index folded in the replicas would
+# draw the same. A posterior, and a Bayesian layer's two direct draws.
+with strategy.scope():
+    inputs = keras.Input((4,))
+    noisy = keras.Model(inputs, [
+        ke.GaussianPosterior(2, seed=3)(inputs),
+        ke.BayesianDense(2, estimator="local_reparameterization", seed=4)(inputs),
+        ke.BayesianDense(2, estimator="flipout", seed=5)(inputs)])
+rows = tf.data.Dataset.from_tensors(np.ones((2 * 512, 4), "float32"))
+draw = tf.function(lambda b: strategy.run(lambda b: noisy(b, training=True), args=(b,)))
+for batch in strategy.experimental_distribute_dataset(rows):
+    draws = [[r.numpy().tolist() for r in strategy.experimental_local_results(out)]
+             for out in draw(batch)]
+print("DRAWS", json.dumps(draws))
 """
 )
 
 
+@functools.cache
+def mirrored_run():
+    """The MIRRORED script's run, shared by the tests that read it."""
+    return run_python(MIRRORED)
+
+
 class TestMirroredStrategy:
     def test_two_replicas_give_the_single_device_loss(self):
-        result = run_python(MIRRORED)
+        result = mirrored_run()
         assert result.returncode == 0, result.stderr[-3000:]
         lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
         assert lines["REPLICAS"] == "2"
-        for name in ("", "_IWAE"):
-            single = json.loads(lines["SINGLE" + name])
-            mirrored = json.loads(lines["MIRRORED" + name])
-            # The KL neither counted twice nor divided by the replicas: per-step
-            # losses, KL and the logged parts (and so the updates between
-            # steps) agree to round-off; for the ELBO and for the IWAE bound.
-            np.testing.assert_allclose(mirrored, single, rtol=1e-5, err_msg=name or "ELBO")
+        # The KL neither counted twice nor divided by the replicas: per-step
+        # losses, KL and the logged parts (and so the updates between steps)
+        # agree to round-off; for the ELBO, and for the ELBO terms logged
+        # beside the importance-weighted bound (whose gradient does not
+        # depend on the noise here: the K samples are equal).
+        single = np.asarray(json.loads(lines["SINGLE"]))
+        np.testing.assert_allclose(json.loads(lines["MIRRORED"]), single, rtol=1e-5)
+        single = np.asarray(json.loads(lines["SINGLE_IWAE"]))
+        mirrored = np.asarray(json.loads(lines["MIRRORED_IWAE"]))
+        np.testing.assert_allclose(mirrored[:, 1:4], single[:, 1:4], rtol=1e-5)
+        np.testing.assert_array_equal(mirrored[:, 0], mirrored[:, 4])  # loss = neg_iwae
+        # The bound itself is of the noise drawn: the mirrored step's is the
+        # mean of the two replicas' (each the whole batch, its own noise), so
+        # within a few standard errors of one device's mean over 16 draws.
+        spread = np.asarray(json.loads(lines["SPREAD_IWAE"]))
+        stderr = spread.std(ddof=1) * np.sqrt(1 / len(spread) + 1 / 2)
+        assert abs(mirrored[0, 0] - spread.mean()) < 5 * stderr, (mirrored[0, 0], spread)
+
+    def test_replicas_draw_their_own_noise(self):
+        # The same 512 rows on each replica. Independent draws correlate
+        # across replicas within a few 1/sqrt(512) = 0.044 of zero, per
+        # output unit; the same noise on both would give 1.
+        result = mirrored_run()
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+        for name, (first, second) in zip(
+            ("posterior", "local", "flipout"), json.loads(lines["DRAWS"]), strict=True
+        ):
+            first, second = np.asarray(first), np.asarray(second)
+            assert first.shape == second.shape == (512, 2), name
+            for unit in range(2):
+                r = np.corrcoef(first[:, unit], second[:, unit])[0, 1]
+                assert abs(r) < 5 / np.sqrt(512), (name, unit, r)
 
 
 class TestFloat64:

@@ -12,6 +12,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_elbo import _backend
+
 
 def invalid_argument(name, expected, received):
     """The constructor error, in `keras_elbo._math.invalid_argument`'s form.
@@ -244,7 +246,8 @@ class Distribution:
         Returns:
             A tensor of dtype `self.dtype`.
         """
-        return self._sample(as_sample_shape(sample_shape), check_seed(seed))
+        seed = _backend.replica_seed(check_seed(seed))
+        return self._sample(as_sample_shape(sample_shape), seed)
 
     def _sample(self, sample_shape, seed):
         raise NotImplementedError(f"{type(self).__name__} does not implement `sample`.")
