@@ -8,6 +8,10 @@ anyway. Each worker would then draw the same posterior noise for its own
 examples: the gradient stays unbiased, but the workers' samples are not
 independent, so the run averages fewer noise draws than it has examples.
 `fold_in_seeds` gives each worker its own stream. README, "Scaling out".
+
+(TensorFlow's strategies need no call: there the library folds the replica's
+index into each seed it draws with inside a replica's step,
+`_backend.replica_seed`.)
 """
 
 import hashlib
@@ -34,15 +38,20 @@ def fold_in_seeds(model: keras.Layer, value: int) -> int:
     """Re-seeds every random generator of `model` with `value` folded in.
 
     Call it in each worker after the weights are synchronised, with the
-    worker's rank: every `keras.random.SeedGenerator` that the model's layers
-    hold (posterior and Bayesian layers, dropout) gets a new seed mixed from
-    its own and `value`, its draw counter unchanged. Workers then draw
-    different noise, and a run stays reproducible: the same ranks give the
-    same streams.
+    worker's rank (on PyTorch; TensorFlow's strategies fold each replica's
+    index in themselves), or after restoring a backup, with the epoch the
+    run resumes at: Keras saves no generator states (`save_weights` and
+    `BackupAndRestore` neither), so a resumed run would otherwise draw the
+    noise of its first steps again. Every `keras.random.SeedGenerator` that
+    the model's layers hold (posterior and Bayesian layers, dropout) gets a
+    new seed mixed from its own and `value`, its draw counter unchanged.
+    Workers then draw different noise, and a run stays reproducible: the
+    same values give the same streams.
 
     Args:
         model: a Keras layer or model, built (its generators exist).
-        value: a non-negative integer, distinct for each worker (its rank).
+        value: a non-negative integer, distinct for each worker (its rank)
+            or for each start of a resumed run (its first epoch).
 
     Returns:
         The number of generators re-seeded.

@@ -54,3 +54,24 @@ class TestFoldInSeeds:
     def test_refuses_a_value_that_is_not_a_non_negative_integer(self, value):
         with pytest.raises(ValueError, match="value"):
             ke.fold_in_seeds(_probe_model(), value)
+
+    def test_a_restored_backup_holds_no_generator_state(self, tmp_path):
+        # Why the TensorFlow recipe folds the epoch in when it resumes: the
+        # weights file restores the weights but not the generators, so a
+        # restored model draws as a fresh one, its first steps' noise again.
+        keras.utils.set_random_seed(0)
+        fresh = _draws(_probe_model())
+        keras.utils.set_random_seed(0)
+        trained = _probe_model()
+        for _ in range(3):
+            _draws(trained)  # the generators advance
+        trained.save_weights(tmp_path / "backup.weights.h5")
+        keras.utils.set_random_seed(0)
+        restored = _probe_model()
+        restored.load_weights(tmp_path / "backup.weights.h5")
+        np.testing.assert_array_equal(_draws(restored), fresh)
+        keras.utils.set_random_seed(0)
+        resumed = _probe_model()
+        resumed.load_weights(tmp_path / "backup.weights.h5")
+        ke.fold_in_seeds(resumed, 1)
+        assert not np.allclose(_draws(resumed), fresh)

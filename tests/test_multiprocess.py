@@ -1,7 +1,9 @@
 """The README's recipes for training across processes ("Scaling out"), run as
 real worker processes on 127.0.0.1 (ports chosen free at run time, each
 process bounded in time) and checked against one process on the same global
-batches: PyTorch's DistributedDataParallel and JAX's `keras.distribution`.
+batches: PyTorch's DistributedDataParallel, JAX's `keras.distribution` and
+TensorFlow's MultiWorkerMirroredStrategy (in the recipe's own loop, cut short
+and resumed from its backup).
 
 Each test starts its backend itself, in subprocesses (conftest.py lists this
 module as TensorFlow-only: one run of it covers every backend)."""
@@ -320,3 +322,160 @@ def test_jax_data_parallel_recipe_equals_one_process(tmp_path):
     assert draw.shape == (8, 8)
     assert not np.allclose(draw[:4], draw[4:])
     np.testing.assert_array_equal(draw, workers[1]["draw"])  # one global array
+
+
+# ---------------------------------------------------------------------------
+# TensorFlow: MultiWorkerMirroredStrategy over two worker processes, in the
+# recipe's own training loop (Keras's `fit` does not run under it).
+
+# Runs the recipe's `main` in a worker and records what the test checks.
+TF_WORKER = """
+import os, sys
+import numpy as np
+sys.path.insert(0, os.getcwd())
+import keras
+import tensorflow as tf
+import train_tf
+
+model = train_tf.main()
+strategy = model.distribute_strategy
+rank = strategy.cluster_resolver.task_id
+posterior = [layer for layer in model.layers if layer.name.startswith("gaussian_posterior")][0]
+
+@tf.function
+def draw(rows):
+    def replica_draw(x):
+        return posterior(x, training=True)
+    return strategy.run(replica_draw, args=(rows,))
+
+# A draw for the same 4 rows in every replica.
+rows = strategy.experimental_distribute_values_from_function(lambda _: tf.ones((4, 64)))
+np.savez(
+    f"worker{rank}.npz",
+    *[keras.ops.convert_to_numpy(v.value) for v in model.trainable_variables],
+    kl_weight=[float(keras.ops.convert_to_numpy(r.kl_weight)) for r in model.kl_regularizers],
+    draw=strategy.experimental_local_results(draw(rows))[0].numpy(),
+)
+"""
+
+# The same, lost after the first epoch's backup (both workers: a restart
+# restarts every worker).
+TF_INTERRUPTED = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import keras
+import train_tf
+
+back_up = keras.callbacks.BackupAndRestore.on_epoch_end
+
+def back_up_and_stop(self, epoch, logs=None):
+    back_up(self, epoch, logs)
+    print("stopped after epoch", epoch + 1, flush=True)
+    os._exit(0)
+
+keras.callbacks.BackupAndRestore.on_epoch_end = back_up_and_stop
+train_tf.main()
+"""
+
+# One process, the recipe's `main` under a MirroredStrategy over two CPU
+# devices: the same two replicas (so the same replica indices in the noise)
+# and the same rows for each, in its own folder.
+TF_REFERENCE = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import numpy as np
+import train_tf
+
+os.makedirs("reference")
+os.chdir("reference")
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+# Cut short after the first epoch's backup and resumed, as the workers are.
+class Stop(Exception):
+    pass
+
+back_up = keras.callbacks.BackupAndRestore.on_epoch_end
+
+def back_up_and_stop(self, epoch, logs=None):
+    back_up(self, epoch, logs)
+    raise Stop
+
+keras.callbacks.BackupAndRestore.on_epoch_end = back_up_and_stop
+try:
+    train_tf.main(strategy)
+except Stop:
+    keras.callbacks.BackupAndRestore.on_epoch_end = back_up
+model = train_tf.main(strategy)
+posterior = [layer for layer in model.layers if layer.name.startswith("gaussian_posterior")][0]
+
+@tf.function
+def draw(rows):
+    def replica_draw(x):
+        return posterior(x, training=True)
+    return strategy.run(replica_draw, args=(rows,))
+
+rows = strategy.experimental_distribute_values_from_function(lambda _: tf.ones((4, 64)))
+np.savez(
+    "../reference.npz",
+    *[keras.ops.convert_to_numpy(v.value) for v in model.trainable_variables],
+    draws=np.stack([d.numpy() for d in strategy.experimental_local_results(draw(rows))]),
+)
+"""
+
+
+def _tf_config_environments(env):
+    ports = [_free_port() for _ in range(2)]
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    return [
+        {
+            **env,
+            "TF_CONFIG": json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": rank}}
+            ),
+        }
+        for rank in range(2)
+    ]
+
+
+def _epoch_logs(output):
+    return {
+        int(epoch): dict((k, float(v)) for k, v in (item.split(" ") for item in line.split(", ")))
+        for epoch, line in EPOCH_LINE.findall(output)
+    }
+
+
+@pytest.mark.slow  # five processes, each importing TensorFlow
+def test_tf_multi_worker_recipe_resumes_and_equals_one_process(tmp_path):
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("sklearn")  # the digits
+    (tmp_path / "train_tf.py").write_text(_recipe("train_tf.py"))
+    env = {**_environment("tensorflow"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+    # Cut short after the first epoch's backup, then started again: it resumes.
+    first = _run_workers(tmp_path, TF_INTERRUPTED, _tf_config_environments(env))
+    assert all("stopped after epoch 1" in output for output in first)
+    assert not list(tmp_path.glob("*.keras"))
+    second = _run_workers(tmp_path, TF_WORKER, _tf_config_environments(env))
+    assert sorted(p.name for p in tmp_path.glob("backup*")) == []  # deleted when done
+    reference = _epoch_logs(_run(tmp_path, TF_REFERENCE, env))
+
+    # Rank 0 alone prints; epoch 1 before the cut, epoch 2 after it (not 1 again).
+    logs = {**_epoch_logs(first[0]), **_epoch_logs(second[0])}
+    assert list(_epoch_logs(second[0])) == [2]
+    assert not _epoch_logs(first[1]) and not _epoch_logs(second[1])
+    assert sorted(logs) == sorted(reference) == [1, 2]
+    for epoch, want in reference.items():
+        assert sorted(logs[epoch]) == ["kl", "neg_elbo", "reconstruction"]
+        for name in want:  # printed to 4 decimals
+            assert abs(logs[epoch][name] - want[name]) <= 6e-5 + 1e-5 * abs(want[name]), name
+
+    workers = _check_workers_against_reference(tmp_path, env)
+    # Each worker draws as its replica in the reference, not as the other.
+    draws = np.load(tmp_path / "reference.npz")["draws"]
+    for rank in range(2):
+        np.testing.assert_allclose(workers[rank]["draw"], draws[rank], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(workers[0]["draw"], workers[1]["draw"])
