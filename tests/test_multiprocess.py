@@ -56,6 +56,9 @@ def _environment(backend):
     }
 
 
+TRACEBACK = "Traceback (most recent call last)"
+
+
 def _run_workers(tmp_path, code, envs, timeout=300):
     """Starts one process per environment, running `code` in `tmp_path`;
     returns their outputs once all have ended (each must succeed, within
@@ -79,10 +82,14 @@ def _run_workers(tmp_path, code, envs, timeout=300):
             )
     deadline = time.monotonic() + timeout
     try:
-        # Until all succeed, one fails (its peers would wait for it), or time is up.
+        # Until all succeed, one fails (its peers would wait for it), or time
+        # is up. A JAX worker that raised may hang on its way out, waiting
+        # for its peers: its traceback counts as failing.
         while time.monotonic() < deadline:
             codes = [worker.poll() for worker in workers]
             if all(code == 0 for code in codes) or any(code not in (None, 0) for code in codes):
+                break
+            if any(TRACEBACK in log.read_text() for log in logs):
                 break
             time.sleep(0.2)
     finally:
@@ -91,7 +98,8 @@ def _run_workers(tmp_path, code, envs, timeout=300):
             worker.wait()
     outputs = [log.read_text() for log in logs]
     for i, (worker, output) in enumerate(zip(workers, outputs, strict=True)):
-        assert worker.returncode == 0, f"process {i} of {len(workers)}:\n{output[-3000:]}"
+        failed = worker.returncode != 0 or TRACEBACK in output
+        assert not failed, f"process {i} of {len(workers)}:\n{output[-3000:]}"
     return outputs
 
 
@@ -235,18 +243,19 @@ def test_torch_ddp_recipe_equals_one_process_with_the_same_batches_and_noise(tmp
 
 
 # ---------------------------------------------------------------------------
-# JAX: keras.distribution's DataParallel over two worker processes.
+# JAX: keras.distribution's DataParallel and ModelParallel over two worker processes.
 
 JAX_WORKER = """
 import json, os, sys
 import numpy as np
 sys.path.insert(0, os.getcwd())
+import importlib
 import jax
 import keras
 from jax.experimental import multihost_utils
-import train_jax
 
-model, history = train_jax.main()
+recipe = importlib.import_module(os.environ["RECIPE"])
+model, history = recipe.main()
 rank = jax.process_index()
 # The posterior's draws for the same 4 rows on every worker, gathered.
 posterior = [layer for layer in model.layers if layer.name.startswith("gaussian_posterior")][0]
@@ -258,12 +267,13 @@ non_trainable = [v.value for v in encoder.non_trainable_variables]
 draw = jax.jit(lambda t, n, x: encoder.stateless_call(t, n, x, training=True)[0])(
     trainable, non_trainable, probe
 )
-local = lambda v: np.asarray(v.value.addressable_data(0))
+whole = lambda v: np.asarray(multihost_utils.process_allgather(v.value, tiled=True))
 np.savez(
     f"worker{rank}.npz",
-    *[local(v) for v in model.trainable_variables],
-    kl_weight=[local(r.kl_weight) for r in model.kl_regularizers],
+    *[whole(v) for v in model.trainable_variables],
+    kl_weight=[whole(r.kl_weight) for r in model.kl_regularizers],
     draw=multihost_utils.process_allgather(draw, tiled=True),
+    logits_shard=model.get_layer("logits").kernel.value.addressable_data(0).shape,
 )
 with open(f"history{rank}.json", "w") as f:
     json.dump(history.history, f)
@@ -279,7 +289,7 @@ import keras_elbo as ke
 import train_jax
 
 model = train_jax.build_vae()
-x = train_jax.global_batches(train_jax.load_digits()[0], 2).reshape(-1, 64)
+x = train_jax.global_batches(train_jax.load_digits()[0]).reshape(-1, 64)
 history = model.fit(
     x, x, batch_size=train_jax.GLOBAL_BATCH, epochs=train_jax.EPOCHS, shuffle=False, verbose=0,
     callbacks=[ke.KLAnnealing(ke.LinearWarmup(duration=1.0))],
@@ -290,23 +300,37 @@ with open("reference.json", "w") as f:
 """
 
 
-@pytest.mark.slow  # three processes, each compiling the training step
-def test_jax_data_parallel_recipe_equals_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def jax_reference(tmp_path_factory):
+    """The one-process run both JAX recipes are checked against: its folder."""
     pytest.importorskip("jax")
     pytest.importorskip("sklearn")  # the digits
-    (tmp_path / "train_jax.py").write_text(_recipe("train_jax.py"))
+    folder = tmp_path_factory.mktemp("jax_reference")
+    (folder / "train_jax.py").write_text(_recipe("train_jax.py"))
+    _run(folder, JAX_REFERENCE, _environment("jax"))
+    return folder
+
+
+@pytest.mark.slow  # two processes per recipe, each compiling the training step
+@pytest.mark.parametrize("recipe", ["train_jax", "train_jax_sharded"])
+def test_jax_recipes_equal_one_process(tmp_path, jax_reference, recipe):
+    for name in ("train_jax", "train_jax_sharded"):
+        (tmp_path / f"{name}.py").write_text(_recipe(f"{name}.py"))
+    for name in ("reference.npz", "reference.json"):
+        (tmp_path / name).write_bytes((jax_reference / name).read_bytes())
     env = {
         **_environment("jax"),
+        "RECIPE": recipe,
         "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{_free_port()}",
         "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
     }
     envs = [{**env, "KERAS_DISTRIBUTION_PROCESS_ID": str(r)} for r in range(2)]
     outputs = _run_workers(tmp_path, JAX_WORKER, envs)
-    single = _environment("jax")
-    _run(tmp_path, JAX_REFERENCE, single)
 
-    # Under SPMD each step is one computation over the global batch: the logs
-    # are the global batch's on every worker, the noise one draw for it.
+    # Under SPMD each step is one computation over the global batch, the
+    # batch split between the workers (DataParallel) or the logits' kernel
+    # (ModelParallel): the logs are the global batch's on every worker, the
+    # noise one draw for it, the same as in one process.
     reference = json.loads((tmp_path / "reference.json").read_text())
     for rank in range(2):
         logged = json.loads((tmp_path / f"history{rank}.json").read_text())
@@ -316,12 +340,20 @@ def test_jax_data_parallel_recipe_equals_one_process(tmp_path):
             np.testing.assert_allclose(logged[name], values, rtol=1e-5, atol=1e-5, err_msg=name)
     assert "Epoch 2/2" in outputs[0] and "Epoch" not in outputs[1]  # rank 0 alone reports
 
-    workers = _check_workers_against_reference(tmp_path, single)
-    # The same input rows on the two workers, different draws.
+    workers = _check_workers_against_reference(tmp_path, _environment("jax"))
     draw = workers[0]["draw"]
-    assert draw.shape == (8, 8)
-    assert not np.allclose(draw[:4], draw[4:])
     np.testing.assert_array_equal(draw, workers[1]["draw"])  # one global array
+    if recipe == "train_jax":
+        # The same input rows on the two workers (each its half of the
+        # batch), different draws; every variable whole on each worker.
+        assert draw.shape == (8, 8)
+        assert not np.allclose(draw[:4], draw[4:])
+        assert tuple(workers[0]["logits_shard"]) == (64, 64)
+    else:
+        # The batch whole on each worker, one draw for it; each worker
+        # holds half of the logits' kernel (its columns).
+        assert draw.shape == (4, 8)
+        assert tuple(workers[0]["logits_shard"]) == (64, 32)
 
 
 # ---------------------------------------------------------------------------
