@@ -24,12 +24,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # these flags, 93 and 83 with level 0 alone (which had saved a third over
 # the default level, 2026-12-03); XLA tests of test_reliability.py and
 # test_model.py on TensorFlow 30 with the flags, 38 without.
+#
+# One thread for each backend's operations, here and in the subprocesses: the
+# operations are tiny, and CI runs two test sessions side by side on two
+# cores, where thread pools cost more than they gain. Measured 2026-12-04:
+# four modules on TensorFlow and on JAX at once, 115 and 175 s of wall time
+# with the backends' own pools, 110 and 167 s with one thread each (user CPU
+# 91 and 184 s, then 87 and 176 s). PyTorch: a small matmul took 4 ms with
+# its pool instead of 15 us.
 os.environ.setdefault(
-    "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    "XLA_FLAGS",
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
 )
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 if os.environ["KERAS_BACKEND"] == "torch":
-    # Tiny models: PyTorch's thread pool costs more than it gains on a shared
-    # 2-core machine (a small matmul 4 ms instead of 15 us).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = pathlib.Path(__file__).resolve().parent
