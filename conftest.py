@@ -30,12 +30,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # cores, where thread pools cost more than they gain. Measured 2026-12-04:
 # four modules on TensorFlow and on JAX at once, 115 and 175 s of wall time
 # with the backends' own pools, 110 and 167 s with one thread each (user CPU
-# 91 and 184 s, then 87 and 176 s). PyTorch: a small matmul took 4 ms with
-# its pool instead of 15 us.
+# 91 and 184 s, then 87 and 176 s); in CI, TensorFlow's shared part 434 ->
+# 403 s and JAX's fast subset 517 -> 478 s. PyTorch: a small matmul took
+# 4 ms with its pool instead of 15 us.
 os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    " --xla_cpu_multi_thread_eigen=false",
 )
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")

@@ -360,8 +360,24 @@ def test_jax_recipes_equal_one_process(tmp_path, jax_reference, recipe):
 # TensorFlow: MultiWorkerMirroredStrategy over two worker processes, in the
 # recipe's own training loop (Keras's `fit` does not run under it).
 
+# The posterior's draws for the same 4 rows in each replica of `strategy`
+# (this process's), after the recipe's `main` has returned `model`.
+TF_DRAWS = """
+posterior = [layer for layer in model.layers if layer.name.startswith("gaussian_posterior")][0]
+
+@tf.function
+def draw(rows):
+    def replica_draw(x):
+        return posterior(x, training=True)
+    return strategy.run(replica_draw, args=(rows,))
+
+rows = strategy.experimental_distribute_values_from_function(lambda _: tf.ones((4, 64)))
+draws = [d.numpy() for d in strategy.experimental_local_results(draw(rows))]
+"""
+
 # Runs the recipe's `main` in a worker and records what the test checks.
-TF_WORKER = """
+TF_WORKER = (
+    """
 import os, sys
 import numpy as np
 sys.path.insert(0, os.getcwd())
@@ -372,23 +388,17 @@ import train_tf
 model = train_tf.main()
 strategy = model.distribute_strategy
 rank = strategy.cluster_resolver.task_id
-posterior = [layer for layer in model.layers if layer.name.startswith("gaussian_posterior")][0]
-
-@tf.function
-def draw(rows):
-    def replica_draw(x):
-        return posterior(x, training=True)
-    return strategy.run(replica_draw, args=(rows,))
-
-# A draw for the same 4 rows in every replica.
-rows = strategy.experimental_distribute_values_from_function(lambda _: tf.ones((4, 64)))
+"""
+    + TF_DRAWS
+    + """
 np.savez(
     f"worker{rank}.npz",
     *[keras.ops.convert_to_numpy(v.value) for v in model.trainable_variables],
     kl_weight=[float(keras.ops.convert_to_numpy(r.kl_weight)) for r in model.kl_regularizers],
-    draw=strategy.experimental_local_results(draw(rows))[0].numpy(),
+    draw=draws[0],
 )
 """
+)
 
 # The same, lost after the first epoch's backup (both workers: a restart
 # restarts every worker).
@@ -412,7 +422,8 @@ train_tf.main()
 # One process, the recipe's `main` under a MirroredStrategy over two CPU
 # devices: the same two replicas (so the same replica indices in the noise)
 # and the same rows for each, in its own folder.
-TF_REFERENCE = """
+TF_REFERENCE = (
+    """
 import os, sys
 sys.path.insert(0, os.getcwd())
 import tensorflow as tf
@@ -442,21 +453,16 @@ try:
 except Stop:
     keras.callbacks.BackupAndRestore.on_epoch_end = back_up
 model = train_tf.main(strategy)
-posterior = [layer for layer in model.layers if layer.name.startswith("gaussian_posterior")][0]
-
-@tf.function
-def draw(rows):
-    def replica_draw(x):
-        return posterior(x, training=True)
-    return strategy.run(replica_draw, args=(rows,))
-
-rows = strategy.experimental_distribute_values_from_function(lambda _: tf.ones((4, 64)))
+"""
+    + TF_DRAWS
+    + """
 np.savez(
     "../reference.npz",
     *[keras.ops.convert_to_numpy(v.value) for v in model.trainable_variables],
-    draws=np.stack([d.numpy() for d in strategy.experimental_local_results(draw(rows))]),
+    draws=np.stack(draws),
 )
 """
+)
 
 
 def _tf_config_environments(env):
