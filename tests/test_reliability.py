@@ -274,11 +274,16 @@ def mirrored_run():
     return run_python(MIRRORED)
 
 
+def mirrored_lines():
+    """The lines the MIRRORED script printed, by their first word."""
+    result = mirrored_run()
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+
+
 class TestMirroredStrategy:
     def test_two_replicas_give_the_single_device_loss(self):
-        result = mirrored_run()
-        assert result.returncode == 0, result.stderr[-3000:]
-        lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+        lines = mirrored_lines()
         assert lines["REPLICAS"] == "2"
         # The KL neither counted twice nor divided by the replicas: per-step
         # losses, KL and the logged parts (and so the updates between steps)
@@ -302,9 +307,7 @@ class TestMirroredStrategy:
         # The same 512 rows on each replica. Independent draws correlate
         # across replicas within a few 1/sqrt(512) = 0.044 of zero, per
         # output unit; the same noise on both would give 1.
-        result = mirrored_run()
-        assert result.returncode == 0, result.stderr[-3000:]
-        lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+        lines = mirrored_lines()
         for name, (first, second) in zip(
             ("posterior", "local", "flipout"), json.loads(lines["DRAWS"]), strict=True
         ):
