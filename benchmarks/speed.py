@@ -7,12 +7,20 @@ The same MLP VAE (784-512-256-32-256-512-784, batch 128) on binarized MNIST:
   (d) the same VAE with tfp.layers on tf_keras (IndependentNormal +
       KLDivergenceAddLoss + IndependentBernoulli), the Keras 2 way
   (e) the keras.io-style VAE: a hand-written train_step with the Gaussian KL
+  (f) the same VAE as the shortest Keras 3 layer that does it: a Dense head,
+      `keras.random.normal`, the closed-form KL through `add_loss`, and (c)'s
+      loss (a floor for any VAE layer with that loss)
+  (g) the plain autoencoder (c) with the posterior's code layer, Dense(64), of
+      which it keeps half: what the wider head alone costs
 
-Each variant trains one epoch at a time, the variants interleaved over
-`--rounds` rounds (in a rotated order each round) so that machine noise hits all
-alike. Each goal's ratio, (a)/(c) <= 1.03, (b)/(c) <= 1.08, (a) no slower than
-(d) and (e), is the median over rounds of the ratio of the two epoch times
-measured in the same round, with a 90% bootstrap interval over rounds: a goal is
+Each variant trains one epoch at a time (or, with `--steps N`, N training steps
+through the model's compiled train function, without `fit`'s per-call work),
+the variants interleaved over `--rounds` rounds (in a rotated order each
+round) so that machine noise hits all alike. Short bursts and many rounds give
+the narrowest intervals: slow changes of the machine's speed cancel out.
+Each goal's ratio, (a)/(c) <= 1.03, (b)/(c) <= 1.08, (a) no slower than (d)
+and (e), is the median over rounds of the ratio of the two times measured in
+the same round, with a 90% bootstrap interval over rounds: a goal is
 "met" when the whole interval is below the bound, "MISSED" when it is above,
 and "not resolved" when the machine's noise leaves the interval across it.
 Then the cost of `mc` as num_samples grows (plot, against the plain
@@ -23,6 +31,9 @@ and at its peak while it trains one epoch (sampled every 2 ms).
 
     python benchmarks/speed.py --data ../shared/data/binarized_mnist.npz
     python benchmarks/speed.py --quick   # synthetic data, small, a minute
+    # the goals alone, in bursts of 10 steps on one thread (issue 17, point 19):
+    python benchmarks/speed.py --data ../shared/data/binarized_mnist.npz \
+        --threads 1 --clock cpu --variants abcdefg --goals-only --steps 10 --rounds 150
 """
 
 import argparse
@@ -77,6 +88,15 @@ def keras_elbo_vae(mode, num_samples=1):
 def plain_autoencoder():
     x = keras.Input((PIXELS,))
     code = keras.layers.Dense(LATENT)(mlp(HIDDEN, "encoder")(x))
+    logits = keras.layers.Dense(PIXELS)(mlp(HIDDEN[::-1], "decoder")(code))
+    model = keras.Model(x, logits)
+    model.compile(optimizer="adam", loss=ke.BernoulliNLL(from_logits=True))
+    return model
+
+
+def wide_head_autoencoder():
+    x = keras.Input((PIXELS,))
+    code, _ = keras.ops.split(keras.layers.Dense(2 * LATENT)(mlp(HIDDEN, "encoder")(x)), 2, axis=-1)
     logits = keras.layers.Dense(PIXELS)(mlp(HIDDEN[::-1], "decoder")(code))
     model = keras.Model(x, logits)
     model.compile(optimizer="adam", loss=ke.BernoulliNLL(from_logits=True))
@@ -139,6 +159,33 @@ class KerasIoVAE(keras.Model):
         return [self.loss_tracker]
 
 
+class MinimalGaussianCode(keras.layers.Layer):
+    """A VAE's code layer as a user would write it in Keras 3 without this
+    library (no checks, no logged KL): variant (f)."""
+
+    def __init__(self):
+        super().__init__()
+        self.params = keras.layers.Dense(2 * LATENT)
+        self.seed = keras.random.SeedGenerator(0)
+
+    def call(self, h):
+        ops = keras.ops
+        loc, raw = ops.split(self.params(h), 2, axis=-1)
+        scale = ops.softplus(raw)
+        kl = 0.5 * (ops.square(loc) + ops.square(scale) - 1.0) - ops.log(scale)
+        self.add_loss(ops.mean(ops.sum(kl, axis=-1)))
+        return loc + scale * keras.random.normal(ops.shape(loc), seed=self.seed)
+
+
+def keras_layer_vae():
+    x = keras.Input((PIXELS,))
+    z = MinimalGaussianCode()(mlp(HIDDEN, "encoder")(x))
+    logits = keras.layers.Dense(PIXELS)(mlp(HIDDEN[::-1], "decoder")(z))
+    model = keras.Model(x, logits)
+    model.compile(optimizer="adam", loss=ke.BernoulliNLL(from_logits=True))
+    return model
+
+
 def keras_io_vae():
     model = KerasIoVAE()
     model.compile(optimizer="adam")
@@ -151,6 +198,8 @@ VARIANTS = {
     "c_plain_autoencoder": plain_autoencoder,
     "d_tfp_layers_tf_keras": tfp_layers_vae,
     "e_keras_io_train_step": keras_io_vae,
+    "f_keras_layer_add_loss": keras_layer_vae,
+    "g_autoencoder_wide_head": wide_head_autoencoder,
 }
 
 
@@ -164,19 +213,49 @@ def epoch_seconds(model, x, batch_size):
     return clock() - start
 
 
-def speed(x, rounds, batch_size, variants=tuple(VARIANTS)):
+def step_timer(model, x, batch_size, steps):
+    """A callable timing `steps` training steps of `model` (seconds): its
+    compiled train function, one batch of `x` after another (`x` repeated),
+    as `fit` calls it in an epoch, without `fit`'s own work per call (about
+    70 ms of CPU time here: 5% of an epoch of 100 steps)."""
+    data = tf.data.Dataset.from_tensor_slices((x, x))
+    iterator = iter(data.batch(batch_size, drop_remainder=True).repeat().prefetch(2))
+    model.make_train_function()  # tf_keras returns it, Keras 3 sets it only
+    train_function = model.train_function
+
+    def time_steps():
+        start = clock()
+        for _ in range(steps):
+            train_function(iterator)
+        return clock() - start
+
+    time_steps()  # traced outside the timing
+    return time_steps
+
+
+def speed(x, rounds, batch_size, variants=tuple(VARIANTS), steps=0):
+    """Per variant, one time per round: an epoch of `x` by `fit`, or with
+    `steps`, that many training steps."""
     models = {name: VARIANTS[name]() for name in variants}
     for model in models.values():  # compile and warm up outside the timing
         model.fit(x[: 4 * batch_size], x[: 4 * batch_size], batch_size=batch_size, verbose=0)
+    if steps:
+        timers = {name: step_timer(model, x, batch_size, steps) for name, model in models.items()}
+    else:
+        timers = {
+            name: (lambda model=model: epoch_seconds(model, x, batch_size))
+            for name, model in models.items()
+        }
     times = {name: [] for name in models}
     names = list(models)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(epoch_seconds(models[name], x, batch_size))
-        print(
-            f"round {r + 1}/{rounds}: "
-            + "  ".join(f"{n[0]}={t[-1]:.2f}s" for n, t in times.items())
-        )
+            times[name].append(timers[name]())
+        if not steps or (r + 1) % 25 == 0 or r + 1 == rounds:
+            print(
+                f"round {r + 1}/{rounds}: "
+                + "  ".join(f"{n[0]}={t[-1]:.3f}s" for n, t in times.items())
+            )
     return {name: statistics.median(t) for name, t in times.items()}, times
 
 
@@ -271,13 +350,21 @@ def parser():
     p.add_argument(
         "--variants",
         default="abcde",
-        help="letters of the variants to time (default abcde; the goals need a, b, c)",
+        help="letters of the variants to time (default abcde; the goals need a, b, c; "
+        "f and g are the floors of the bursts of steps)",
     )
     p.add_argument(
         "--epoch-rows",
         type=int,
         default=0,
         help="train on the first N rows only (default: all): shorter epochs, more rounds",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="time N training steps per variant and round instead of an epoch by fit "
+        "(default 0: epochs)",
     )
     p.add_argument(
         "--goals-only",
@@ -302,14 +389,22 @@ def main():
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}; {len(x)} examples, "
-        f"batch {args.batch_size}, {rounds} interleaved rounds; {args.clock} time, "
+        f"batch {args.batch_size}, {rounds} interleaved rounds of "
+        f"{f'{args.steps} steps' if args.steps else 'one epoch'} each; {args.clock} time, "
         f"{args.threads or 'default'} TensorFlow threads"
     )
-    medians, times = speed(x, rounds, args.batch_size, variants)
-    floor = medians.get("c_plain_autoencoder")
-    print("\nmedian seconds per epoch (ratio of medians to the plain autoencoder (c)):")
+    medians, times = speed(x, rounds, args.batch_size, variants, args.steps)
+    unit = f"{args.steps} steps" if args.steps else "epoch"
+    floor = "c_plain_autoencoder"
+    print(
+        f"\nmedian seconds per {unit}; time over the plain autoencoder (c)'s, the median "
+        "of same-round ratios [90% bootstrap interval over rounds]:"
+    )
     for name, t in medians.items():
-        print(f"  {name:24s} {t:7.2f} s   " + (f"{t / floor:5.3f}" if floor else ""))
+        ratio = ""
+        if floor in times and name != floor:
+            ratio = "{:.3f} [{:.3f}, {:.3f}]".format(*paired_ratio(times[name], times[floor]))
+        print(f"  {name:24s} {t:7.3f} s   {ratio}")
     goals = [
         ("(a)/(c) <= 1.03", "a_keras_elbo_analytic", "c_plain_autoencoder", 1.03),
         ("(b)/(c) <= 1.08", "b_keras_elbo_mc16", "c_plain_autoencoder", 1.08),
@@ -324,6 +419,19 @@ def main():
         ratio, low, high = paired_ratio(times[numerator], times[denominator])
         results[label] = {"ratio": ratio, "interval": [low, high], "bound": bound}
         print(f"  {label:16s} {ratio:.3f} [{low:.3f}, {high:.3f}]  {verdict(low, high, bound)}")
+    print("other ratios:")
+    for label, numerator, denominator in [
+        (
+            "(a)/(f): the library's layer over the shortest",
+            "a_keras_elbo_analytic",
+            "f_keras_layer_add_loss",
+        ),
+        ("(b)/(a): 15 more samples", "b_keras_elbo_mc16", "a_keras_elbo_analytic"),
+    ]:
+        if numerator in times and denominator in times:
+            ratio, low, high = paired_ratio(times[numerator], times[denominator])
+            results[label] = {"ratio": ratio, "interval": [low, high]}
+            print(f"  {label:48s} {ratio:.3f} [{low:.3f}, {high:.3f}]")
     print(
         "  (a goal left unresolved is closer to its bound than this machine's noise; "
         "benchmarks/kl_cost.py times the posterior layer's parts per step, where the "
@@ -338,7 +446,7 @@ def main():
         x[: 40 * args.batch_size], args.batch_size, counts, rounds=2 if args.quick else 15
     )
     argv = list(sys.argv[1:])
-    memory = {name: peak_memory(name, argv) for name in VARIANTS}
+    memory = {name: peak_memory(name, argv) for name in variants}
     print("\nresident memory of a fresh process training one epoch (MiB):")
     print(f"  {'':24s} {'before':>8s} {'peak':>8s} {'growth':>8s}")
     for name, m in memory.items():
