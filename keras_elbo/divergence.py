@@ -205,7 +205,7 @@ def kl_estimate(q, p, method, samples=None, path_derivative=False, balance=None)
     return balance * to_p + (1.0 - balance) * to_q
 
 
-def _batch_mean(terms):
+def _batch_mean(terms, example_weights=None):
     """`(*batch, num_terms)` per-element KL terms to nats per example.
 
     The first batch axis is the batch: summed over the other batch axes
@@ -213,12 +213,23 @@ def _batch_mean(terms):
     averaged over the batch; an empty batch gives 0, not the NaN of a mean
     over nothing. With no batch axis (a Bayesian layer's weights) the terms
     are the whole KL.
+
+    `example_weights`, a `(n,)` tensor or `None`, weighs each example's KL
+    as Keras weighs a compiled loss by `sample_weight`: `sum_i w_i KL_i / N`
+    over the N rows. The rows may be the n examples or K samples of each,
+    sample-major (the lower posteriors of a multi-sample step): row
+    `k * n + i` is weighed by `w_i`.
     """
     if len(terms.shape) == 1:
         return terms
     per_example = keras.ops.sum(terms, axis=tuple(range(1, len(terms.shape) - 1)))
     count = keras.ops.cast(keras.ops.shape(per_example)[0], per_example.dtype)
-    return keras.ops.sum(per_example, axis=0) / keras.ops.maximum(count, 1.0)
+    if example_weights is not None:
+        weights = keras.ops.cast(example_weights, per_example.dtype)
+        samples = keras.ops.reshape(per_example, (-1, keras.ops.shape(weights)[0], terms.shape[-1]))
+        per_example = samples * weights[None, :, None]
+    axes = tuple(range(len(per_example.shape) - 1))
+    return keras.ops.sum(per_example, axis=axes) / keras.ops.maximum(count, 1.0)
 
 
 @keras.saving.register_keras_serializable(package="keras_elbo")
@@ -446,6 +457,8 @@ class KLRegularizer(keras.layers.Layer):
         # While `ELBOModel` traces or runs a step: its calls so far, per
         # thread (MirroredStrategy traces replicas in threads); else None.
         self._calls_in_step = None
+        # Each example's weight (`sample_weight`) while `ELBOModel` steps.
+        self._example_weights = None
 
     def build(self, input_shape=None):
         self.kl_weight = self.add_weight(
@@ -600,8 +613,9 @@ class KLRegularizer(keras.layers.Layer):
             # Each example's KL at each position (time step) floored.
             per_position = keras.ops.sum(terms, axis=-1, keepdims=True)
             floored = keras.ops.maximum(per_position, self.free_nats)
-            objective = keras.ops.sum(_batch_mean(floored))
-        terms = _batch_mean(terms)  # (num_terms,): nats per example, per term
+            objective = keras.ops.sum(_batch_mean(floored, self._example_weights))
+        # (num_terms,): nats per example, per term
+        terms = _batch_mean(terms, self._example_weights)
         kl = keras.ops.sum(terms)
         if objective is None:
             objective = kl

@@ -102,6 +102,13 @@ class ELBOModel(keras.Model):
     corrupted. The checks are runtime assertions, which XLA drops: with
     `jit_compile=True` they do not run.
 
+    Sample weights (`sample_weight`, `class_weight`) weigh each example's
+    KL as Keras weighs its reconstruction, so that the loss and the logs are
+    the weighted ELBO, `sum_i w_i (reconstruction_i + KL_i) / batch_size`
+    (the KL of a Bayesian layer's weights, which belongs to no example, is
+    left alone). It takes one weight per example, shape `(batch,)`; a plain
+    `keras.Model` adds the KL unweighted, as Keras adds any layer's loss.
+
     The KL terms are found when the model is compiled: compile after every
     posterior and Bayesian layer exists (for a subclassed model, after
     `__init__`).
@@ -347,6 +354,34 @@ class ELBOModel(keras.Model):
             for regularizer in regularizers:
                 regularizer._calls_in_step = None
 
+    @contextlib.contextmanager
+    def _weighing_kl(self, data):
+        """While a train or test step is traced (or run) with a
+        `sample_weight`: each regularizer weighs each example's KL by it, as
+        Keras weighs the reconstruction, so that the loss and the logs are
+        the weighted ELBO, `sum_i w_i (reconstruction_i + KL_i) / N`."""
+        weights = keras.utils.unpack_x_y_sample_weight(data)[2]
+        regularizers = getattr(self, "kl_regularizers", ())
+        if weights is None or not regularizers:
+            yield
+            return
+        shape = tuple(weights.shape)
+        if any(n is not None and n != 1 for n in shape[1:]):
+            raise ValueError(
+                f"ELBOModel '{self.name}' weighs each example's KL by its sample_weight, "
+                f"which needs one weight per example, of shape (batch,); received "
+                f"sample_weight of shape {shape}. (Per-element weights would weigh the "
+                "reconstruction alone.)"
+            )
+        flat = ops.reshape(weights, (-1,))
+        for regularizer in regularizers:
+            regularizer._example_weights = flat
+        try:
+            yield
+        finally:
+            for regularizer in regularizers:
+                regularizer._example_weights = None
+
     def stateless_call(self, *args, **kwargs):
         # Keras's JAX trainer calls the model through `stateless_call`, which
         # runs `self.call` outside a call context: each call of a sublayer is
@@ -412,7 +447,12 @@ class ELBOModel(keras.Model):
     # PyTorch, `(state, data)` on JAX.
     def train_step(self, *args, **kwargs):
         self._build_before_drawing(args[-1])
-        with self._drawing_several(), self._summing_kl_calls(), self._inputs_checked(args[-1]):
+        with (
+            self._drawing_several(),
+            self._summing_kl_calls(),
+            self._weighing_kl(args[-1]),
+            self._inputs_checked(args[-1]),
+        ):
             return super().train_step(*args, **kwargs)
 
     def test_step(self, *args, **kwargs):
@@ -424,6 +464,7 @@ class ELBOModel(keras.Model):
             sampling(getattr(self, "_stochastic_layers", ())),
             self._drawing_several(),
             self._summing_kl_calls(),
+            self._weighing_kl(args[-1]),
             self._inputs_checked(args[-1]),
         ):
             return super().test_step(*args, **kwargs)
