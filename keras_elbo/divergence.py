@@ -457,8 +457,9 @@ class KLRegularizer(keras.layers.Layer):
         # While `ELBOModel` traces or runs a step: its calls so far, per
         # thread (MirroredStrategy traces replicas in threads); else None.
         self._calls_in_step = None
-        # Each example's weight (`sample_weight`) while `ELBOModel` steps.
-        self._example_weights = None
+        # Each example's weight (`sample_weight`) while `ELBOModel` steps,
+        # by thread (TensorFlow's MirroredStrategy traces replicas in threads).
+        self._example_weights = {}
 
     def build(self, input_shape=None):
         self.kl_weight = self.add_weight(
@@ -609,13 +610,14 @@ class KLRegularizer(keras.layers.Layer):
         p = self.prior_distribution(posterior, posterior_layer, prior_inputs)
         terms = self._kl_terms(posterior, p, z, self.free_bits > 0)
         objective = None
+        example_weights = self._example_weights.get(threading.get_ident())
         if self.free_nats > 0:
             # Each example's KL at each position (time step) floored.
             per_position = keras.ops.sum(terms, axis=-1, keepdims=True)
             floored = keras.ops.maximum(per_position, self.free_nats)
-            objective = keras.ops.sum(_batch_mean(floored, self._example_weights))
+            objective = keras.ops.sum(_batch_mean(floored, example_weights))
         # (num_terms,): nats per example, per term
-        terms = _batch_mean(terms, self._example_weights)
+        terms = _batch_mean(terms, example_weights)
         kl = keras.ops.sum(terms)
         if objective is None:
             objective = kl

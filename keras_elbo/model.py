@@ -4,6 +4,7 @@ bound)."""
 
 import contextlib
 import inspect
+import threading
 
 import keras
 from keras import ops
@@ -373,14 +374,14 @@ class ELBOModel(keras.Model):
                 f"sample_weight of shape {shape}. (Per-element weights would weigh the "
                 "reconstruction alone.)"
             )
-        flat = ops.reshape(weights, (-1,))
+        flat, thread = ops.reshape(weights, (-1,)), threading.get_ident()
         for regularizer in regularizers:
-            regularizer._example_weights = flat
+            regularizer._example_weights[thread] = flat
         try:
             yield
         finally:
             for regularizer in regularizers:
-                regularizer._example_weights = None
+                regularizer._example_weights.pop(thread, None)
 
     def stateless_call(self, *args, **kwargs):
         # Keras's JAX trainer calls the model through `stateless_call`, which

@@ -209,8 +209,9 @@ def build(**objective):
     return model
 
 data = (np.random.default_rng(0).random((32, 8)) < 0.4).astype("float32")
-def losses(model, keys=("loss", "kl")):
-    logs = [model.train_on_batch(data, data, return_dict=True) for _ in range(3)]
+def losses(model, keys=("loss", "kl"), sample_weight=None):
+    logs = [model.train_on_batch(data, data, sample_weight=sample_weight, return_dict=True)
+            for _ in range(3)]
     return [[float(step[key]) for key in keys] for step in logs]
 
 """
@@ -237,6 +238,12 @@ for name, objective in [("", {}), ("_IWAE", {"objective": "iwae", "num_samples":
         mirrored_model = build(**objective)
     print("SINGLE" + name, single)
     print("MIRRORED" + name, losses(mirrored_model, keys[name]))
+# Weighted (each replica traces its step in a thread of its own).
+weights = np.random.default_rng(1).choice([0.0, 1.0, 2.0], size=len(data)).astype("float32")
+print("SINGLE_W", losses(build(), keys[""], weights))
+with strategy.scope():
+    mirrored_model = build()
+print("MIRRORED_W", losses(mirrored_model, keys[""], weights))
 
 # The importance-weighted bound of the first step at 16 noise states, on one
 # device: its spread. (train_on_batch hands each replica the whole batch, and
@@ -292,6 +299,10 @@ class TestMirroredStrategy:
         # depend on the noise here: the K samples are equal).
         single = np.asarray(json.loads(lines["SINGLE"]))
         np.testing.assert_allclose(json.loads(lines["MIRRORED"]), single, rtol=1e-5)
+        # With sample weights (each example's KL weighed too).
+        weighted = np.asarray(json.loads(lines["SINGLE_W"]))
+        np.testing.assert_allclose(json.loads(lines["MIRRORED_W"]), weighted, rtol=1e-5)
+        assert not np.allclose(weighted, single)
         single = np.asarray(json.loads(lines["SINGLE_IWAE"]))
         mirrored = np.asarray(json.loads(lines["MIRRORED_IWAE"]))
         np.testing.assert_allclose(mirrored[:, 1:4], single[:, 1:4], rtol=1e-5)
