@@ -624,17 +624,23 @@ class ELBOModel(keras.Model):
             )
             surrogate = ops.sum(w * (log_likelihood(outputs) + weight * ratio2), axis=0)
             bound = ops.stop_gradient(bound) + surrogate - ops.stop_gradient(surrogate)
-        if sample_weight is not None:
-            sample_weight = ops.cast(ops.reshape(sample_weight, (-1,)), bound.dtype)
-            bound = bound * sample_weight
         batch = ops.cast(ops.shape(bound)[0], bound.dtype)
+
+        def batch_mean(per_example):
+            """Weighted by `sample_weight` as Keras weighs a loss (and the
+            regularizers each example's KL): `sum_i w_i v_i / batch`."""
+            if sample_weight is not None:
+                weights = ops.cast(ops.reshape(sample_weight, (-1,)), per_example.dtype)
+                per_example = per_example * weights
+            return ops.sum(per_example) / ops.maximum(batch, 1.0)
+
         # Scaled as Keras scales a compiled loss (by 1 / replicas under
         # MirroredStrategy); the added losses below are scaled already.
-        objective = scale_loss_for_distribution(-ops.sum(bound) / ops.maximum(batch, 1.0))
+        objective = scale_loss_for_distribution(-batch_mean(bound))
         added = [self._aggregate_additional_loss(value) for value in self.losses]
         loss = objective + ops.sum(ops.stack(added)) if added else objective
-        reconstruction = -ops.mean(log_lik)
-        return loss, reconstruction, ops.mean(ops.stop_gradient(bound_at_one))
+        reconstruction = -batch_mean(ops.mean(log_lik, axis=0))
+        return loss, reconstruction, batch_mean(ops.stop_gradient(bound_at_one))
 
 
 def _check_recurrent_cells(model):

@@ -75,7 +75,7 @@ def test_a_plain_keras_model_is_unchanged():
     np.testing.assert_allclose(h.numpy(posterior.kl_regularizer.last_kl), expected, rtol=1e-5)
 
 
-def _hierarchy(num_samples):
+def _hierarchy(num_samples, objective="elbo"):
     x = keras.Input((h.TOY_PIXELS,))
     hidden = keras.layers.Dense(16, activation="tanh")(x)
     top = ke.KLRegularizer(metric_name="kl_2", seed=5)
@@ -85,15 +85,18 @@ def _hierarchy(num_samples):
     z1 = ke.GaussianPosterior(3, kl_regularizer=lower, seed=8)(
         keras.layers.Concatenate()([hidden, h2]), prior_inputs=h2
     )
-    return compile_vae(ke.ELBOModel(x, keras.layers.Dense(h.TOY_PIXELS)(z1), num_samples=3))
+    outputs = keras.layers.Dense(h.TOY_PIXELS)(z1)
+    return compile_vae(ke.ELBOModel(x, outputs, num_samples=num_samples, objective=objective))
 
 
-def test_every_layer_of_a_multi_sample_hierarchy_is_weighted():
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_every_layer_of_a_multi_sample_hierarchy_is_weighted(objective):
     """Same weights and draws (copies of one model, same seeds): weights of 2
-    double each layer's KL, the lower one's over K samples per example too;
-    weights of 0 leave none."""
+    double each layer's KL, the lower one's over K samples per example too,
+    and every other log (the importance-weighted bound's too); weights of 0
+    leave nothing."""
     keras.utils.set_random_seed(0)
-    models = [_hierarchy(3) for _ in range(3)]
+    models = [_hierarchy(3, objective) for _ in range(3)]
     for model in models[1:]:
         model.set_weights(models[0].get_weights())
     ones = np.ones(len(DATA), "float32")
@@ -103,10 +106,12 @@ def test_every_layer_of_a_multi_sample_hierarchy_is_weighted():
         )
         for model, w in zip(models, [None, 2 * ones, 0 * ones], strict=True)
     ]
-    for name in ("kl_1", "kl_2"):
-        assert logs[0][name] > 0.01
-        np.testing.assert_allclose(logs[1][name], 2 * logs[0][name], rtol=1e-5)
-        assert logs[2][name] == 0.0
+    assert sorted(logs[0]) == sorted(logs[1]) == sorted(logs[2])
+    assert ("neg_iwae" in logs[0]) == (objective == "iwae")
+    for name in logs[0]:
+        assert abs(logs[0][name]) > 0.01, name
+        np.testing.assert_allclose(logs[1][name], 2 * logs[0][name], rtol=1e-5, err_msg=name)
+        assert logs[2][name] == 0.0, name
 
 
 @pytest.mark.parametrize("positions", [(), (5,)], ids=["per example", "latent map"])
