@@ -107,7 +107,8 @@ class ELBOModel(keras.Model):
     KL as Keras weighs its reconstruction, so that the loss and the logs are
     the weighted ELBO, `sum_i w_i (reconstruction_i + KL_i) / batch_size`
     (the KL of a Bayesian layer's weights, which belongs to no example, is
-    left alone). It takes one weight per example, shape `(batch,)`; a plain
+    left alone). It takes one weight per example, shape `(batch,)`, in its
+    train and test steps (`fit`, `evaluate`, `train_on_batch`); a plain
     `keras.Model` adds the KL unweighted, as Keras adds any layer's loss.
 
     The KL terms are found when the model is compiled: compile after every
