@@ -75,32 +75,32 @@ def mlp(sizes, name):
     return keras.Sequential([keras.layers.Dense(n, activation="relu") for n in sizes], name=name)
 
 
-def keras_elbo_vae(mode, num_samples=1):
+def network(code):
+    """The MLP of every Keras 3 variant, compiled with the same loss: the
+    encoder, `code` (a callable from its features to the decoder's input),
+    the decoder."""
     x = keras.Input((PIXELS,))
-    reg = ke.KLRegularizer(mode=mode, num_samples=num_samples)
-    z = ke.GaussianPosterior(LATENT, kl_regularizer=reg)(mlp(HIDDEN, "encoder")(x))
+    z = code(mlp(HIDDEN, "encoder")(x))
     logits = keras.layers.Dense(PIXELS)(mlp(HIDDEN[::-1], "decoder")(z))
     model = keras.Model(x, logits)
     model.compile(optimizer="adam", loss=ke.BernoulliNLL(from_logits=True))
     return model
 
 
+def keras_elbo_vae(mode, num_samples=1):
+    reg = ke.KLRegularizer(mode=mode, num_samples=num_samples)
+    return network(ke.GaussianPosterior(LATENT, kl_regularizer=reg))
+
+
 def plain_autoencoder():
-    x = keras.Input((PIXELS,))
-    code = keras.layers.Dense(LATENT)(mlp(HIDDEN, "encoder")(x))
-    logits = keras.layers.Dense(PIXELS)(mlp(HIDDEN[::-1], "decoder")(code))
-    model = keras.Model(x, logits)
-    model.compile(optimizer="adam", loss=ke.BernoulliNLL(from_logits=True))
-    return model
+    return network(keras.layers.Dense(LATENT))
 
 
 def wide_head_autoencoder():
-    x = keras.Input((PIXELS,))
-    code, _ = keras.ops.split(keras.layers.Dense(2 * LATENT)(mlp(HIDDEN, "encoder")(x)), 2, axis=-1)
-    logits = keras.layers.Dense(PIXELS)(mlp(HIDDEN[::-1], "decoder")(code))
-    model = keras.Model(x, logits)
-    model.compile(optimizer="adam", loss=ke.BernoulliNLL(from_logits=True))
-    return model
+    def code(features):
+        return keras.ops.split(keras.layers.Dense(2 * LATENT)(features), 2, axis=-1)[0]
+
+    return network(code)
 
 
 def tfp_layers_vae():
@@ -178,12 +178,7 @@ class MinimalGaussianCode(keras.layers.Layer):
 
 
 def keras_layer_vae():
-    x = keras.Input((PIXELS,))
-    z = MinimalGaussianCode()(mlp(HIDDEN, "encoder")(x))
-    logits = keras.layers.Dense(PIXELS)(mlp(HIDDEN[::-1], "decoder")(z))
-    model = keras.Model(x, logits)
-    model.compile(optimizer="adam", loss=ke.BernoulliNLL(from_logits=True))
-    return model
+    return network(MinimalGaussianCode())
 
 
 def keras_io_vae():
