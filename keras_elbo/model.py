@@ -29,7 +29,7 @@ from keras_elbo._base import (
     stochastic_layers,
 )
 from keras_elbo.discrete import relaxed_samples_error
-from keras_elbo.divergence import KLRegularizer, stop_parameter_gradients
+from keras_elbo.divergence import KLRegularizer, _batch_mean, stop_parameter_gradients
 from keras_elbo.flows import FlowPosterior
 from keras_elbo.losses import is_reconstruction_loss
 from keras_elbo.posteriors import MultiSampleDraws, Posterior, drawing
@@ -625,15 +625,12 @@ class ELBOModel(keras.Model):
             )
             surrogate = ops.sum(w * (log_likelihood(outputs) + weight * ratio2), axis=0)
             bound = ops.stop_gradient(bound) + surrogate - ops.stop_gradient(surrogate)
-        batch = ops.cast(ops.shape(bound)[0], bound.dtype)
+        weights = None if sample_weight is None else ops.reshape(sample_weight, (-1,))
 
         def batch_mean(per_example):
-            """Weighted by `sample_weight` as Keras weighs a loss (and the
-            regularizers each example's KL): `sum_i w_i v_i / batch`."""
-            if sample_weight is not None:
-                weights = ops.cast(ops.reshape(sample_weight, (-1,)), per_example.dtype)
-                per_example = per_example * weights
-            return ops.sum(per_example) / ops.maximum(batch, 1.0)
+            """`sum_i w_i v_i / batch`, weighted by `sample_weight` as Keras
+            weighs a loss: the regularizers' mean of each example's KL."""
+            return ops.sum(_batch_mean(ops.expand_dims(per_example, -1), weights))
 
         # Scaled as Keras scales a compiled loss (by 1 / replicas under
         # MirroredStrategy); the added losses below are scaled already.
